@@ -1,0 +1,202 @@
+"""The aiohttp application: `create_app(config)` wires every part together.
+
+Owns: routes, start-up and shutdown order (`cleanup_ctx`), health endpoints and the error
+middleware. Start-up: open the store (taking the one-server lock), return orphaned leases to
+pending, start the workers. Shutdown (after aiohttp has stopped accepting and let in-flight
+requests finish): stop the workers within the grace period, then close the store.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import AsyncIterator, Awaitable, Callable
+
+import aiohttp
+from aiohttp import web
+
+from relay.config import Config
+from relay.delivery import Redactor, Sender
+from relay.errors import StorageUnavailable
+from relay.ingest import WebhookIngest
+from relay.logs import get_logger
+from relay.metrics import CONTENT_TYPE, Metrics
+from relay.models import Clock, MessageStatus, SystemClock
+from relay.store import BatchStats, Store
+from relay.workers import DestinationWorker, Workers
+
+log = get_logger("relay.app")
+
+CONFIG = web.AppKey("config", Config)
+METRICS = web.AppKey("metrics", Metrics)
+CLOCK = web.AppKey("clock", Clock)
+STORE = web.AppKey("store", Store)
+WORKERS = web.AppKey("workers", Workers)
+DB_PATH = web.AppKey("db_path", str)
+POLL_INTERVAL_S = web.AppKey("poll_interval_s", float)
+
+
+def secret_values(config: Config) -> list[str]:
+    """Every secret the config holds, for redaction of text we store or log."""
+    values = [s.value for src in config.sources.values() for s in src.secrets]
+    values += [
+        h.text for d in config.destinations.values() for h in d.headers if h.shown() == "***"
+    ]
+    return values
+
+
+@web.middleware
+async def _errors(
+    request: web.Request, handler: Callable[[web.Request], Awaitable[web.StreamResponse]]
+) -> web.StreamResponse:
+    try:
+        return await handler(request)
+    except web.HTTPException:
+        raise
+    except Exception:
+        # A bug of ours must not turn into a lost webhook: 503 makes Polar retry.
+        log.exception("request_failed", path=request.path)
+        return web.json_response({"error": "internal error; retry later"}, status=503)
+
+
+def create_app(
+    config: Config,
+    *,
+    clock: Clock | None = None,
+    db_path: str | None = None,
+    poll_interval_s: float = 1.0,
+) -> web.Application:
+    app = web.Application(client_max_size=config.server.max_body_bytes, middlewares=[_errors])
+    app[CONFIG] = config
+    app[METRICS] = Metrics()
+    app[CLOCK] = clock or SystemClock()
+    app[DB_PATH] = db_path or config.storage.path
+    app[POLL_INTERVAL_S] = poll_interval_s
+    app.cleanup_ctx.append(_store_ctx)
+    app.cleanup_ctx.append(_workers_ctx)
+
+    def current_store() -> Store | None:
+        return app.get(STORE)
+
+    for source in config.sources.values():
+        ingest = WebhookIngest(
+            source,
+            config.routes,
+            current_store,
+            app[METRICS],
+            app[CLOCK],
+            config.server.max_body_bytes,
+        )
+        app.router.add_post(source.path, ingest.handle)
+    app.router.add_get("/healthz", _healthz)
+    app.router.add_get("/readyz", _readyz)
+    app.router.add_get("/metrics", _metrics)
+    return app
+
+
+async def _store_ctx(app: web.Application) -> AsyncIterator[None]:
+    config = app[CONFIG]
+    metrics = app[METRICS]
+    store = await Store.open(
+        app[DB_PATH],
+        clock=app[CLOCK],
+        busy_timeout_ms=config.storage.busy_timeout_ms,
+        max_batch=config.storage.max_batch,
+        serve=True,
+    )
+
+    def on_batch(stats: BatchStats) -> None:
+        metrics.commit_duration.observe(stats.commit_s)
+        metrics.commit_batch_size.observe(stats.size)
+        if not stats.ok:
+            metrics.commit_failures.inc()
+
+    store.on_batch = on_batch
+    # We hold the serve lock, so every inflight row belongs to a process that died.
+    recovered = await store.requeue_inflight(expired_only=False)
+    if recovered:
+        log.warning("leases_recovered_at_startup", count=recovered)
+    app[STORE] = store
+    log.info("store_opened", path=app[DB_PATH], recovered=recovered)
+    try:
+        yield
+    finally:
+        await store.close()
+        log.info("store_closed")
+
+
+async def _workers_ctx(app: web.Application) -> AsyncIterator[None]:
+    config = app[CONFIG]
+    store = app[STORE]
+    redact = Redactor(secret_values(config))
+    connector = aiohttp.TCPConnector(limit=sum(d.concurrency for d in config.destinations.values()))
+    async with aiohttp.ClientSession(connector=connector) as session:
+        workers = Workers(
+            DestinationWorker(
+                store,
+                Sender(session, dest, redact),
+                dest,
+                app[CLOCK],
+                app[METRICS],
+                poll_interval_s=app[POLL_INTERVAL_S],
+            )
+            for dest in config.destinations.values()
+        )
+        store.on_commit = workers.notify
+        app[WORKERS] = workers
+        workers.start()
+        try:
+            yield
+        finally:
+            await workers.stop(config.server.shutdown_grace_s)
+
+
+async def _healthz(request: web.Request) -> web.Response:
+    return web.json_response({"status": "ok"})
+
+
+async def _ready(app: web.Application) -> tuple[bool, dict[str, str]]:
+    checks: dict[str, str] = {}
+    store = app.get(STORE)
+    if store is None:
+        checks["store"] = "not open"
+    else:
+        try:
+            await store.probe()
+            checks["store"] = (
+                "ok"
+                if store.last_write_error is None
+                else (f"last commit failed: {store.last_write_error}")
+            )
+        except StorageUnavailable as exc:
+            checks["store"] = exc.message
+    workers = app.get(WORKERS)
+    checks["workers"] = "ok" if workers is not None and workers.running else "not running"
+    return all(v == "ok" for v in checks.values()), checks
+
+
+async def _readyz(request: web.Request) -> web.Response:
+    ready, checks = await _ready(request.app)
+    request.app[METRICS].ready.set(1 if ready else 0)
+    return web.json_response({"ready": ready, "checks": checks}, status=200 if ready else 503)
+
+
+async def _metrics(request: web.Request) -> web.Response:
+    app = request.app
+    metrics = app[METRICS]
+    store = app.get(STORE)
+    if store is not None:
+        # Backlog gauges are read from the store at scrape time, so they are exact.
+        with contextlib.suppress(Exception):
+            now = app[CLOCK].now()
+            for name in app[CONFIG].destinations:
+                stats = await store.stats(name)
+                for status in MessageStatus:
+                    metrics.outbox_messages.labels(name, status.value).set(stats.counts[status])
+                oldest = stats.oldest_pending_created_at
+                metrics.oldest_pending_age.labels(name).set(
+                    0 if oldest is None else max(0.0, now - oldest)
+                )
+            metrics.db_size.set(await store.db_size_bytes())
+        ready, _ = await _ready(app)
+        metrics.ready.set(1 if ready else 0)
+    return web.Response(body=metrics.render(), headers={"Content-Type": CONTENT_TYPE})

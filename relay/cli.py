@@ -1,0 +1,300 @@
+"""The `relay` command: serve, check, outbox list|show|retry.
+
+Owns argument parsing, the serve loop (signals, start-up and graceful stop) and turning errors
+into one short line and an exit code: 2 for configuration and usage errors, 1 for run-time
+failures. No traceback unless `--debug`.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import dataclasses
+import json
+import os
+import signal
+import sys
+from collections.abc import Sequence
+from datetime import UTC, datetime
+from typing import Any
+
+from aiohttp import web
+
+from relay import __version__, logs
+from relay.app import create_app
+from relay.config import Config, load, storage_path
+from relay.errors import ConfigError, RelayError
+from relay.mapping import ObjectRule, ValueRule, format_path
+from relay.models import MessageRecord, MessageStatus
+from relay.store import Store
+
+log = logs.get_logger("relay.cli")
+
+
+def _config_path(args: argparse.Namespace) -> str:
+    return str(args.config or os.environ.get("RELAY_CONFIG") or "relay.toml")
+
+
+def load_config(args: argparse.Namespace) -> Config:
+    config = load(_config_path(args), os.environ)
+    server = config.server
+    if getattr(args, "host", None):
+        server = dataclasses.replace(server, host=args.host)
+    if getattr(args, "port", None) is not None:
+        server = dataclasses.replace(server, port=args.port)
+    storage = config.storage
+    if getattr(args, "db", None):
+        storage = dataclasses.replace(storage, path=args.db)
+    return dataclasses.replace(config, server=server, storage=storage)
+
+
+def _db_path(args: argparse.Namespace) -> str:
+    if args.db:
+        return str(args.db)
+    return storage_path(_config_path(args), os.environ)
+
+
+# ---------------------------------------------------------------- serve
+
+
+async def serve(config: Config) -> None:
+    app = create_app(config)
+    runner = web.AppRunner(
+        app,
+        handle_signals=False,
+        access_log=None,
+        shutdown_timeout=config.server.shutdown_grace_s,
+    )
+    await runner.setup()
+    try:
+        site = web.TCPSite(runner, config.server.host, config.server.port)
+        await site.start()
+        host, port = _bound(runner)
+        log.info(
+            "relay_listening",
+            host=host,
+            port=port,
+            version=__version__,
+            sources={s.name: s.path for s in config.sources.values()},
+            destinations=list(config.destinations),
+        )
+        stop = asyncio.Event()
+        loop = asyncio.get_running_loop()
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            loop.add_signal_handler(sig, stop.set)
+        await stop.wait()
+        log.info("relay_stopping", grace_s=config.server.shutdown_grace_s)
+    finally:
+        # Stops accepting, lets in-flight requests finish, then runs cleanup_ctx in reverse:
+        # workers (within the grace period), then the store.
+        await runner.cleanup()
+    log.info("relay_stopped")
+
+
+def _bound(runner: web.AppRunner) -> tuple[str, int]:
+    address = runner.addresses[0]
+    return str(address[0]), int(address[1])
+
+
+def cmd_serve(args: argparse.Namespace) -> int:
+    config = load_config(args)
+    logs.configure(config.log.level, config.log.format)
+    asyncio.run(serve(config))
+    return 0
+
+
+# ---------------------------------------------------------------- check
+
+
+def describe_rule(rule: ValueRule | ObjectRule, indent: str) -> list[str]:
+    if isinstance(rule, ObjectRule):
+        lines = []
+        for name, child in rule.fields:
+            if isinstance(child, ObjectRule):
+                lines.append(f"{indent}{name}:")
+                lines += describe_rule(child, indent + "  ")
+            else:
+                lines.append(f"{indent}{name} = {_describe_value(child)}")
+        return lines
+    return [f"{indent}{_describe_value(rule)}"]
+
+
+def _describe_value(rule: ValueRule) -> str:
+    if rule.template is not None:
+        text = f"template {rule.template.text!r}"
+    elif len(rule.paths) == 1:
+        text = f"path {format_path(rule.paths[0])}"
+    elif rule.paths:
+        text = "first of " + ", ".join(format_path(p) for p in rule.paths)
+    else:
+        text = json.dumps(rule.const)
+    if rule.type:
+        text += f" as {rule.type}"
+    if rule.transforms:
+        text += " | " + " | ".join(rule.transforms)
+    if rule.required:
+        text += " (required)"
+    return text
+
+
+def cmd_check(args: argparse.Namespace) -> int:
+    config = load_config(args)
+    out = [f"{_config_path(args)}: ok"]
+    for source in config.sources.values():
+        out.append(
+            f"source {source.name}: POST {source.path} ({source.kind}, "
+            f"{len(source.secrets)} secret(s), tolerance {source.tolerance_s} s)"
+        )
+    for dest in config.destinations.values():
+        headers = ", ".join(f"{h.name}: {h.shown()}" for h in dest.headers)
+        out.append(
+            f"destination {dest.name}: POST {dest.url} (timeout {dest.timeout_s:g} s, "
+            f"concurrency {dest.concurrency}{'; ' + headers if headers else ''})"
+        )
+    for route in config.routes:
+        out.append(
+            f"route {route.name}: {route.source} {' | '.join(route.events)}"
+            f"{' (with conditions)' if route.when else ''} -> {route.destination}"
+        )
+        out.append(f"  idempotency key: {route.idempotency_key.text}")
+        out.append("  body:")
+        out += describe_rule(route.body, "    ")
+    if not config.routes:
+        out.append("no routes: every event is acknowledged and ignored")
+    print("\n".join(out))
+    return 0
+
+
+# ---------------------------------------------------------------- outbox
+
+
+def _when(ts: float | None) -> str:
+    if ts is None:
+        return "-"
+    return datetime.fromtimestamp(ts, tz=UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
+
+
+def _record_dict(r: MessageRecord, *, body: bool) -> dict[str, Any]:
+    out = {f.name: getattr(r, f.name) for f in dataclasses.fields(r) if f.name != "body"}
+    out["status"] = r.status.value
+    if body:
+        try:
+            out["body"] = json.loads(r.body)
+        except ValueError:
+            out["body"] = r.body.decode("utf-8", errors="replace")
+    return out
+
+
+async def _outbox(args: argparse.Namespace) -> int:
+    store = await Store.open(_db_path(args))
+    try:
+        if args.outbox_command == "list":
+            status = MessageStatus(args.status) if args.status else None
+            records = await store.list_messages(
+                status=status, destination=args.destination, limit=args.limit
+            )
+            if args.json:
+                for r in records:
+                    print(json.dumps(_record_dict(r, body=False)))
+            else:
+                print(
+                    f"{'ID':>6}  {'STATUS':<9}  {'ATTEMPTS':>8}  {'DEST':<10}  "
+                    f"{'CREATED':<20}  {'LAST':<5}  KEY"
+                )
+                for r in records:
+                    print(
+                        f"{r.id:>6}  {r.status.value:<9}  {r.attempts:>8}  {r.destination:<10}  "
+                        f"{_when(r.created_at):<20}  {r.last_status or '-'!s:<5}  "
+                        f"{r.idempotency_key}"
+                    )
+                print(f"({len(records)} shown)")
+            return 0
+        if args.outbox_command == "show":
+            record = await store.get_message(args.id)
+            if record is None:
+                print(f"relay: no message with id {args.id}", file=sys.stderr)
+                return 1
+            print(json.dumps(_record_dict(record, body=True), indent=2))
+            return 0
+        if not args.ids and not args.all_dead:
+            print("relay: give message ids or --all-dead", file=sys.stderr)
+            return 2
+        count = await store.retry_messages(args.ids, all_dead=args.all_dead)
+        print(f"{count} message(s) scheduled for delivery now")
+        return 0
+    finally:
+        await store.close()
+
+
+def cmd_outbox(args: argparse.Namespace) -> int:
+    return asyncio.run(_outbox(args))
+
+
+# ---------------------------------------------------------------- parser
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="relay",
+        description="Faurya Relay: Polar webhooks "
+        "to Faurya revenue calls, through a durable outbox.",
+    )
+    parser.add_argument("--version", action="version", version=f"faurya-relay {__version__}")
+    common = argparse.ArgumentParser(add_help=False)
+    common.add_argument(
+        "--config", help="relay.toml to use (default: $RELAY_CONFIG or ./relay.toml)"
+    )
+    common.add_argument("--debug", action="store_true", help="show tracebacks")
+    with_db = argparse.ArgumentParser(add_help=False)
+    with_db.add_argument("--db", help="SQLite database path (overrides storage.path)")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    p = sub.add_parser("serve", parents=[common, with_db], help="run the relay")
+    p.add_argument("--host", help="listen address (overrides server.host)")
+    p.add_argument("--port", type=int, help="listen port (overrides server.port; 0 = any)")
+    p.set_defaults(func=cmd_serve)
+
+    p = sub.add_parser("check", parents=[common], help="validate the config, print the routes")
+    p.set_defaults(func=cmd_check)
+
+    p = sub.add_parser("outbox", help="inspect and retry outbound messages")
+    outbox = p.add_subparsers(dest="outbox_command", required=True)
+    q = outbox.add_parser("list", parents=[common, with_db], help="list messages, newest first")
+    q.add_argument("--status", choices=[s.value for s in MessageStatus])
+    q.add_argument("--destination")
+    q.add_argument("--limit", type=int, default=100)
+    q.add_argument("--json", action="store_true", help="one JSON object per line")
+    q.set_defaults(func=cmd_outbox)
+    q = outbox.add_parser("show", parents=[common, with_db], help="one message with its body")
+    q.add_argument("id", type=int)
+    q.set_defaults(func=cmd_outbox)
+    q = outbox.add_parser(
+        "retry",
+        parents=[common, with_db],
+        help="make dead (or waiting) messages due now, with fresh attempts",
+    )
+    q.add_argument("ids", type=int, nargs="*")
+    q.add_argument("--all-dead", action="store_true")
+    q.set_defaults(func=cmd_outbox)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        return int(args.func(args))
+    except ConfigError as exc:
+        if len(exc.problems) == 1:
+            print(f"relay: config error: {exc.problems[0]}", file=sys.stderr)
+        else:
+            print(f"relay: {len(exc.problems)} config errors:", file=sys.stderr)
+            for problem in exc.problems:
+                print(f"  {problem}", file=sys.stderr)
+        return 2
+    except RelayError as exc:
+        if args.debug:
+            raise
+        print(f"relay: error: {exc.message}", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        return 130

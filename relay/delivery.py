@@ -1,0 +1,96 @@
+"""One delivery attempt: POST a stored message over a shared aiohttp ClientSession.
+
+Owns the outbound request (headers, timeout, how much of the answer to read) and turns what
+happened into an `AttemptResult`. It decides nothing: `relay.retry.decide` does. Never raises for
+anything the destination or the network does.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections.abc import Iterable
+from dataclasses import dataclass
+
+import aiohttp
+
+from relay import __version__
+from relay.config import DestinationConfig
+from relay.models import ClaimedMessage
+
+SNIPPET_BYTES = 512
+USER_AGENT = f"faurya-relay/{__version__}"
+
+
+@dataclass(frozen=True, slots=True)
+class AttemptResult:
+    status: int | None  # None: no HTTP answer
+    error: str | None  # "timeout", "connection error: ...", never a secret
+    retry_after: str | None
+    snippet: str
+    duration_s: float
+
+
+class Redactor:
+    """Replaces every configured secret value in text that may be stored or logged (a
+    misbehaving receiver could echo our write key back in its error body)."""
+
+    def __init__(self, secret_values: Iterable[str]) -> None:
+        self._values = sorted({v for v in secret_values if len(v) >= 4}, key=len, reverse=True)
+
+    def __call__(self, text: str) -> str:
+        for value in self._values:
+            if value in text:
+                text = text.replace(value, "***")
+        return text
+
+
+class Sender:
+    """Sends messages to one destination."""
+
+    def __init__(
+        self, session: aiohttp.ClientSession, destination: DestinationConfig, redact: Redactor
+    ) -> None:
+        self._session = session
+        self._destination = destination
+        self._redact = redact
+        self._timeout = aiohttp.ClientTimeout(total=destination.timeout_s)
+        self._base_headers = {h.name: h.text for h in destination.headers}
+        self._base_headers.update({"content-type": "application/json", "user-agent": USER_AGENT})
+
+    async def send(self, msg: ClaimedMessage) -> AttemptResult:
+        headers = dict(self._base_headers)
+        headers["idempotency-key"] = msg.idempotency_key
+        started = time.perf_counter()
+        try:
+            async with self._session.post(
+                self._destination.url,
+                data=msg.body,
+                headers=headers,
+                timeout=self._timeout,
+                allow_redirects=False,
+            ) as response:
+                raw = await response.content.read(SNIPPET_BYTES)
+                return AttemptResult(
+                    status=response.status,
+                    error=None,
+                    retry_after=response.headers.get("Retry-After"),
+                    snippet=self._redact(raw.decode("utf-8", errors="replace")),
+                    duration_s=time.perf_counter() - started,
+                )
+        except TimeoutError:
+            error = "timeout"
+        except aiohttp.ClientError as exc:
+            # The exception text can carry the URL; keep only its class and the OS reason.
+            error = f"connection error: {type(exc).__name__}"
+            if isinstance(exc, aiohttp.ClientConnectorError):
+                error += f" ({exc.os_error.strerror or 'connect failed'})"
+        except (OSError, asyncio.IncompleteReadError) as exc:
+            error = f"connection error: {type(exc).__name__}"
+        return AttemptResult(
+            status=None,
+            error=error,
+            retry_after=None,
+            snippet="",
+            duration_s=time.perf_counter() - started,
+        )

@@ -1,0 +1,186 @@
+"""The webhook endpoint: verify, map, commit, answer.
+
+Owns the request path of one source. Order matters and protects the invariants:
+1. size limit, then the signature over the raw bytes: a request that fails either changes
+   nothing but a counter and a log line;
+2. parse and map (pure, in memory);
+3. commit the event and its messages (group commit, fsync) and only then answer 202.
+Anything that fails before the commit answers 503, so Polar retries. It never talks to Faurya.
+"""
+
+from __future__ import annotations
+
+import json
+import secrets
+import time
+from collections.abc import Sequence
+from typing import Any
+
+import structlog
+from aiohttp import web
+
+from relay.config import SourceConfig
+from relay.errors import SignatureInvalid, StorageUnavailable
+from relay.logs import get_logger
+from relay.mapping import Route, map_event
+from relay.metrics import Metrics, event_type_label
+from relay.models import Clock, EventStatus, InboundDraft, IngestOutcome
+from relay.store import Store
+from relay.verify import Verifier
+
+log = get_logger("relay.ingest")
+
+# Stored with the raw body for debugging and replay. Not stored: anything else a proxy may
+# add (cookies, authorization). The signature is harmless to keep: it is useless without the
+# secret and stale after the tolerance.
+STORED_HEADERS = (
+    "webhook-id",
+    "webhook-timestamp",
+    "webhook-signature",
+    "webhook-api-version",
+    "user-agent",
+    "content-type",
+)
+
+
+def _answer(http_status: int, **payload: Any) -> web.Response:
+    return web.json_response(payload, status=http_status)
+
+
+class WebhookIngest:
+    """The aiohttp handler for one source."""
+
+    def __init__(
+        self,
+        source: SourceConfig,
+        routes: Sequence[Route],
+        store_getter: Any,
+        metrics: Metrics,
+        clock: Clock,
+        max_body_bytes: int,
+    ) -> None:
+        self.source = source
+        self._routes = [r for r in routes if r.source == source.name]
+        self._store_getter = store_getter
+        self._metrics = metrics
+        self._clock = clock
+        self._max_body_bytes = max_body_bytes
+        self._verifier = Verifier(source.secrets, source.tolerance_s, clock)
+
+    def _count(self, event_type: str | None, outcome: str) -> None:
+        self._metrics.webhooks_received.labels(
+            self.source.name, event_type_label(event_type), outcome
+        ).inc()
+
+    async def handle(self, request: web.Request) -> web.Response:
+        request_id = request.headers.get("x-request-id", "")[:64] or secrets.token_hex(8)
+        structlog.contextvars.bind_contextvars(request_id=request_id, source=self.source.name)
+        try:
+            return await self._handle(request)
+        finally:
+            structlog.contextvars.unbind_contextvars("request_id", "source")
+
+    async def _handle(self, request: web.Request) -> web.Response:
+        length = request.content_length
+        if length is not None and length > self._max_body_bytes:
+            return self._too_large(length)
+        try:
+            body = await request.read()
+        except web.HTTPRequestEntityTooLarge:
+            return self._too_large(length)
+        started = time.perf_counter()
+
+        try:
+            webhook_id = self._verifier.verify(body, request.headers)
+        except SignatureInvalid as exc:
+            outcome = "stale_timestamp" if exc.stale else "bad_signature"
+            self._count(None, outcome)
+            log.warning(
+                "signature_rejected",
+                reason=exc.reason,
+                outcome=outcome,
+                body_bytes=len(body),
+                remote=request.remote,
+            )
+            return _answer(401, error="invalid signature", reason=exc.reason)
+
+        structlog.contextvars.bind_contextvars(webhook_id=webhook_id)
+        try:
+            return await self._accept(request, webhook_id, body, started)
+        finally:
+            structlog.contextvars.unbind_contextvars("webhook_id")
+
+    def _too_large(self, length: int | None) -> web.Response:
+        self._count(None, "too_large")
+        log.warning("webhook_too_large", content_length=length, limit_bytes=self._max_body_bytes)
+        return _answer(413, error=f"body larger than {self._max_body_bytes} bytes")
+
+    async def _accept(
+        self, request: web.Request, webhook_id: str, body: bytes, started: float
+    ) -> web.Response:
+        try:
+            event = json.loads(body)
+        except ValueError:
+            event = None
+        if not isinstance(event, dict) or not isinstance(event.get("type"), str):
+            self._count(None, "malformed")
+            log.warning("webhook_malformed", body_bytes=len(body))
+            return _answer(400, error="body must be a JSON object with a string 'type'")
+        event_type: str = event["type"]
+
+        mapped = map_event(self._routes, self.source.name, event)
+        draft = InboundDraft(
+            source=self.source.name,
+            webhook_id=webhook_id,
+            event_type=event_type,
+            received_at=self._clock.now(),
+            headers={k: request.headers[k] for k in STORED_HEADERS if k in request.headers},
+            body=body,
+            status=mapped.status,
+            reason=mapped.reason,
+            messages=mapped.messages,
+        )
+        store: Store | None = self._store_getter()
+        try:
+            if store is None:
+                raise StorageUnavailable("the store is not open")
+            result = await store.enqueue(draft)
+        except StorageUnavailable as exc:
+            self._count(event_type, "storage_error")
+            log.error("webhook_store_failed", event_type=event_type, error=exc.message)
+            return web.json_response(
+                {"error": "could not store the event; retry later"},
+                status=503,
+                headers={"Retry-After": "5"},
+            )
+
+        outcome = result.outcome.value
+        if mapped.status is EventStatus.UNMAPPABLE and result.outcome is IngestOutcome.ACCEPTED:
+            outcome = "unmappable"
+        self._count(event_type, outcome)
+        self._metrics.ingest_duration.labels(self.source.name).observe(
+            time.perf_counter() - started
+        )
+        for message in mapped.messages:
+            if message.idempotency_key not in result.duplicate_keys:
+                self._metrics.messages_enqueued.labels(message.route, message.destination).inc()
+        fields: dict[str, Any] = {
+            "event_type": event_type,
+            "outcome": outcome,
+            "event_id": result.event_id,
+            "message_ids": list(result.message_ids),
+        }
+        if result.duplicate_keys:
+            fields["duplicate_keys"] = list(result.duplicate_keys)
+        if mapped.status is EventStatus.UNMAPPABLE:
+            log.warning("webhook_unmappable", reason=mapped.reason, **fields)
+        else:
+            log.info(f"webhook_{result.outcome.value}", **fields)
+        payload: dict[str, Any] = {
+            "status": result.outcome.value,
+            "event_id": result.event_id,
+            "messages": len(result.message_ids),
+        }
+        if mapped.status is EventStatus.UNMAPPABLE:
+            payload["unmappable"] = mapped.reason
+        return _answer(202, **payload)

@@ -1,0 +1,131 @@
+"""Every Prometheus metric of the relay, on a per-app registry, and the /metrics handler.
+
+Owns metric names, types, labels and buckets. Label values are bounded: source, destination
+and route names come from relay.toml, event types are vetted by `event_type_label`, statuses
+and outcomes are fixed sets. No ids, no free text, no secrets.
+"""
+
+from __future__ import annotations
+
+import re
+
+from prometheus_client import (
+    CollectorRegistry,
+    Counter,
+    Gauge,
+    Histogram,
+    ProcessCollector,
+    generate_latest,
+)
+from prometheus_client.exposition import CONTENT_TYPE_LATEST
+
+_EVENT_TYPE = re.compile(r"^[a-z][a-z0-9_]{0,40}(\.[a-z][a-z0-9_]{0,40}){0,2}$")
+CONTENT_TYPE = CONTENT_TYPE_LATEST
+
+_FAST = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5)
+_HTTP = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0)
+
+
+def event_type_label(event_type: str | None) -> str:
+    """A signed event's type as a label: kept when it looks like `a.b`, else `other`."""
+    if event_type is None:
+        return "unknown"
+    return event_type if _EVENT_TYPE.match(event_type) else "other"
+
+
+class Metrics:
+    """All metrics of one relay app."""
+
+    def __init__(self) -> None:
+        self.registry = CollectorRegistry(auto_describe=True)
+        r = self.registry
+        ProcessCollector(registry=r)
+        self.webhooks_received = Counter(
+            "relay_webhooks_received_total",
+            "Webhooks received, by outcome: accepted, duplicate, ignored, unmappable, "
+            "bad_signature, stale_timestamp, too_large, malformed, storage_error.",
+            ["source", "event_type", "outcome"],
+            registry=r,
+        )
+        self.ingest_duration = Histogram(
+            "relay_ingest_duration_seconds",
+            "Time from request body read to the answer, for webhooks that reached the store.",
+            ["source"],
+            buckets=_FAST,
+            registry=r,
+        )
+        self.messages_enqueued = Counter(
+            "relay_messages_enqueued_total",
+            "Outbound messages committed to the outbox.",
+            ["route", "destination"],
+            registry=r,
+        )
+        self.commit_duration = Histogram(
+            "relay_store_commit_duration_seconds",
+            "Duration of one group commit (all statements and the fsync).",
+            buckets=_FAST,
+            registry=r,
+        )
+        self.commit_batch_size = Histogram(
+            "relay_store_commit_batch_size",
+            "Webhooks per group commit.",
+            buckets=(1, 2, 4, 8, 16, 32, 64, 128, 256, 512),
+            registry=r,
+        )
+        self.commit_failures = Counter(
+            "relay_store_commit_failures_total",
+            "Group commits that failed (their webhooks were answered 503).",
+            registry=r,
+        )
+        self.db_size = Gauge(
+            "relay_store_db_size_bytes", "Database file plus WAL size.", registry=r
+        )
+        self.deliveries = Counter(
+            "relay_deliveries_total",
+            "Delivery attempts, by outcome: delivered, retry, dead.",
+            ["destination", "outcome"],
+            registry=r,
+        )
+        self.delivery_attempts = Counter(
+            "relay_delivery_attempts_total",
+            "Delivery attempts by the class of the answer: 2xx, 3xx, 4xx, 5xx, timeout, error.",
+            ["destination", "status_class"],
+            registry=r,
+        )
+        self.delivery_duration = Histogram(
+            "relay_delivery_duration_seconds",
+            "Duration of one delivery attempt (request and the start of the answer).",
+            ["destination"],
+            buckets=_HTTP,
+            registry=r,
+        )
+        self.retry_after_wait = Counter(
+            "relay_delivery_retry_after_seconds_total",
+            "Seconds of delay asked for by Retry-After headers.",
+            ["destination"],
+            registry=r,
+        )
+        self.outbox_messages = Gauge(
+            "relay_outbox_messages",
+            "Messages in the outbox by status (read at scrape time).",
+            ["destination", "status"],
+            registry=r,
+        )
+        self.oldest_pending_age = Gauge(
+            "relay_outbox_oldest_pending_age_seconds",
+            "Age of the oldest message not yet delivered or dead (0 when none).",
+            ["destination"],
+            registry=r,
+        )
+        self.ready = Gauge(
+            "relay_ready", "1 when the store takes writes and the workers run.", registry=r
+        )
+
+    def render(self) -> bytes:
+        return generate_latest(self.registry)
+
+
+def status_class(status: int | None, error: str | None) -> str:
+    if status is None:
+        return "timeout" if error == "timeout" else "error"
+    return f"{status // 100}xx" if 100 <= status < 600 else "other"

@@ -1,0 +1,156 @@
+"""Value types shared by the store, the mapping and the workers. No I/O here.
+
+Times are unix epoch seconds as floats (`*_at`), durations carry their unit (`*_s`).
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+from enum import StrEnum
+from typing import Protocol
+
+
+class Clock(Protocol):
+    """Wall-clock time in epoch seconds; tests pass a fake one."""
+
+    def now(self) -> float: ...
+
+
+class SystemClock:
+    """The real clock."""
+
+    def now(self) -> float:
+        return time.time()
+
+
+class MessageStatus(StrEnum):
+    """The states of an outbound message (see README, "Design")."""
+
+    PENDING = "pending"
+    INFLIGHT = "inflight"
+    DELIVERED = "delivered"
+    DEAD = "dead"
+
+
+class EventStatus(StrEnum):
+    """What happened to an inbound event at ingest."""
+
+    ROUTED = "routed"  # at least one new outbound message was enqueued
+    IGNORED = "ignored"  # no route selects it
+    UNMAPPABLE = "unmappable"  # a route selected it but a required field was missing or bad
+    DUPLICATE = "duplicate"  # every message it maps to was already enqueued by another event
+
+
+class IngestOutcome(StrEnum):
+    """The answer to one webhook, as seen by Polar."""
+
+    ACCEPTED = "accepted"
+    DUPLICATE = "duplicate"
+    IGNORED = "ignored"
+
+
+@dataclass(frozen=True, slots=True)
+class OutboundDraft:
+    """A message built by the mapping at ingest; its body bytes are final."""
+
+    route: str
+    destination: str
+    idempotency_key: str
+    body: bytes
+
+
+@dataclass(frozen=True, slots=True)
+class InboundDraft:
+    """A verified webhook, mapped, ready to be committed with its messages."""
+
+    source: str
+    webhook_id: str
+    event_type: str
+    received_at: float
+    headers: dict[str, str]
+    body: bytes
+    status: EventStatus
+    reason: str | None = None
+    messages: tuple[OutboundDraft, ...] = ()
+
+
+@dataclass(frozen=True, slots=True)
+class EnqueueResult:
+    """What the store did with one `InboundDraft`."""
+
+    outcome: IngestOutcome
+    event_id: int | None
+    message_ids: tuple[int, ...] = ()
+    duplicate_keys: tuple[str, ...] = ()
+
+
+@dataclass(frozen=True, slots=True)
+class ClaimedMessage:
+    """A message leased to this process for one delivery attempt."""
+
+    id: int
+    destination: str
+    idempotency_key: str
+    body: bytes
+    attempt: int  # 1 for the first attempt
+    created_at: float
+    retry_from_at: float
+    lease_token: str
+
+
+@dataclass(frozen=True, slots=True)
+class MessageRecord:
+    """A message as the operator sees it (`relay outbox list|show`)."""
+
+    id: int
+    event_id: int
+    route: str
+    destination: str
+    idempotency_key: str
+    status: MessageStatus
+    attempts: int
+    created_at: float
+    next_attempt_at: float
+    lease_until: float | None
+    last_status: int | None
+    last_error: str | None
+    delivered_at: float | None
+    updated_at: float
+    event_type: str
+    webhook_id: str
+    body: bytes = field(repr=False, default=b"")
+
+
+@dataclass(frozen=True, slots=True)
+class DestinationStats:
+    """Backlog figures for one destination."""
+
+    counts: dict[MessageStatus, int]
+    oldest_pending_created_at: float | None
+
+
+# --- delivery outcomes: what one attempt decided; the worker maps each to one store call ---
+
+
+@dataclass(frozen=True, slots=True)
+class Delivered:
+    status: int
+
+
+@dataclass(frozen=True, slots=True)
+class RetryLater:
+    at: float
+    reason: str
+    status: int | None
+    counts_attempt: bool = True  # a 429/503 with Retry-After is throttling, not failure
+    retry_after_s: float | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class Dead:
+    reason: str
+    status: int | None
+
+
+Outcome = Delivered | RetryLater | Dead

@@ -1,0 +1,258 @@
+"""Delivery workers: one pool per destination, draining the outbox.
+
+Owns: the claim loop (a semaphore of `concurrency` slots), wake-ups (a commit wakes idle
+workers at once; otherwise they sleep until the next retry is due, at most `poll_interval_s`),
+the periodic return of expired leases, the bookkeeping write of each attempt (under
+`asyncio.shield`, so a cancellation cannot lose it), and the graceful stop.
+
+Each attempt's outcome maps to exactly one store call: delivered, retry, dead (or release, when
+a stop interrupts it). A message never leaves the outbox any other way.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import random
+import sqlite3
+from collections.abc import Callable, Coroutine, Iterable
+from typing import Any
+
+from relay import retry
+from relay.config import DestinationConfig
+from relay.delivery import AttemptResult, Sender
+from relay.errors import StorageError
+from relay.logs import get_logger
+from relay.metrics import Metrics, status_class
+from relay.models import ClaimedMessage, Clock, Dead, Delivered, Outcome, RetryLater
+from relay.store import Store
+
+log = get_logger("relay.workers")
+_STORE_ERRORS = (StorageError, sqlite3.Error, ValueError)
+
+
+class DestinationWorker:
+    """Claims and delivers the messages of one destination."""
+
+    def __init__(
+        self,
+        store: Store,
+        sender: Sender,
+        destination: DestinationConfig,
+        clock: Clock,
+        metrics: Metrics,
+        *,
+        poll_interval_s: float = 1.0,
+        rand: Callable[[], float] = random.random,
+    ) -> None:
+        self.destination = destination
+        self._store = store
+        self._sender = sender
+        self._clock = clock
+        self._metrics = metrics
+        self._poll_interval_s = poll_interval_s
+        self._rand = rand
+        self._wake = asyncio.Event()
+        self._attempts: set[asyncio.Task[None]] = set()
+        self._writes: set[asyncio.Task[None]] = set()
+        self._main: asyncio.Task[None] | None = None
+        self._stopping = False
+
+    @property
+    def running(self) -> bool:
+        return self._main is not None and not self._main.done()
+
+    def wake(self) -> None:
+        self._wake.set()
+
+    def start(self) -> None:
+        self._main = asyncio.create_task(self._run(), name=f"worker-{self.destination.name}")
+
+    async def _run(self) -> None:
+        name = self.destination.name
+        log.info("worker_started", destination=name, concurrency=self.destination.concurrency)
+        loop = asyncio.get_running_loop()
+        next_sweep = loop.time() + self.destination.lease_s / 2
+        while not self._stopping:
+            # Clear before looking, so a commit that lands while we query still wakes us.
+            self._wake.clear()
+            timeout_s = self._poll_interval_s
+            try:
+                if await self._fill():
+                    due_at = await self._store.next_due_at(name)
+                    if due_at is not None:
+                        timeout_s = min(timeout_s, max(0.0, due_at - self._clock.now()))
+                if loop.time() >= next_sweep:
+                    next_sweep = loop.time() + self.destination.lease_s / 2
+                    if count := await self._store.requeue_inflight(expired_only=True):
+                        log.warning("leases_expired_requeued", destination=name, count=count)
+            except _STORE_ERRORS as exc:
+                log.error("worker_store_error", destination=name, error=str(exc))
+            if timeout_s > 0:
+                with contextlib.suppress(TimeoutError):
+                    await asyncio.wait_for(self._wake.wait(), timeout=timeout_s)
+        log.info("worker_stopped", destination=name)
+
+    async def _fill(self) -> bool:
+        """Claim as many due messages as there are free slots. True when slots remain free
+        (nothing more is due), False when the pool is full."""
+        free = self.destination.concurrency - len(self._attempts)
+        if free <= 0:
+            return False
+        claimed = await self._store.claim(self.destination.name, free, self.destination.lease_s)
+        for msg in claimed:
+            self._spawn(msg)
+        return len(claimed) < free
+
+    def _spawn(self, msg: ClaimedMessage) -> None:
+        task = asyncio.create_task(self._attempt(msg), name=f"deliver-{msg.id}")
+        self._attempts.add(task)
+        task.add_done_callback(self._attempt_done)
+
+    def _attempt_done(self, task: asyncio.Task[None]) -> None:
+        self._attempts.discard(task)
+        self._wake.set()  # a slot is free
+
+    async def _attempt(self, msg: ClaimedMessage) -> None:
+        try:
+            result = await self._sender.send(msg)
+        except asyncio.CancelledError:
+            # Stopped mid-request: hand the message back untried (it may still have reached
+            # the destination; the idempotency key covers the resend).
+            await self._shielded(self._release(msg))
+            raise
+        now = self._clock.now()
+        outcome = retry.decide(
+            self.destination.retry,
+            attempt=msg.attempt,
+            retry_from_at=msg.retry_from_at,
+            now=now,
+            status=result.status,
+            error=result.error,
+            retry_after_s=retry.parse_retry_after(result.retry_after, now),
+            rand=self._rand(),
+        )
+        await self._shielded(self._record(msg, result, outcome))
+
+    async def _shielded(self, coro: Coroutine[Any, Any, None]) -> None:
+        task = asyncio.create_task(coro)
+        self._writes.add(task)
+        task.add_done_callback(self._writes.discard)
+        await asyncio.shield(task)
+
+    async def _release(self, msg: ClaimedMessage) -> None:
+        with contextlib.suppress(*_STORE_ERRORS):
+            await self._store.release(msg)
+        log.info("delivery_released", destination=msg.destination, message_id=msg.id)
+
+    async def _record(self, msg: ClaimedMessage, result: AttemptResult, outcome: Outcome) -> None:
+        name = self.destination.name
+        m = self._metrics
+        m.delivery_duration.labels(name).observe(result.duration_s)
+        m.delivery_attempts.labels(name, status_class(result.status, result.error)).inc()
+        detail = result.error or (f"HTTP {result.status}: {result.snippet}".strip())
+        fields = {
+            "destination": name,
+            "message_id": msg.id,
+            "idempotency_key": msg.idempotency_key,
+            "attempt": msg.attempt,
+            "status": result.status,
+            "duration_ms": round(result.duration_s * 1000, 2),
+        }
+        try:
+            if isinstance(outcome, Delivered):
+                changed = await self._store.mark_delivered(msg, outcome.status)
+                m.deliveries.labels(name, "delivered").inc()
+                log.info("delivery_succeeded", **fields)
+            elif isinstance(outcome, RetryLater):
+                changed = await self._store.mark_retry(msg, outcome, detail[:1000])
+                m.deliveries.labels(name, "retry").inc()
+                if outcome.retry_after_s is not None:
+                    m.retry_after_wait.labels(name).inc(outcome.retry_after_s)
+                log.warning(
+                    "delivery_retry_scheduled",
+                    **fields,
+                    reason=outcome.reason,
+                    retry_in_s=round(outcome.at - self._clock.now(), 3),
+                    counts_attempt=outcome.counts_attempt,
+                )
+            else:
+                assert isinstance(outcome, Dead)
+                changed = await self._store.mark_dead(
+                    msg, outcome, f"{outcome.reason}; {detail}"[:1000]
+                )
+                m.deliveries.labels(name, "dead").inc()
+                log.error(
+                    "delivery_dead_lettered",
+                    **fields,
+                    reason=outcome.reason,
+                    response=result.snippet[:200],
+                )
+        except _STORE_ERRORS as exc:
+            # The lease still holds the message; it returns to pending when the lease expires
+            # and is sent again with the same idempotency key. Nothing is lost.
+            log.error("delivery_record_failed", **fields, error=str(exc))
+            return
+        if not changed:
+            log.warning("delivery_lease_lost", **fields)
+
+    async def run_until_idle(self) -> None:
+        """Deliver every message that is due now, then return (tests, and `burst` use)."""
+        while True:
+            claimed = await self._store.claim(
+                self.destination.name, self.destination.concurrency, self.destination.lease_s
+            )
+            if not claimed:
+                return
+            await asyncio.gather(*(self._attempt(m) for m in claimed))
+
+    async def stop(self, grace_s: float) -> None:
+        """Stop claiming; give in-flight attempts `grace_s` to finish; release the rest."""
+        self._stopping = True
+        self._wake.set()
+        if self._main is not None:
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._main
+        if self._attempts:
+            _, late = await asyncio.wait(set(self._attempts), timeout=grace_s)
+            for task in late:
+                task.cancel()
+            if late:
+                log.warning(
+                    "delivery_cancelled_at_shutdown",
+                    destination=self.destination.name,
+                    count=len(late),
+                )
+                await asyncio.gather(*late, return_exceptions=True)
+        if self._writes:
+            # The bookkeeping writes of finished or released attempts must land before the
+            # store closes.
+            await asyncio.gather(*set(self._writes), return_exceptions=True)
+
+
+class Workers:
+    """All destination workers of one relay."""
+
+    def __init__(self, workers: Iterable[DestinationWorker]) -> None:
+        self.by_destination = {w.destination.name: w for w in workers}
+
+    def notify(self, destinations: set[str]) -> None:
+        """Called after a commit: wake the named destinations (all of them for an empty set)."""
+        for name, worker in self.by_destination.items():
+            if not destinations or name in destinations:
+                worker.wake()
+
+    def start(self) -> None:
+        for worker in self.by_destination.values():
+            worker.start()
+
+    @property
+    def running(self) -> bool:
+        return all(w.running for w in self.by_destination.values())
+
+    async def stop(self, grace_s: float) -> None:
+        await asyncio.gather(*(w.stop(grace_s) for w in self.by_destination.values()))
+
+    async def run_until_idle(self) -> None:
+        for worker in self.by_destination.values():
+            await worker.run_until_idle()
