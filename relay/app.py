@@ -8,7 +8,6 @@ requests finish): stop the workers within the grace period, then close the store
 
 from __future__ import annotations
 
-import contextlib
 from collections.abc import AsyncIterator, Awaitable, Callable
 
 import aiohttp
@@ -162,11 +161,12 @@ async def _ready(app: web.Application) -> tuple[bool, dict[str, str]]:
     else:
         try:
             await store.probe()
-            checks["store"] = (
-                "ok"
-                if store.last_write_error is None
-                else (f"last commit failed: {store.last_write_error}")
-            )
+            if not store.writer_running:
+                checks["store"] = "the group-commit writer is not running"
+            elif store.last_write_error is not None:
+                checks["store"] = f"last commit failed: {store.last_write_error}"
+            else:
+                checks["store"] = "ok"
         except StorageUnavailable as exc:
             checks["store"] = exc.message
     workers = app.get(WORKERS)
@@ -186,7 +186,7 @@ async def _metrics(request: web.Request) -> web.Response:
     store = app.get(STORE)
     if store is not None:
         # Backlog gauges are read from the store at scrape time, so they are exact.
-        with contextlib.suppress(Exception):
+        try:
             now = app[CLOCK].now()
             for name in app[CONFIG].destinations:
                 stats = await store.stats(name)
@@ -197,6 +197,8 @@ async def _metrics(request: web.Request) -> web.Response:
                     0 if oldest is None else max(0.0, now - oldest)
                 )
             metrics.db_size.set(await store.db_size_bytes())
+        except Exception as exc:  # a scrape must still answer (with the last values)
+            log.warning("metrics_refresh_failed", error=str(exc))
         ready, _ = await _ready(app)
         metrics.ready.set(1 if ready else 0)
     return web.Response(body=metrics.render(), headers={"Content-Type": CONTENT_TYPE})

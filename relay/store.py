@@ -236,6 +236,10 @@ class Store:
             store._writer_task = asyncio.create_task(store._write_loop(), name="store-writer")
         return store
 
+    @property
+    def writer_running(self) -> bool:
+        return self._writer_task is not None and not self._writer_task.done()
+
     async def close(self) -> None:
         if self._writer_task is not None:
             # Let queued enqueues finish: each belongs to a request still waiting for its 2xx.
@@ -282,7 +286,9 @@ class Store:
             started = time.perf_counter()
             try:
                 results = await self._write_batch([draft for draft, _ in batch])
-            except (sqlite3.Error, OSError, ValueError) as exc:
+            except Exception as exc:
+                # Any failure, expected (disk full, locked) or not, fails the whole batch with
+                # 503s: a request must never hang on a future nobody will resolve.
                 self.last_write_error = f"{type(exc).__name__}: {exc}"
                 self._report(BatchStats(len(batch), time.perf_counter() - started, ok=False))
                 for _, future in batch:

@@ -86,8 +86,11 @@ class DestinationWorker:
                     next_sweep = loop.time() + self.destination.lease_s / 2
                     if count := await self._store.requeue_inflight(expired_only=True):
                         log.warning("leases_expired_requeued", destination=name, count=count)
-            except _STORE_ERRORS as exc:
-                log.error("worker_store_error", destination=name, error=str(exc))
+            except Exception as exc:
+                # Never let the loop die: messages would wait silently. Log, then poll again.
+                log.error(
+                    "worker_loop_error", destination=name, error=f"{type(exc).__name__}: {exc}"
+                )
             if timeout_s > 0:
                 with contextlib.suppress(TimeoutError):
                     await asyncio.wait_for(self._wake.wait(), timeout=timeout_s)
