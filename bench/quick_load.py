@@ -31,10 +31,14 @@ sys.path.insert(0, str(REPO))
 from tests.helpers import LEGACY_SECRET, order_paid, sign_headers  # noqa: E402
 
 
-async def fake_faurya(received: list[float]) -> tuple[web.AppRunner, int]:
+async def fake_faurya(
+    received: list[float], expected: int, done: asyncio.Event
+) -> tuple[web.AppRunner, int]:
     async def handle(request: web.Request) -> web.Response:
         await request.read()
         received.append(time.perf_counter())
+        if len(received) >= expected:
+            done.set()
         return web.json_response({"ok": True})
 
     app = web.Application()
@@ -48,13 +52,27 @@ async def fake_faurya(received: list[float]) -> tuple[web.AppRunner, int]:
 
 async def start_relay(db: Path, faurya_port: int) -> tuple[asyncio.subprocess.Process, int]:
     relay = shutil.which("relay") or str(Path(sys.executable).parent / "relay")
-    env = dict(os.environ, POLAR_WEBHOOK_SECRET=LEGACY_SECRET,
-               FAURYA_URL=f"http://127.0.0.1:{faurya_port}", FAURYA_SITE_ID="bench",
-               FAURYA_WRITE_KEY="bench-write-key")
+    env = dict(
+        os.environ,
+        POLAR_WEBHOOK_SECRET=LEGACY_SECRET,
+        FAURYA_URL=f"http://127.0.0.1:{faurya_port}",
+        FAURYA_SITE_ID="bench",
+        FAURYA_WRITE_KEY="bench-write-key",
+    )
     proc = await asyncio.create_subprocess_exec(
-        relay, "serve", "--config", str(REPO / "relay.toml"), "--db", str(db),
-        "--host", "127.0.0.1", "--port", "0", env=env,
-        stdout=asyncio.subprocess.DEVNULL, stderr=asyncio.subprocess.PIPE,
+        relay,
+        "serve",
+        "--config",
+        str(REPO / "relay.toml"),
+        "--db",
+        str(db),
+        "--host",
+        "127.0.0.1",
+        "--port",
+        "0",
+        env=env,
+        stdout=asyncio.subprocess.DEVNULL,
+        stderr=asyncio.subprocess.PIPE,
     )
     assert proc.stderr is not None
     async with asyncio.timeout(20):
@@ -82,7 +100,8 @@ async def main() -> None:
     args = parser.parse_args()
 
     received: list[float] = []
-    runner, faurya_port = await fake_faurya(received)
+    all_delivered = asyncio.Event()
+    runner, faurya_port = await fake_faurya(received, args.webhooks, all_delivered)
     with tempfile.TemporaryDirectory() as tmp:
         proc, port = await start_relay(Path(tmp) / "relay.db", faurya_port)
         url = f"http://127.0.0.1:{port}/webhooks/polar"
@@ -108,8 +127,7 @@ async def main() -> None:
             await asyncio.gather(*(client() for _ in range(args.concurrency)))
             accepted_s = time.perf_counter() - started
             async with asyncio.timeout(120):
-                while len(received) < args.webhooks:
-                    await asyncio.sleep(0.05)
+                await all_delivered.wait()
             drained_s = received[-1] - started
         proc.send_signal(signal.SIGTERM)
         await proc.wait()
@@ -118,12 +136,15 @@ async def main() -> None:
     latencies.sort()
     q = statistics.quantiles(latencies, n=100)
     print(f"webhooks: {args.webhooks}, concurrency: {args.concurrency}, answers: {statuses}")
-    print(f"accepted: {args.webhooks / accepted_s:,.0f} webhooks/s "
-          f"({accepted_s:.2f} s for all)")
-    print(f"ack latency: p50 {q[49] * 1000:.1f} ms, p99 {q[98] * 1000:.1f} ms, "
-          f"max {latencies[-1] * 1000:.1f} ms")
-    print(f"all {len(received)} delivered to the fake Faurya {drained_s:.2f} s after the start "
-          f"({args.webhooks / drained_s:,.0f} messages/s end to end)")
+    print(f"accepted: {args.webhooks / accepted_s:,.0f} webhooks/s ({accepted_s:.2f} s for all)")
+    print(
+        f"ack latency: p50 {q[49] * 1000:.1f} ms, p99 {q[98] * 1000:.1f} ms, "
+        f"max {latencies[-1] * 1000:.1f} ms"
+    )
+    print(
+        f"all {len(received)} delivered to the fake Faurya {drained_s:.2f} s after the start "
+        f"({args.webhooks / drained_s:,.0f} messages/s end to end)"
+    )
 
 
 if __name__ == "__main__":
