@@ -8,6 +8,9 @@ requests finish): stop the workers within the grace period, then close the store
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
+import dataclasses
 from collections.abc import AsyncIterator, Awaitable, Callable
 
 import aiohttp
@@ -72,6 +75,7 @@ def create_app(
     app[POLL_INTERVAL_S] = poll_interval_s
     app.cleanup_ctx.append(_store_ctx)
     app.cleanup_ctx.append(_workers_ctx)
+    app.cleanup_ctx.append(_retention_ctx)
 
     def current_store() -> Store | None:
         return app.get(STORE)
@@ -149,6 +153,38 @@ async def _workers_ctx(app: web.Application) -> AsyncIterator[None]:
             await workers.stop(config.server.shutdown_grace_s)
 
 
+async def prune_once(store: Store, config: Config, now: float, metrics: Metrics) -> None:
+    retention = config.retention
+    result = await store.prune(
+        bodies_before=now - retention.bodies_s, rows_before=now - retention.rows_s
+    )
+    for kind, count in dataclasses.asdict(result).items():
+        if count:
+            metrics.retention_pruned.labels(kind).inc(count)
+    if any(dataclasses.astuple(result)):
+        log.info("retention_pruned", **dataclasses.asdict(result))
+
+
+async def _retention_ctx(app: web.Application) -> AsyncIterator[None]:
+    """Prune by age every `retention.interval_s`, starting right after start-up."""
+
+    async def loop() -> None:
+        while True:
+            try:
+                await prune_once(app[STORE], app[CONFIG], app[CLOCK].now(), app[METRICS])
+            except Exception as exc:  # retention failing must not stop the relay
+                log.error("retention_failed", error=f"{type(exc).__name__}: {exc}")
+            await asyncio.sleep(app[CONFIG].retention.interval_s)
+
+    task = asyncio.create_task(loop(), name="retention")
+    try:
+        yield
+    finally:
+        task.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await task
+
+
 async def _healthz(request: web.Request) -> web.Response:
     return web.json_response({"status": "ok"})
 
@@ -192,6 +228,8 @@ async def _metrics(request: web.Request) -> web.Response:
                 stats = await store.stats(name)
                 for status in MessageStatus:
                     metrics.outbox_messages.labels(name, status.value).set(stats.counts[status])
+                worker = app[WORKERS].by_destination.get(name) if WORKERS in app else None
+                metrics.destination_paused.labels(name).set(int(bool(worker and worker.paused)))
                 oldest = stats.oldest_pending_created_at
                 metrics.oldest_pending_age.labels(name).set(
                     0 if oldest is None else max(0.0, now - oldest)

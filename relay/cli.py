@@ -15,18 +15,15 @@ import os
 import signal
 import sys
 from collections.abc import Sequence
-from datetime import UTC, datetime
-from typing import Any
 
 from aiohttp import web
 
-from relay import __version__, logs
+from relay import __version__, logs, operator
 from relay.app import create_app
-from relay.config import Config, load, storage_path
+from relay.config import Config, RetentionConfig, load, load_offline, storage_path
 from relay.errors import ConfigError, RelayError
 from relay.mapping import ObjectRule, ValueRule, format_path
-from relay.models import MessageRecord, MessageStatus
-from relay.store import Store
+from relay.models import EventStatus, MessageStatus
 
 log = logs.get_logger("relay.cli")
 
@@ -165,69 +162,20 @@ def cmd_check(args: argparse.Namespace) -> int:
     return 0
 
 
-# ---------------------------------------------------------------- outbox
+# ---------------------------------------------------------------- operator commands
 
 
-def _when(ts: float | None) -> str:
-    if ts is None:
-        return "-"
-    return datetime.fromtimestamp(ts, tz=UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
-
-
-def _record_dict(r: MessageRecord, *, body: bool) -> dict[str, Any]:
-    out = {f.name: getattr(r, f.name) for f in dataclasses.fields(r) if f.name != "body"}
-    out["status"] = r.status.value
-    if body:
-        try:
-            out["body"] = json.loads(r.body)
-        except ValueError:
-            out["body"] = r.body.decode("utf-8", errors="replace")
-    return out
-
-
-async def _outbox(args: argparse.Namespace) -> int:
-    store = await Store.open(_db_path(args))
-    try:
-        if args.outbox_command == "list":
-            status = MessageStatus(args.status) if args.status else None
-            records = await store.list_messages(
-                status=status, destination=args.destination, limit=args.limit
-            )
-            if args.json:
-                for r in records:
-                    print(json.dumps(_record_dict(r, body=False)))
-            else:
-                print(
-                    f"{'ID':>6}  {'STATUS':<9}  {'ATTEMPTS':>8}  {'DEST':<10}  "
-                    f"{'CREATED':<20}  {'LAST':<5}  KEY"
-                )
-                for r in records:
-                    print(
-                        f"{r.id:>6}  {r.status.value:<9}  {r.attempts:>8}  {r.destination:<10}  "
-                        f"{_when(r.created_at):<20}  {r.last_status or '-'!s:<5}  "
-                        f"{r.idempotency_key}"
-                    )
-                print(f"({len(records)} shown)")
-            return 0
-        if args.outbox_command == "show":
-            record = await store.get_message(args.id)
-            if record is None:
-                print(f"relay: no message with id {args.id}", file=sys.stderr)
-                return 1
-            print(json.dumps(_record_dict(record, body=True), indent=2))
-            return 0
-        if not args.ids and not args.all_dead:
-            print("relay: give message ids or --all-dead", file=sys.stderr)
-            return 2
-        count = await store.retry_messages(args.ids, all_dead=args.all_dead)
-        print(f"{count} message(s) scheduled for delivery now")
-        return 0
-    finally:
-        await store.close()
-
-
-def cmd_outbox(args: argparse.Namespace) -> int:
-    return asyncio.run(_outbox(args))
+def _run_operator(args: argparse.Namespace) -> int:
+    """Commands that only need the database open them without the config's secrets; those
+    that re-run the mapping (`reprocess`) load the whole config."""
+    if args.func_name == "reprocess":
+        config = load_config(args)
+        return asyncio.run(operator.run(args, config.storage.path, config.retention, config))
+    retention = RetentionConfig()
+    if not args.db or args.func_name == "prune":
+        offline = load_offline(_config_path(args), os.environ)
+        retention = offline.retention
+    return asyncio.run(operator.run(args, _db_path(args), retention, None))
 
 
 # ---------------------------------------------------------------- parser
@@ -257,17 +205,26 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("check", parents=[common], help="validate the config, print the routes")
     p.set_defaults(func=cmd_check)
 
+    def selection_args(q: argparse.ArgumentParser, statuses: Sequence[str]) -> None:
+        q.add_argument(
+            "--status", action="append", choices=list(statuses), help="repeat for several"
+        )
+        q.add_argument("--destination")
+        q.add_argument("--event-type")
+        q.add_argument("--since", help="ISO date/time (UTC) or an age like 30m, 6h, 7d")
+        q.add_argument("--until", help="ISO date/time (UTC) or an age like 30m, 6h, 7d")
+
+    message_statuses = [s.value for s in MessageStatus]
     p = sub.add_parser("outbox", help="inspect and retry outbound messages")
     outbox = p.add_subparsers(dest="outbox_command", required=True)
     q = outbox.add_parser("list", parents=[common, with_db], help="list messages, newest first")
-    q.add_argument("--status", choices=[s.value for s in MessageStatus])
-    q.add_argument("--destination")
+    selection_args(q, message_statuses)
     q.add_argument("--limit", type=int, default=100)
     q.add_argument("--json", action="store_true", help="one JSON object per line")
-    q.set_defaults(func=cmd_outbox)
+    q.set_defaults(func=_run_operator, func_name="list")
     q = outbox.add_parser("show", parents=[common, with_db], help="one message with its body")
     q.add_argument("id", type=int)
-    q.set_defaults(func=cmd_outbox)
+    q.set_defaults(func=_run_operator, func_name="show")
     q = outbox.add_parser(
         "retry",
         parents=[common, with_db],
@@ -275,7 +232,53 @@ def build_parser() -> argparse.ArgumentParser:
     )
     q.add_argument("ids", type=int, nargs="*")
     q.add_argument("--all-dead", action="store_true")
-    q.set_defaults(func=cmd_outbox)
+    q.set_defaults(func=_run_operator, func_name="retry")
+    q = outbox.add_parser(
+        "stats",
+        parents=[common, with_db],
+        help="messages by destination and status, and pause states",
+    )
+    q.set_defaults(func=_run_operator, func_name="stats")
+
+    p = sub.add_parser(
+        "replay",
+        parents=[common, with_db],
+        help="send messages again (dead by default; any status with --status)",
+    )
+    p.add_argument("ids", type=int, nargs="*", help="message ids (else: the filters)")
+    selection_args(p, message_statuses)
+    p.add_argument("--dry-run", action="store_true", help="only count what would be replayed")
+    p.set_defaults(func=_run_operator, func_name="replay")
+
+    p = sub.add_parser(
+        "reprocess",
+        parents=[common],
+        help="run the current mapping again on stored inbound events "
+        "(unmappable ones by default); keys already sent are not sent again",
+    )
+    p.add_argument("ids", type=int, nargs="*", help="event ids (else: the filters)")
+    p.add_argument("--status", action="append", choices=[s.value for s in EventStatus])
+    p.add_argument("--event-type")
+    p.add_argument("--since", help="ISO date/time (UTC) or an age like 30m, 6h, 7d")
+    p.add_argument("--until", help="ISO date/time (UTC) or an age like 30m, 6h, 7d")
+    p.add_argument("--dry-run", action="store_true", help="show what the mapping gives now")
+    p.add_argument("--db", help="SQLite database path (overrides storage.path)")
+    p.set_defaults(func=_run_operator, func_name="reprocess")
+
+    for name, text in (
+        ("pause", "stop deliveries to a destination (messages wait)"),
+        ("resume", "resume deliveries to a destination"),
+    ):
+        p = sub.add_parser(name, parents=[common, with_db], help=text)
+        p.add_argument("destination")
+        p.set_defaults(func=_run_operator, func_name=name)
+
+    p = sub.add_parser(
+        "prune",
+        parents=[common, with_db],
+        help="apply retention now (relay serve also does it periodically)",
+    )
+    p.set_defaults(func=_run_operator, func_name="prune")
     return parser
 
 

@@ -63,6 +63,15 @@ class StorageConfig:
 
 
 @dataclass(frozen=True, slots=True)
+class RetentionConfig:
+    """Delivered messages and raw bodies are pruned by age; dead ones stay until handled."""
+
+    bodies_s: float = 7 * 24 * 3600.0  # raw inbound bodies and delivered message bodies
+    rows_s: float = 90 * 24 * 3600.0  # delivered messages and finished events (and their keys)
+    interval_s: float = 3600.0  # how often `relay serve` prunes
+
+
+@dataclass(frozen=True, slots=True)
 class LogConfig:
     level: str = "info"
     format: str = "auto"  # auto: console on a TTY, JSON otherwise
@@ -110,6 +119,7 @@ class DestinationConfig:
     timeout_s: float = 10.0
     concurrency: int = 8
     lease_s: float = 60.0
+    paused: bool = False
     retry: RetryPolicy = RetryPolicy()
 
 
@@ -121,6 +131,7 @@ class Config:
     sources: dict[str, SourceConfig]
     destinations: dict[str, DestinationConfig]
     routes: tuple[Route, ...]
+    retention: RetentionConfig = RetentionConfig()
 
 
 # ---------------------------------------------------------------- interpolation
@@ -284,6 +295,19 @@ def _storage(t: _Table) -> StorageConfig:
     return s
 
 
+def _retention(t: _Table) -> RetentionConfig:
+    d = RetentionConfig()
+    r = RetentionConfig(
+        bodies_s=t.get("bodies_s", float, d.bodies_s, _positive),
+        rows_s=t.get("rows_s", float, d.rows_s, _positive),
+        interval_s=t.get("interval_s", float, d.interval_s, _positive),
+    )
+    if r.rows_s < r.bodies_s:
+        t.problems.append(f"{t.path('rows_s')}: must be at least bodies_s ({r.bodies_s:g})")
+    t.done()
+    return r
+
+
 def _log(t: _Table) -> LogConfig:
     d = LogConfig()
     s = LogConfig(
@@ -377,6 +401,7 @@ def _destination(name: str, t: _Table) -> DestinationConfig:
         timeout_s=timeout_s,
         concurrency=t.get("concurrency", int, d.concurrency, _between(1, 1000)),
         lease_s=lease_s,
+        paused=t.get("paused", bool, d.paused),
         retry=_retry(t.sub("retry")),
     )
     t.done()
@@ -466,6 +491,7 @@ def parse(raw: dict[str, Any], env: Mapping[str, str]) -> Config:
     server = _server(top.sub("server"))
     storage = _storage(top.sub("storage"))
     log = _log(top.sub("log"))
+    retention = _retention(top.sub("retention"))
     sources = {n: _source(n, st) for n, st in _named_tables(top, "sources").items()}
     destinations = {n: _destination(n, dt) for n, dt in _named_tables(top, "destinations").items()}
     if not sources:
@@ -485,7 +511,7 @@ def parse(raw: dict[str, Any], env: Mapping[str, str]) -> Config:
     top.done()
     if problems:
         raise ConfigError(problems)
-    return Config(server, storage, log, sources, destinations, tuple(routes))
+    return Config(server, storage, log, sources, destinations, tuple(routes), retention)
 
 
 def load(path: str | Path, env: Mapping[str, str]) -> Config:
@@ -506,16 +532,33 @@ def read_toml(path: str | Path) -> dict[str, Any]:
         raise ConfigError(f"{path}: not valid TOML: {exc}") from None
 
 
-def storage_path(path: str | Path, env: Mapping[str, str]) -> str:
-    """Just `storage.path`, for commands that only need the database: they must work without
-    the webhook secrets and write keys in the environment."""
+@dataclass(frozen=True, slots=True)
+class OfflineConfig:
+    """The sections operator commands need: no secrets, so none are required in the env."""
+
+    storage: StorageConfig
+    retention: RetentionConfig
+
+
+def load_offline(path: str | Path, env: Mapping[str, str]) -> OfflineConfig:
     raw = read_toml(path)
     missing: list[MissingEnvVar] = []
-    storage = interpolate(raw.get("storage", {}), env, "storage", missing)
+    doc = {
+        key: interpolate(raw.get(key, {}), env, key, missing) for key in ("storage", "retention")
+    }
     if missing:
         raise ConfigError("; ".join(m.message for m in missing))
     problems: list[str] = []
-    value = _storage(_Table(storage, "storage", problems)).path
+    offline = OfflineConfig(
+        storage=_storage(_Table(doc["storage"], "storage", problems)),
+        retention=_retention(_Table(doc["retention"], "retention", problems)),
+    )
     if problems:
         raise ConfigError(problems)
-    return value
+    return offline
+
+
+def storage_path(path: str | Path, env: Mapping[str, str]) -> str:
+    """Just `storage.path`, for commands that only need the database: they must work without
+    the webhook secrets and write keys in the environment."""
+    return load_offline(path, env).storage.path

@@ -117,6 +117,18 @@ class Metrics:
             ["destination"],
             registry=r,
         )
+        self.retention_pruned = Counter(
+            "relay_retention_pruned_total",
+            "Rows or bodies removed by retention, by kind.",
+            ["kind"],
+            registry=r,
+        )
+        self.destination_paused = Gauge(
+            "relay_destination_paused",
+            "1 while deliveries to the destination are paused.",
+            ["destination"],
+            registry=r,
+        )
         self.ready = Gauge(
             "relay_ready", "1 when the store takes writes and the workers run.", registry=r
         )

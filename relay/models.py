@@ -154,3 +154,52 @@ class Dead:
 
 
 Outcome = Delivered | RetryLater | Dead
+
+
+# --- operator views ---
+
+
+@dataclass(frozen=True, slots=True)
+class MessageFilter:
+    """Selects outbound messages for `relay outbox list` and `relay replay`."""
+
+    ids: tuple[int, ...] = ()
+    statuses: tuple[MessageStatus, ...] = ()
+    destination: str | None = None
+    event_type: str | None = None
+    since: float | None = None  # created_at >= since
+    until: float | None = None  # created_at < until
+
+
+@dataclass(frozen=True, slots=True)
+class EventFilter:
+    """Selects inbound events for `relay reprocess`."""
+
+    ids: tuple[int, ...] = ()
+    statuses: tuple[EventStatus, ...] = ()
+    source: str | None = None
+    event_type: str | None = None
+    since: float | None = None
+    until: float | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class StoredEvent:
+    """An inbound event as stored (body None once retention pruned it)."""
+
+    id: int
+    source: str
+    webhook_id: str
+    event_type: str
+    received_at: float
+    status: EventStatus
+    reason: str | None
+    body: bytes | None = field(repr=False, default=None)
+
+
+@dataclass(frozen=True, slots=True)
+class PruneResult:
+    message_bodies_cleared: int = 0
+    event_bodies_cleared: int = 0
+    messages_deleted: int = 0
+    events_deleted: int = 0

@@ -40,12 +40,17 @@ from relay.models import (
     Dead,
     DestinationStats,
     EnqueueResult,
+    EventFilter,
     EventStatus,
     InboundDraft,
     IngestOutcome,
+    MessageFilter,
     MessageRecord,
     MessageStatus,
+    OutboundDraft,
+    PruneResult,
     RetryLater,
+    StoredEvent,
     SystemClock,
 )
 
@@ -536,25 +541,47 @@ class Store:
 
     async def list_messages(
         self,
+        selection: MessageFilter | None = None,
         *,
         status: MessageStatus | None = None,
         destination: str | None = None,
         limit: int = 100,
     ) -> list[MessageRecord]:
-        where, params = [], []
-        if status is not None:
-            where.append("m.status = ?")
-            params.append(status.value)
-        if destination is not None:
-            where.append("m.destination = ?")
-            params.append(destination)
-        clause = f"WHERE {' AND '.join(where)}" if where else ""
+        if selection is None:
+            selection = MessageFilter(
+                statuses=(status,) if status is not None else (), destination=destination
+            )
+        clause, params = _message_where(selection)
         rows = await self._fetch(
             f"SELECT {_MESSAGE_COLUMNS} FROM outbound_messages m "
-            f"JOIN inbound_events e ON e.id = m.event_id {clause} ORDER BY m.id DESC LIMIT ?",
+            f"JOIN inbound_events e ON e.id = m.event_id WHERE {clause} "
+            "ORDER BY m.id DESC LIMIT ?",
             (*params, limit),
         )
         return [_record(r) for r in rows]
+
+    async def replay(self, selection: MessageFilter, *, dry_run: bool = False) -> int:
+        """Make the selected messages due now with a fresh retry budget, whatever their status
+        (a delivered one is sent again with the same key and bytes: the receiver dedupes).
+        Inflight messages are skipped (they are being sent right now), and so are delivered
+        ones whose body retention already cleared."""
+        clause, params = _message_where(selection)
+        selected = (
+            f"SELECT m.id FROM outbound_messages m JOIN inbound_events e ON e.id = m.event_id "
+            f"WHERE {clause} AND m.status != 'inflight' AND length(m.body) > 0"
+        )
+        if dry_run:
+            rows = await self._fetch(f"SELECT COUNT(*) FROM ({selected})", params)
+            return int(rows[0][0])
+        now = self._clock.now()
+        count = await self._exec(
+            "UPDATE outbound_messages SET status = 'pending', attempts = 0, next_attempt_at = ?, "
+            f"retry_from_at = ?, delivered_at = NULL, updated_at = ? WHERE id IN ({selected})",
+            (now, now, now, *params),
+        )
+        if count and self.on_commit is not None:
+            self.on_commit(set())
+        return count
 
     async def get_message(self, message_id: int) -> MessageRecord | None:
         rows = await self._fetch(
@@ -585,6 +612,165 @@ class Store:
             self.on_commit(set())
         return count
 
+    # ------------------------------------------------------------ pause, retention, reprocess
+
+    async def destinations(self) -> list[str]:
+        rows = await self._fetch("SELECT DISTINCT destination FROM outbound_messages")
+        return [r[0] for r in rows]
+
+    async def paused_overrides(self) -> dict[str, bool]:
+        """Pause states set by `relay pause|resume`; they override the config's `paused`."""
+        rows = await self._fetch("SELECT destination, paused FROM destination_state")
+        return {r[0]: bool(r[1]) for r in rows}
+
+    async def set_paused(self, destination: str, paused: bool) -> None:
+        await self._exec(
+            "INSERT INTO destination_state (destination, paused, updated_at) VALUES (?, ?, ?) "
+            "ON CONFLICT (destination) DO UPDATE SET paused = excluded.paused, "
+            "updated_at = excluded.updated_at",
+            (destination, int(paused), self._clock.now()),
+        )
+        if not paused and self.on_commit is not None:
+            self.on_commit({destination})
+
+    async def prune(
+        self, *, bodies_before: float, rows_before: float, batch: int = 1000
+    ) -> PruneResult:
+        """Retention, in short transactions (`batch` rows each) so ingest never waits long.
+        Delivered messages lose their body after one age and their row after another; an
+        inbound event loses its raw body once none of its messages is still pending,
+        inflight or dead, and its row once it has no messages left. Dead messages (and their
+        events) stay until an operator handles them. Idempotency keys live as long as the
+        delivered row: past `rows_before`, a resend of that business key is no longer caught."""
+        totals = [0, 0, 0, 0]
+        statements = (
+            (
+                "UPDATE outbound_messages SET body = x'' WHERE id IN (SELECT id FROM "
+                "outbound_messages WHERE status = 'delivered' AND delivered_at < ? "
+                "AND length(body) > 0 LIMIT ?)",
+                bodies_before,
+            ),
+            (
+                "UPDATE inbound_events SET body = NULL WHERE id IN (SELECT e.id FROM "
+                "inbound_events e WHERE e.received_at < ? AND e.body IS NOT NULL AND NOT EXISTS "
+                "(SELECT 1 FROM outbound_messages m WHERE m.event_id = e.id "
+                "AND m.status != 'delivered') LIMIT ?)",
+                bodies_before,
+            ),
+            (
+                "DELETE FROM outbound_messages WHERE id IN (SELECT id FROM outbound_messages "
+                "WHERE status = 'delivered' AND delivered_at < ? LIMIT ?)",
+                rows_before,
+            ),
+            (
+                "DELETE FROM inbound_events WHERE id IN (SELECT e.id FROM inbound_events e "
+                "WHERE e.received_at < ? AND NOT EXISTS (SELECT 1 FROM outbound_messages m "
+                "WHERE m.event_id = e.id) LIMIT ?)",
+                rows_before,
+            ),
+        )
+        for i, (sql, before) in enumerate(statements):
+            while True:
+                count = await self._exec(sql, (before, batch))
+                totals[i] += count
+                if count < batch:
+                    break
+        return PruneResult(*totals)
+
+    async def list_events(self, selection: EventFilter, limit: int = 10_000) -> list[StoredEvent]:
+        where: list[str] = ["1 = 1"]
+        params: list[Any] = []
+        if selection.ids:
+            where.append(f"id IN ({','.join('?' * len(selection.ids))})")
+            params += list(selection.ids)
+        if selection.statuses:
+            where.append(f"status IN ({','.join('?' * len(selection.statuses))})")
+            params += [s.value for s in selection.statuses]
+        for column, value in (("source", selection.source), ("event_type", selection.event_type)):
+            if value is not None:
+                where.append(f"{column} = ?")
+                params.append(value)
+        if selection.since is not None:
+            where.append("received_at >= ?")
+            params.append(selection.since)
+        if selection.until is not None:
+            where.append("received_at < ?")
+            params.append(selection.until)
+        rows = await self._fetch(
+            "SELECT id, source, webhook_id, event_type, received_at, status, reason, body "
+            f"FROM inbound_events WHERE {' AND '.join(where)} ORDER BY id LIMIT ?",
+            (*params, limit),
+        )
+        return [
+            StoredEvent(
+                int(r[0]),
+                r[1],
+                r[2],
+                r[3],
+                float(r[4]),
+                EventStatus(r[5]),
+                r[6],
+                None if r[7] is None else bytes(r[7]),
+            )
+            for r in rows
+        ]
+
+    async def remap_event(
+        self,
+        event_id: int,
+        status: EventStatus,
+        reason: str | None,
+        messages: Sequence[OutboundDraft],
+    ) -> EnqueueResult:
+        """Store a new mapping of an already stored event (`relay reprocess`): its new
+        messages are inserted unless their idempotency key exists (so nothing delivered is
+        sent again), and the event's status and reason are updated, in one transaction."""
+        now = self._clock.now()
+        async with self._ops_lock:
+            db = self._ops
+            await db.execute("BEGIN IMMEDIATE")
+            try:
+                ids, duplicates = [], []
+                for m in messages:
+                    rows = list(
+                        await db.execute_fetchall(
+                            "INSERT INTO outbound_messages (event_id, route, destination, "
+                            "idempotency_key, body, status, created_at, retry_from_at, "
+                            "next_attempt_at, updated_at) VALUES (?,?,?,?,?,'pending',?,?,?,?) "
+                            "ON CONFLICT (destination, idempotency_key) DO NOTHING RETURNING id",
+                            (
+                                event_id,
+                                m.route,
+                                m.destination,
+                                m.idempotency_key,
+                                m.body,
+                                now,
+                                now,
+                                now,
+                                now,
+                            ),
+                        )
+                    )
+                    if rows:
+                        ids.append(int(rows[0][0]))
+                    else:
+                        duplicates.append(m.idempotency_key)
+                if status is EventStatus.ROUTED and messages and not ids:
+                    status, reason = EventStatus.DUPLICATE, "every message already existed"
+                await db.execute(
+                    "UPDATE inbound_events SET status = ?, reason = ? WHERE id = ?",
+                    (status.value, reason, event_id),
+                )
+                await db.execute("COMMIT")
+            except BaseException:
+                with contextlib.suppress(sqlite3.Error, ValueError):
+                    await db.execute("ROLLBACK")
+                raise
+        if ids and self.on_commit is not None:
+            self.on_commit({m.destination for m in messages})
+        outcome = IngestOutcome.ACCEPTED if ids else IngestOutcome.DUPLICATE
+        return EnqueueResult(outcome, event_id, tuple(ids), tuple(duplicates))
+
     async def probe(self) -> None:
         """Prove the database takes a write: a write transaction that changes nothing.
         Raises `StorageUnavailable`."""
@@ -605,6 +791,30 @@ class Store:
             with contextlib.suppress(OSError):
                 total += os.stat(self.path + suffix).st_size
         return total
+
+
+def _message_where(f: MessageFilter) -> tuple[str, list[Any]]:
+    where: list[str] = ["1 = 1"]
+    params: list[Any] = []
+    if f.ids:
+        where.append(f"m.id IN ({','.join('?' * len(f.ids))})")
+        params += list(f.ids)
+    if f.statuses:
+        where.append(f"m.status IN ({','.join('?' * len(f.statuses))})")
+        params += [s.value for s in f.statuses]
+    if f.destination is not None:
+        where.append("m.destination = ?")
+        params.append(f.destination)
+    if f.event_type is not None:
+        where.append("e.event_type = ?")
+        params.append(f.event_type)
+    if f.since is not None:
+        where.append("m.created_at >= ?")
+        params.append(f.since)
+    if f.until is not None:
+        where.append("m.created_at < ?")
+        params.append(f.until)
+    return " AND ".join(where), params
 
 
 def _chunks(rows: list[Any]) -> Iterable[list[Any]]:

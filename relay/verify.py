@@ -36,8 +36,12 @@ def keys_for(secret: str) -> list[Webhook]:
     (b) standard: base64 of the part after `whsec_` (secrets made from 2026-09-08)."""
     keys = [Webhook(secret.encode("utf-8"))]
     if secret.startswith("whsec_"):
+        encoded = secret[len("whsec_") :]
+        # Pad only what is missing: with validate=True, excess "=" after a padded key (the
+        # usual 32-byte key ends in "=") is an error, which would drop the standard key.
+        encoded += "=" * (-len(encoded) % 4)
         try:
-            raw = base64.b64decode(secret[len("whsec_") :] + "==", validate=True)
+            raw = base64.b64decode(encoded, validate=True)
         except (binascii.Error, ValueError):
             raw = b""
         if raw:

@@ -57,13 +57,12 @@ class DestinationWorker:
         self._writes: set[asyncio.Task[None]] = set()
         self._main: asyncio.Task[None] | None = None
         self._stopping = False
+        self.paused = destination.paused
+        self._pause_checked_at = -1e18  # loop time of the last read of the pause override
 
     @property
     def running(self) -> bool:
         return self._main is not None and not self._main.done()
-
-    def wake(self) -> None:
-        self._wake.set()
 
     def start(self) -> None:
         self._main = asyncio.create_task(self._run(), name=f"worker-{self.destination.name}")
@@ -78,7 +77,9 @@ class DestinationWorker:
             self._wake.clear()
             timeout_s = self._poll_interval_s
             try:
-                if await self._fill():
+                if await self._check_paused(loop.time()):
+                    pass  # paused: messages wait in the outbox, none is dropped
+                elif await self._fill():
                     due_at = await self._store.next_due_at(name)
                     if due_at is not None:
                         timeout_s = min(timeout_s, max(0.0, due_at - self._clock.now()))
@@ -95,6 +96,24 @@ class DestinationWorker:
                 with contextlib.suppress(TimeoutError):
                     await asyncio.wait_for(self._wake.wait(), timeout=timeout_s)
         log.info("worker_stopped", destination=name)
+
+    async def _check_paused(self, now: float) -> bool:
+        """The pause state: `relay pause|resume` (in the store) overrides the config. Read at
+        most once per poll interval, so a busy worker does not query it per message."""
+        if now - self._pause_checked_at >= self._poll_interval_s:
+            self._pause_checked_at = now
+            overrides = await self._store.paused_overrides()
+            paused = overrides.get(self.destination.name, self.destination.paused)
+            if paused != self.paused:
+                log.warning(
+                    "destination_paused" if paused else "destination_resumed",
+                    destination=self.destination.name,
+                )
+            self.paused = paused
+        return self.paused
+
+    def wake(self) -> None:
+        self._wake.set()
 
     async def _fill(self) -> bool:
         """Claim as many due messages as there are free slots. True when slots remain free
@@ -201,6 +220,9 @@ class DestinationWorker:
 
     async def run_until_idle(self) -> None:
         """Deliver every message that is due now, then return (tests, and `burst` use)."""
+        self._pause_checked_at = -1e18
+        if await self._check_paused(asyncio.get_running_loop().time()):
+            return
         while True:
             claimed = await self._store.claim(
                 self.destination.name, self.destination.concurrency, self.destination.lease_s
