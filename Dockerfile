@@ -1,0 +1,69 @@
+# Faurya Relay container image.
+#
+#   docker build -t faurya-relay .
+#   docker run -d --name relay -p 8080:8080 -v relay-data:/data \
+#     -e POLAR_WEBHOOK_SECRET=... -e FAURYA_URL=https://faurya.example \
+#     -e FAURYA_SITE_ID=... -e FAURYA_WRITE_KEY=... \
+#     faurya-relay
+#
+# Operator commands run against the same volume, e.g.
+#   docker exec relay relay outbox list
+
+# ---------------------------------------------------------------- builder
+FROM python:3.11-slim AS builder
+
+ENV PIP_DISABLE_PIP_VERSION_CHECK=1 \
+    PIP_NO_CACHE_DIR=1 \
+    PYTHONDONTWRITEBYTECODE=1
+
+RUN python -m venv /opt/venv
+
+WORKDIR /src
+COPY . .
+# Plain install of the project and its runtime dependencies (no dev extras). Then drop pip
+# and setuptools from the venv: the relay does not need them at run time (~25 MB, and old
+# setuptools versions are what image scanners flag).
+RUN /opt/venv/bin/pip install --no-cache-dir . \
+ && /opt/venv/bin/pip uninstall --yes pip setuptools
+
+# ---------------------------------------------------------------- runtime
+FROM python:3.11-slim
+
+# Non-root runtime user; /data is the database volume, owned by it. The chown must happen
+# before VOLUME: later changes to a declared volume path are discarded.
+RUN groupadd --gid 10001 relay \
+ && useradd --uid 10001 --gid 10001 --no-create-home --home-dir /nonexistent \
+        --shell /usr/sbin/nologin relay \
+ && mkdir -p /data \
+ && chown 10001:10001 /data \
+ && chmod 0750 /data
+
+# Only the installed virtualenv comes over from the builder: no sources, no build tools.
+COPY --from=builder /opt/venv /opt/venv
+# Also reachable where a shell with a reset PATH (docker exec, chroot) looks.
+RUN ln -s /opt/venv/bin/relay /usr/local/bin/relay
+
+ENV PATH="/opt/venv/bin:/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin" \
+    RELAY_DB=/data/relay.db \
+    RELAY_CONFIG=/app/relay.toml \
+    PYTHONUNBUFFERED=1
+
+WORKDIR /app
+# Root-owned and read-only for the relay user.
+COPY relay.toml /app/relay.toml
+
+VOLUME /data
+EXPOSE 8080
+
+USER 10001:10001
+
+# Liveness via the relay's own /healthz, with the venv's python (no curl in the image).
+# Follows RELAY_PORT if it is overridden.
+HEALTHCHECK --interval=15s --timeout=3s --start-period=10s --retries=3 \
+    CMD ["/opt/venv/bin/python", "-c", "import os, urllib.request; urllib.request.urlopen('http://127.0.0.1:%s/healthz' % os.environ.get('RELAY_PORT', '8080'), timeout=2)"]
+
+# Exec form: the relay is PID 1 and gets SIGTERM directly (it stops accepting, then gives
+# in-flight deliveries server.shutdown_grace_s = 10 s). Give `docker stop` more than that,
+# e.g. `docker stop -t 20` / compose `stop_grace_period: 20s`.
+ENTRYPOINT ["relay"]
+CMD ["serve"]
