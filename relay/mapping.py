@@ -312,7 +312,7 @@ def compile_value(raw: Any, where: str) -> ValueRule | ObjectRule:
     if "transform" in raw:
         names = raw["transform"] if isinstance(raw["transform"], list) else [raw["transform"]]
         for i, name in enumerate(names):
-            if name not in TRANSFORMS:
+            if not isinstance(name, str) or name not in TRANSFORMS:  # a list is unhashable
                 problems.append(
                     f"{where}.transform[{i}]: unknown transform {name!r} "
                     f"(allowed: {', '.join(TRANSFORMS)})"

@@ -772,14 +772,18 @@ class Store:
         return EnqueueResult(outcome, event_id, tuple(ids), tuple(duplicates))
 
     async def probe(self) -> None:
-        """Prove the database takes a write: a write transaction that changes nothing.
-        Raises `StorageUnavailable`."""
+        """Prove the database takes a synced write right now (a one-row upsert), and clear
+        the writer's last error when it does: a relay whose storage fault has cleared must
+        turn ready again without waiting for a webhook. Raises `StorageUnavailable`."""
         try:
-            async with self._ops_lock:
-                await self._ops.execute("BEGIN IMMEDIATE")
-                await self._ops.execute("ROLLBACK")
+            await self._exec(
+                "INSERT INTO relay_meta (key, value) VALUES ('probe', ?) "
+                "ON CONFLICT (key) DO UPDATE SET value = excluded.value",
+                (repr(self._clock.now()),),
+            )
         except (sqlite3.Error, ValueError) as exc:
             raise StorageUnavailable(f"database not writable: {exc}") from None
+        self.last_write_error = None
 
     async def event_count(self) -> int:
         rows = await self._fetch("SELECT COUNT(*) FROM inbound_events")

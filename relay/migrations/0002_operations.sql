@@ -10,3 +10,9 @@ CREATE TABLE destination_state (
 CREATE INDEX outbound_messages_delivered ON outbound_messages (status, delivered_at);
 CREATE INDEX inbound_events_received ON inbound_events (received_at);
 CREATE INDEX inbound_events_status ON inbound_events (status, received_at);
+
+-- /readyz writes here: a real write, synced, proves the database takes commits right now.
+CREATE TABLE relay_meta (
+    key   TEXT PRIMARY KEY,
+    value TEXT NOT NULL
+);
