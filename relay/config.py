@@ -66,8 +66,12 @@ class StorageConfig:
 class RetentionConfig:
     """Delivered messages and raw bodies are pruned by age; dead ones stay until handled."""
 
-    bodies_s: float = 7 * 24 * 3600.0  # raw inbound bodies and delivered message bodies
-    rows_s: float = 90 * 24 * 3600.0  # delivered messages and finished events (and their keys)
+    # Raw inbound bodies (they hold customer PII: email, billing address) once no message of
+    # the event still needs them.
+    bodies_s: float = 30 * 24 * 3600.0
+    # Delivered messages (with their bodies, kept for replay and refund lookups) and finished
+    # events. Their idempotency keys go with them: keep this longer than any resend window.
+    rows_s: float = 365 * 24 * 3600.0
     interval_s: float = 3600.0  # how often `relay serve` prunes
 
 

@@ -199,7 +199,6 @@ class StoredEvent:
 
 @dataclass(frozen=True, slots=True)
 class PruneResult:
-    message_bodies_cleared: int = 0
     event_bodies_cleared: int = 0
     messages_deleted: int = 0
     events_deleted: int = 0

@@ -40,8 +40,12 @@ def parse_retry_after(value: str | None, now: float) -> float | None:
     if value is None:
         return None
     value = value.strip()
-    if value.isdigit():
-        return float(int(value))
+    if value.isascii() and value.isdigit():
+        # HTTP's DIGIT is ASCII (str.isdigit() alone accepts "²", which int() refuses). float(),
+        # not int(): int() refuses over 4300 digits and float(int(...)) overflows. A value
+        # too large for a float is as unreadable as "soon".
+        seconds = float(value)
+        return seconds if math.isfinite(seconds) else None
     try:
         when = email.utils.parsedate_to_datetime(value)
     except (TypeError, ValueError, IndexError):

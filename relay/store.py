@@ -563,12 +563,11 @@ class Store:
     async def replay(self, selection: MessageFilter, *, dry_run: bool = False) -> int:
         """Make the selected messages due now with a fresh retry budget, whatever their status
         (a delivered one is sent again with the same key and bytes: the receiver dedupes).
-        Inflight messages are skipped (they are being sent right now), and so are delivered
-        ones whose body retention already cleared."""
+        Inflight messages are skipped: they are being sent right now."""
         clause, params = _message_where(selection)
         selected = (
             f"SELECT m.id FROM outbound_messages m JOIN inbound_events e ON e.id = m.event_id "
-            f"WHERE {clause} AND m.status != 'inflight' AND length(m.body) > 0"
+            f"WHERE {clause} AND m.status != 'inflight'"
         )
         if dry_run:
             rows = await self._fetch(f"SELECT COUNT(*) FROM ({selected})", params)
@@ -637,19 +636,14 @@ class Store:
         self, *, bodies_before: float, rows_before: float, batch: int = 1000
     ) -> PruneResult:
         """Retention, in short transactions (`batch` rows each) so ingest never waits long.
-        Delivered messages lose their body after one age and their row after another; an
-        inbound event loses its raw body once none of its messages is still pending,
-        inflight or dead, and its row once it has no messages left. Dead messages (and their
-        events) stay until an operator handles them. Idempotency keys live as long as the
-        delivered row: past `rows_before`, a resend of that business key is no longer caught."""
-        totals = [0, 0, 0, 0]
+        An inbound event loses its raw body (customer PII) after `bodies_before` once none of
+        its messages is pending, inflight or dead. Delivered messages, bodies included (replay
+        and refund lookups need them), are deleted after `rows_before`, then events left with
+        no messages. Dead messages and their events stay until an operator handles them.
+        Idempotency keys live as long as the delivered row: past `rows_before`, a resend of
+        that business key is no longer caught."""
+        totals = [0, 0, 0]
         statements = (
-            (
-                "UPDATE outbound_messages SET body = x'' WHERE id IN (SELECT id FROM "
-                "outbound_messages WHERE status = 'delivered' AND delivered_at < ? "
-                "AND length(body) > 0 LIMIT ?)",
-                bodies_before,
-            ),
             (
                 "UPDATE inbound_events SET body = NULL WHERE id IN (SELECT e.id FROM "
                 "inbound_events e WHERE e.received_at < ? AND e.body IS NOT NULL AND NOT EXISTS "
