@@ -18,7 +18,7 @@ from collections.abc import Sequence
 
 from aiohttp import web
 
-from relay import __version__, logs, operator
+from relay import __version__, devtools, logs, operator
 from relay.app import create_app
 from relay.config import Config, RetentionConfig, load, load_offline, storage_path
 from relay.errors import ConfigError, RelayError
@@ -178,6 +178,27 @@ def _run_operator(args: argparse.Namespace) -> int:
     return asyncio.run(operator.run(args, _db_path(args), retention, None))
 
 
+# ---------------------------------------------------------------- trying it out
+
+
+def cmd_map(args: argparse.Namespace) -> int:
+    return devtools.cmd_map(args, load_config(args))
+
+
+def cmd_sign(args: argparse.Namespace) -> int:
+    return devtools.cmd_sign(args)
+
+
+def cmd_send(args: argparse.Namespace) -> int:
+    # With --secret and --url nothing from the config is needed (e.g. against `relay dev`).
+    config = None if args.secret and args.url else load_config(args)
+    return devtools.cmd_send(args, config)
+
+
+def cmd_dev(args: argparse.Namespace) -> int:
+    return devtools.cmd_dev(args, _config_path(args))
+
+
 # ---------------------------------------------------------------- parser
 
 
@@ -272,6 +293,55 @@ def build_parser() -> argparse.ArgumentParser:
         p = sub.add_parser(name, parents=[common, with_db], help=text)
         p.add_argument("destination")
         p.set_defaults(func=_run_operator, func_name=name)
+
+    p = sub.add_parser(
+        "map",
+        parents=[common],
+        help="dry run: print the requests the relay would send for an event",
+    )
+    p.add_argument("--event", required=True, help="a webhook body (JSON file, or - for stdin)")
+    p.add_argument("--route", help="only this route")
+    p.add_argument("--source", help="the source the event comes from (default: the first)")
+    p.add_argument("--db", help="resolve lookups (refunds) from this database")
+    p.set_defaults(func=cmd_map)
+
+    p = sub.add_parser("sign", parents=[common], help="print Standard Webhooks headers for a body")
+    p.add_argument("file", help="the body (JSON file, or - for stdin)")
+    p.add_argument("--secret", required=True, help="polar_whs_... or whsec_...")
+    p.add_argument(
+        "--scheme",
+        choices=["auto", "legacy", "standard"],
+        default="auto",
+        help="Polar's key scheme: legacy = the secret's bytes, standard = base64 "
+        "after whsec_ (auto: standard for whsec_ secrets)",
+    )
+    p.add_argument("--id", help="webhook-id (default: random)")
+    p.add_argument("--timestamp", type=int, help="webhook-timestamp (default: now)")
+    p.add_argument("--json", action="store_true")
+    p.set_defaults(func=cmd_sign)
+
+    p = sub.add_parser(
+        "send",
+        parents=[common],
+        help="sign a body with the configured secret and POST it to a relay",
+    )
+    p.add_argument("file", help="the body (JSON file, or - for stdin)")
+    p.add_argument("--url", help="default: this config's server address and source path")
+    p.add_argument("--secret", help="default: the source's first secret")
+    p.add_argument("--source", help="default: the first source")
+    p.add_argument("--id", help="webhook-id (default: random; reuse one to test dedupe)")
+    p.set_defaults(func=cmd_send)
+
+    p = sub.add_parser(
+        "dev",
+        parents=[common],
+        help="the relay with a generated secret and a local Faurya sink that "
+        "prints every revenue call",
+    )
+    p.add_argument("--host", default="127.0.0.1")
+    p.add_argument("--port", type=int, default=8080)
+    p.add_argument("--db", help="default: a temporary database")
+    p.set_defaults(func=cmd_dev)
 
     p = sub.add_parser(
         "prune",

@@ -18,6 +18,7 @@ from urllib.parse import urlsplit
 
 from relay.errors import ConfigError, MissingEnvVar
 from relay.mapping import (
+    Lookup,
     Route,
     RuleSyntaxError,
     compile_condition,
@@ -457,6 +458,7 @@ def _route(
             compiled[key] = compile_(t.raw[key], t.path(key))
         except RuleSyntaxError as exc:
             t.problems.extend(exc.problems)
+    lookups = _lookups(t.sub("lookup"), destinations)
     t.done()
     if None in (source, destination, events) or len(compiled) < 2:
         return None
@@ -468,7 +470,38 @@ def _route(
         idempotency_key=compiled["idempotency_key"],
         body=compiled["body"],
         when=compiled.get("when"),
+        lookups=lookups,
     )
+
+
+def _lookups(t: _Table, destinations: Mapping[str, Any]) -> tuple[Lookup, ...]:
+    found = []
+    for name in t.raw:
+        t.seen.add(name)
+        if not _NAME.match(name):
+            t.problems.append(f"{t.path(name)}: use letters, digits, - and _ in names")
+            continue
+        item = t.sub(name)
+        destination = item.get("destination", str)
+        if isinstance(destination, str) and destination not in destinations:
+            item.problems.append(
+                f"{item.path('destination')}: no destination named {destination!r} "
+                f"(defined: {', '.join(destinations) or 'none'})"
+            )
+            destination = None
+        item.seen.add("idempotency_key")
+        key = None
+        if "idempotency_key" not in item.raw:
+            item.problems.append(f"{item.path('idempotency_key')}: required")
+        else:
+            try:
+                key = compile_template(item.raw["idempotency_key"], item.path("idempotency_key"))
+            except RuleSyntaxError as exc:
+                item.problems.extend(exc.problems)
+        item.done()
+        if destination is not None and key is not None:
+            found.append(Lookup(name=name, destination=destination, key=key))
+    return tuple(found)
 
 
 def _named_tables(t: _Table, key: str) -> dict[str, _Table]:

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import json
 import secrets
+import sqlite3
 import time
 from collections.abc import Sequence
 from typing import Any
@@ -22,7 +23,7 @@ from aiohttp import web
 from relay.config import SourceConfig
 from relay.errors import SignatureInvalid, StorageUnavailable
 from relay.logs import get_logger
-from relay.mapping import Route, map_event
+from relay.mapping import Route, map_event, select
 from relay.metrics import Metrics, event_type_label
 from relay.models import Clock, EventStatus, InboundDraft, IngestOutcome
 from relay.store import Store
@@ -41,6 +42,29 @@ STORED_HEADERS = (
     "user-agent",
     "content-type",
 )
+
+
+async def resolve_lookups(
+    store: Store, routes: Sequence[Route], source: str, event: dict[str, Any]
+) -> dict[str, dict[str, Any]]:
+    """Read from the store what the selected routes' lookups name: route -> name -> body.
+    A lookup with nothing stored (or an unreadable body) is simply absent."""
+    wanted = {r.name: r.lookup_keys(event) for r in select(routes, source, event) if r.lookups}
+    if not wanted:
+        return {}
+    bodies = await store.find_bodies([(d, k) for keys in wanted.values() for _, d, k in keys])
+    found: dict[str, dict[str, Any]] = {}
+    for route_name, keys in wanted.items():
+        found[route_name] = {}
+        for name, destination, key in keys:
+            raw = bodies.get((destination, key))
+            try:
+                value = json.loads(raw) if raw else None
+            except ValueError:
+                value = None
+            if value is not None:
+                found[route_name][name] = value
+    return found
 
 
 def _answer(http_status: int, **payload: Any) -> web.Response:
@@ -110,6 +134,15 @@ class WebhookIngest:
         finally:
             structlog.contextvars.unbind_contextvars("webhook_id")
 
+    def _store_failed(self, event_type: str, error: str) -> web.Response:
+        self._count(event_type, "storage_error")
+        log.error("webhook_store_failed", event_type=event_type, error=error)
+        return web.json_response(
+            {"error": "could not store the event; retry later"},
+            status=503,
+            headers={"Retry-After": "5"},
+        )
+
     def _too_large(self, length: int | None) -> web.Response:
         self._count(None, "too_large")
         log.warning("webhook_too_large", content_length=length, limit_bytes=self._max_body_bytes)
@@ -128,7 +161,14 @@ class WebhookIngest:
             return _answer(400, error="body must be a JSON object with a string 'type'")
         event_type: str = event["type"]
 
-        mapped = map_event(self._routes, self.source.name, event)
+        store: Store | None = self._store_getter()
+        try:
+            if store is None:
+                raise StorageUnavailable("the store is not open")
+            found = await resolve_lookups(store, self._routes, self.source.name, event)
+        except (StorageUnavailable, sqlite3.Error) as exc:
+            return self._store_failed(event_type, str(exc))
+        mapped = map_event(self._routes, self.source.name, event, found)
         draft = InboundDraft(
             source=self.source.name,
             webhook_id=webhook_id,
@@ -140,19 +180,10 @@ class WebhookIngest:
             reason=mapped.reason,
             messages=mapped.messages,
         )
-        store: Store | None = self._store_getter()
         try:
-            if store is None:
-                raise StorageUnavailable("the store is not open")
             result = await store.enqueue(draft)
         except StorageUnavailable as exc:
-            self._count(event_type, "storage_error")
-            log.error("webhook_store_failed", event_type=event_type, error=exc.message)
-            return web.json_response(
-                {"error": "could not store the event; retry later"},
-                status=503,
-                headers={"Retry-After": "5"},
-            )
+            return self._store_failed(event_type, exc.message)
 
         outcome = result.outcome.value
         if mapped.status is EventStatus.UNMAPPABLE and result.outcome is IngestOutcome.ACCEPTED:

@@ -11,10 +11,14 @@ Rule forms (see README, "Mapping rules"):
   { first = ["a", "b"] }      the first path whose value is neither missing, null nor ""
   { template = "x:{data.id}" }  a string with `{path}` placeholders
   options on any of those: default, type ("string"|"int"|"float"|"bool"),
-  transform ("upper"|"lower"|"trim"|"empty_to_null", or a list of them), required
+  minor_to_major / major_to_minor = "<path of the currency code>" (by ISO 4217 exponent),
+  transform ("upper"|"lower"|"trim"|"empty_to_null"|"iso4217", or a list of them), required
   any other table             a nested JSON object, built recursively
 Conditions (`when`): { path, eq | ne | in | not_in | exists }, { all = [...] }, { any = [...] },
 { not = {...} }; a list means all of them.
+Lookups: a route may name stored messages (`[routes.lookup.<name>]` with a destination and an
+idempotency-key template); ingest resolves them from the store before mapping, and rules read
+them as `lookup.<name>.<field>` (missing when nothing was recorded).
 """
 
 from __future__ import annotations
@@ -23,8 +27,10 @@ import json
 import re
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
+from decimal import Decimal, InvalidOperation
 from typing import Any, TypeAlias
 
+from relay import currency
 from relay.errors import MappingError
 from relay.models import EventStatus, OutboundDraft
 
@@ -37,14 +43,22 @@ _INDEX = re.compile(r"\[(\d+)\]")
 _PLACEHOLDER = re.compile(r"\{\{|\}\}|\{([^{}]*)\}|[{}]")
 
 SOURCE_KEYS = ("const", "path", "first", "template")
-OPTION_KEYS = ("default", "type", "transform", "required")
+OPTION_KEYS = ("default", "type", "minor_to_major", "major_to_minor", "transform", "required")
 TYPES = ("string", "int", "float", "bool")
 TRANSFORMS: dict[str, Callable[[Any], Any]] = {
     "upper": lambda v: v.upper(),
     "lower": lambda v: v.lower(),
     "trim": lambda v: v.strip(),
     "empty_to_null": lambda v: None if v == "" else v,
+    "iso4217": lambda v: _iso4217(v),
 }
+
+
+def _iso4217(value: str) -> str:
+    code = value.strip().upper()
+    if currency.exponent(code) is None:
+        raise MappingError(f"{value!r} is not an ISO 4217 currency code")
+    return code
 
 
 class RuleSyntaxError(Exception):
@@ -161,6 +175,7 @@ class ValueRule:
     template: Template | None = None
     default: Any = _MISSING
     type: str | None = None
+    units: tuple[str, Path] | None = None  # ("minor_to_major" | "major_to_minor", currency)
     transforms: tuple[str, ...] = ()
     required: bool = False
 
@@ -172,6 +187,8 @@ class ValueRule:
             value = self.default
         if self.type is not None and value is not None:
             value = _coerce(value, self.type, where)
+        if self.units is not None and value is not None:
+            value = _convert_units(value, self.units, event, where)
         for name in self.transforms:
             if value is None:
                 break
@@ -179,7 +196,10 @@ class ValueRule:
                 raise MappingError(
                     f"{where}: transform {name!r} needs a string, got {_type_name(value)}"
                 )
-            value = TRANSFORMS[name](value)
+            try:
+                value = TRANSFORMS[name](value)
+            except MappingError as exc:
+                raise MappingError(f"{where}: {exc.message}") from None
         if value is None and self.required:
             raise MappingError(f"{where}: required, but {self._describe()} is missing or null")
         return value
@@ -213,6 +233,28 @@ class ObjectRule:
 
     def evaluate(self, event: Any, where: str) -> dict[str, Any]:
         return {name: rule.evaluate(event, f"{where}.{name}") for name, rule in self.fields}
+
+
+def _convert_units(value: Any, units: tuple[str, Path], event: Any, where: str) -> Any:
+    direction, currency_path = units
+    code = lookup(event, currency_path)
+    if not isinstance(code, str) or currency.exponent(code) is None:
+        raise MappingError(
+            f"{where}: {direction} needs an ISO 4217 code at {format_path(currency_path)}, "
+            f"got {_preview(code) if code is not _MISSING else 'nothing'}"
+        )
+    if isinstance(value, bool) or not isinstance(value, int | float | str):
+        raise MappingError(f"{where}: {direction} needs a number, got {_type_name(value)}")
+    try:
+        if direction == "minor_to_major":
+            if isinstance(value, float) and not value.is_integer():
+                raise ValueError("a minor-unit amount must be a whole number")
+            major = currency.minor_to_major(int(Decimal(str(value))), code)
+            # Exact decimal text -> float: the shortest repr round-trips (44.1, 1.005).
+            return int(major) if major == major.to_integral_value() else float(major)
+        return currency.major_to_minor(Decimal(str(value).strip()), code)
+    except (ValueError, InvalidOperation) as exc:
+        raise MappingError(f"{where}: {direction}: {exc}") from None
 
 
 def _type_name(value: Any) -> str:
@@ -309,6 +351,17 @@ def compile_value(raw: Any, where: str) -> ValueRule | ObjectRule:
             )
         else:
             kwargs["type"] = raw["type"]
+    directions = [k for k in ("minor_to_major", "major_to_minor") if k in raw]
+    if len(directions) > 1:
+        problems.append(f"{where}: use only one of minor_to_major, major_to_minor")
+    elif directions:
+        try:
+            kwargs["units"] = (
+                directions[0],
+                parse_path(raw[directions[0]], f"{where}.{directions[0]}"),
+            )
+        except RuleSyntaxError as exc:
+            problems += [p + " (the path of the currency code)" for p in exc.problems]
     if "transform" in raw:
         names = raw["transform"] if isinstance(raw["transform"], list) else [raw["transform"]]
         for i, name in enumerate(names):
@@ -432,6 +485,15 @@ def compile_condition(raw: Any, where: str) -> Condition:
 
 
 @dataclass(frozen=True, slots=True)
+class Lookup:
+    """A stored message this route reads: the body sent to `destination` under `key`."""
+
+    name: str
+    destination: str
+    key: Template
+
+
+@dataclass(frozen=True, slots=True)
 class Route:
     """Selects events of one source and builds one message for one destination."""
 
@@ -442,14 +504,28 @@ class Route:
     idempotency_key: Template
     body: ObjectRule
     when: Condition | None = None
+    lookups: tuple[Lookup, ...] = ()
+
+    def lookup_keys(self, event: Any) -> list[tuple[str, str, str]]:
+        """(name, destination, key) of each lookup whose key renders for this event."""
+        keys = []
+        for item in self.lookups:
+            try:
+                keys.append((item.name, item.destination, item.key.render(event, item.name)))
+            except MappingError:
+                continue  # the key's fields are absent: nothing to look up
+        return keys
 
     def selects(self, source: str, event_type: str, event: Any) -> bool:
         if source != self.source or not any(_type_matches(p, event_type) for p in self.events):
             return False
         return self.when is None or self.when.holds(event)
 
-    def build(self, event: Any) -> OutboundDraft:
+    def build(self, event: Any, found: Mapping[str, Any] | None = None) -> OutboundDraft:
+        """`found`: the lookups resolved by the caller, name -> stored body (absent: none)."""
         where = f"routes.{self.name}"
+        if self.lookups:
+            event = {**event, "lookup": dict(found or {})}
         body = self.body.evaluate(event, f"{where}.body")
         key = self.idempotency_key.render(event, f"{where}.idempotency_key")
         return OutboundDraft(
@@ -477,17 +553,30 @@ class MapResult:
     reason: str | None = None
 
 
-def map_event(routes: Sequence[Route], source: str, event: dict[str, Any]) -> MapResult:
-    """Run every route on one event. All or nothing: one failing route makes it unmappable,
-    so a fan-out is never half sent and `reprocess` can redo the whole event later."""
+def select(routes: Sequence[Route], source: str, event: dict[str, Any]) -> list[Route]:
     event_type = event.get("type")
     if not isinstance(event_type, str):
+        return []
+    return [r for r in routes if r.selects(source, event_type, event)]
+
+
+def map_event(
+    routes: Sequence[Route],
+    source: str,
+    event: dict[str, Any],
+    found: Mapping[str, Mapping[str, Any]] | None = None,
+) -> MapResult:
+    """Run every route on one event. All or nothing: one failing route makes it unmappable,
+    so a fan-out is never half sent and `reprocess` can redo the whole event later.
+    `found`: route name -> its resolved lookups (see `Route.lookup_keys`)."""
+    if not isinstance(event.get("type"), str):
         return MapResult(EventStatus.UNMAPPABLE, reason="event has no string type")
-    selected = [r for r in routes if r.selects(source, event_type, event)]
+    selected = select(routes, source, event)
     if not selected:
         return MapResult(EventStatus.IGNORED)
+    found = found or {}
     try:
-        messages = tuple(route.build(event) for route in selected)
+        messages = tuple(route.build(event, found.get(route.name)) for route in selected)
     except MappingError as exc:
         return MapResult(EventStatus.UNMAPPABLE, reason=exc.message)
     except (ValueError, TypeError) as exc:  # e.g. NaN in a body: never a crash

@@ -17,6 +17,7 @@ from typing import Any
 
 from relay.config import Config, RetentionConfig
 from relay.errors import RelayError
+from relay.ingest import resolve_lookups
 from relay.mapping import map_event
 from relay.models import (
     EventFilter,
@@ -209,7 +210,8 @@ async def _reprocess(store: Store, args: argparse.Namespace, ctx: Context) -> in
         if not isinstance(payload, dict):
             counts["still_unmappable"] += 1
             continue
-        mapped = map_event(config.routes, event.source, payload)
+        found = await resolve_lookups(store, config.routes, event.source, payload)
+        mapped = map_event(config.routes, event.source, payload, found)
         if mapped.status is EventStatus.UNMAPPABLE:
             counts["still_unmappable"] += 1
             print(f"event {event.id} ({event.event_type}): still unmappable: {mapped.reason}")

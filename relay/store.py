@@ -613,6 +613,18 @@ class Store:
 
     # ------------------------------------------------------------ pause, retention, reprocess
 
+    async def find_bodies(self, wanted: Sequence[tuple[str, str]]) -> dict[tuple[str, str], bytes]:
+        """The stored bodies of messages by (destination, idempotency key), for lookups."""
+        found = {}
+        for destination, key in wanted:
+            rows = await self._fetch(
+                "SELECT body FROM outbound_messages WHERE destination = ? AND idempotency_key = ?",
+                (destination, key),
+            )
+            if rows:
+                found[(destination, key)] = bytes(rows[0][0])
+        return found
+
     async def destinations(self) -> list[str]:
         rows = await self._fetch("SELECT DISTINCT destination FROM outbound_messages")
         return [r[0] for r in rows]

@@ -78,7 +78,10 @@ class Verifier:
         except UnicodeDecodeError:
             raise SignatureInvalid("body is not UTF-8") from None
         sent_at = int(timestamp)
-        signed_at = datetime.fromtimestamp(sent_at, tz=UTC)
+        try:
+            signed_at = datetime.fromtimestamp(sent_at, tz=UTC)
+        except (ValueError, OverflowError, OSError):  # 12 digits pass the regex, past year 9999
+            raise SignatureInvalid("malformed webhook-timestamp") from None
         matched = False
         for key in self._keys:
             expected = base64.b64decode(key.sign(msg_id, signed_at, text).split(",", 1)[1])

@@ -1,0 +1,51 @@
+"""ISO 4217: the active currency codes and their minor-unit exponents. Pure data.
+
+Exponent = number of digits after the decimal point of the minor unit: USD 2 (cents),
+JPY 0, KWD 3, CLF 4. Codes without minor units (precious metals, testing codes) are left out:
+revenue is never reported in them.
+"""
+
+from __future__ import annotations
+
+from decimal import Decimal
+
+_EXPONENT_0 = "BIF CLP DJF GNF ISK JPY KMF KRW PYG RWF UGX UYI VND VUV XAF XOF XPF"
+_EXPONENT_3 = "BHD IQD JOD KWD LYD OMR TND"
+_EXPONENT_4 = "CLF UYW"
+_EXPONENT_2 = (
+    "AED AFN ALL AMD ANG AOA ARS AUD AWG AZN BAM BBD BDT BGN BMD BND BOB BOV BRL BSD BTN BWP "
+    "BYN BZD CAD CDF CHE CHF CHW CNY COP COU CRC CUC CUP CVE CZK DKK DOP DZD EGP ERN ETB EUR "
+    "FJD FKP GBP GEL GHS GIP GMD GTQ GYD HKD HNL HTG HUF IDR ILS INR IRR JMD KES KGS KHR KPW "
+    "KYD KZT LAK LBP LKR LRD LSL MAD MDL MGA MKD MMK MNT MOP MRU MUR MVR MWK MXN MXV MYR MZN "
+    "NAD NGN NIO NOK NPR NZD PAB PEN PGK PHP PKR PLN QAR RON RSD RUB SAR SBD SCR SDG SEK SGD "
+    "SHP SLE SLL SOS SRD SSP STN SVC SYP SZL THB TJS TMT TOP TRY TTD TWD TZS UAH USD USN UYU "
+    "UZS VED VES WST XCD XCG YER ZAR ZMW ZWG ZWL"
+)
+
+EXPONENTS: dict[str, int] = {
+    code: exponent
+    for exponent, codes in ((0, _EXPONENT_0), (2, _EXPONENT_2), (3, _EXPONENT_3), (4, _EXPONENT_4))
+    for code in codes.split()
+}
+
+
+def exponent(code: str) -> int | None:
+    """The minor-unit exponent of an ISO 4217 code (any case), or None if unknown."""
+    return EXPONENTS.get(code.upper())
+
+
+def minor_to_major(amount: int, code: str) -> Decimal:
+    exp = exponent(code)
+    if exp is None:
+        raise ValueError(f"unknown currency {code!r}")
+    return Decimal(amount).scaleb(-exp)
+
+
+def major_to_minor(amount: Decimal, code: str) -> int:
+    exp = exponent(code)
+    if exp is None:
+        raise ValueError(f"unknown currency {code!r}")
+    minor = amount.scaleb(exp)
+    if minor != minor.to_integral_value():
+        raise ValueError(f"{amount} {code.upper()} has more than {exp} decimal places")
+    return int(minor)
