@@ -105,6 +105,24 @@ class Metrics:
             ["destination"],
             registry=r,
         )
+        self.revenue_delivered = Counter(
+            "relay_revenue_delivered_minor_units_total",
+            "Revenue amounts delivered, in minor units, by currency and event (purchase, refund).",
+            ["destination", "event", "currency"],
+            registry=r,
+        )
+        self.unattributed = Counter(
+            "relay_unattributed_revenue_total",
+            "Purchases delivered with neither faSessionId nor faAttributionToken.",
+            ["destination"],
+            registry=r,
+        )
+        self.unattributed_amount = Counter(
+            "relay_unattributed_revenue_minor_units_total",
+            "Amounts of unattributed purchases, in minor units, by currency.",
+            ["destination", "currency"],
+            registry=r,
+        )
         self.outbox_messages = Gauge(
             "relay_outbox_messages",
             "Messages in the outbox by status (read at scrape time).",

@@ -18,7 +18,7 @@ import sqlite3
 from collections.abc import Callable, Coroutine, Iterable
 from typing import Any
 
-from relay import retry
+from relay import retry, revenue
 from relay.config import DestinationConfig
 from relay.delivery import AttemptResult, Sender
 from relay.errors import StorageError
@@ -186,6 +186,8 @@ class DestinationWorker:
                 changed = await self._store.mark_delivered(msg, outcome.status)
                 m.deliveries.labels(name, "delivered").inc()
                 log.info("delivery_succeeded", **fields)
+                if changed:
+                    self._count_revenue(msg, fields)
             elif isinstance(outcome, RetryLater):
                 changed = await self._store.mark_retry(msg, outcome, detail[:1000])
                 m.deliveries.labels(name, "retry").inc()
@@ -217,6 +219,26 @@ class DestinationWorker:
             return
         if not changed:
             log.warning("delivery_lease_lost", **fields)
+
+    def _count_revenue(self, msg: ClaimedMessage, fields: dict[str, Any]) -> None:
+        found = revenue.facts(msg.body)
+        if found is None:
+            return
+        name = self.destination.name
+        self._metrics.revenue_delivered.labels(name, found.event, found.currency).inc(
+            found.amount_minor
+        )
+        if found.event == "purchase" and not found.attributed:
+            self._metrics.unattributed.labels(name).inc()
+            self._metrics.unattributed_amount.labels(name, found.currency).inc(found.amount_minor)
+            log.warning(
+                "revenue_unattributed",
+                **fields,
+                amount_minor=found.amount_minor,
+                currency=found.currency,
+                hint="the order's metadata had no faSessionId or faAttributionToken; see "
+                + revenue.TROUBLESHOOTING,
+            )
 
     async def run_until_idle(self) -> None:
         """Deliver every message that is due now, then return (tests, and `burst` use)."""
