@@ -156,9 +156,10 @@ def interpolate(raw: Any, env: Mapping[str, str], where: str, missing: list[Miss
             return "$"
         name, default = match.group(1), match.group(2)
         value = env.get(name)
-        if value is None or (value == "" and default is not None):
+        if value is None or value == "":
             if default is not None:
                 return default
+            # Set but empty is as good as missing: an empty write key or secret is a mistake.
             missing.append(MissingEnvVar(name, where))
             return ""
         return value

@@ -32,7 +32,7 @@ class MissingEnvVar(ConfigError):
 
     def __init__(self, name: str, key_path: str) -> None:
         self.var_name = name
-        super().__init__(f"environment variable {name} is not set (needed by {key_path})")
+        super().__init__(f"environment variable {name} is not set or empty (needed by {key_path})")
 
 
 class SignatureInvalid(RelayError):

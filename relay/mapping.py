@@ -200,8 +200,10 @@ class ValueRule:
                 value = TRANSFORMS[name](value)
             except MappingError as exc:
                 raise MappingError(f"{where}: {exc.message}") from None
-        if value is None and self.required:
-            raise MappingError(f"{where}: required, but {self._describe()} is missing or null")
+        if self.required and (value is None or value == ""):
+            raise MappingError(
+                f"{where}: required, but {self._describe()} is missing, null or empty"
+            )
         return value
 
     def _source(self, event: Any, where: str) -> Any:
@@ -315,6 +317,16 @@ def compile_value(raw: Any, where: str) -> ValueRule | ObjectRule:
         raise RuleSyntaxError([f"{where}: unsupported value of type {type(raw).__name__}"])
     sources = [k for k in SOURCE_KEYS if k in raw]
     if not sources:
+        options = [k for k in OPTION_KEYS if k in raw]
+        if options:
+            # `{ pth = "data.x", type = "int" }` is a typo, not an object with a field "type".
+            raise RuleSyntaxError(
+                [
+                    f"{where}: has {', '.join(options)} but no source; a rule needs one of "
+                    f"{', '.join(SOURCE_KEYS)} (for an object field named {options[0]!r}, write "
+                    f"{options[0]} = {{ const = ... }})"
+                ]
+            )
         return compile_object(raw, where)
     problems: list[str] = []
     if len(sources) > 1:
@@ -420,12 +432,19 @@ class Condition:
         if found is _MISSING:
             found = None
         if self.op == "eq":
-            return bool(found == self.value)
+            return _same(found, self.value)
         if self.op == "ne":
-            return bool(found != self.value)
+            return not _same(found, self.value)
         if self.op == "in":
-            return found in self.value
-        return found not in self.value  # not_in
+            return any(_same(found, v) for v in self.value)
+        return not any(_same(found, v) for v in self.value)  # not_in
+
+
+def _same(a: Any, b: Any) -> bool:
+    """JSON equality: true is not 1, and 1 is 1.0 (Python's == says True == 1)."""
+    if isinstance(a, bool) or isinstance(b, bool):
+        return isinstance(a, bool) and isinstance(b, bool) and a is b
+    return bool(a == b)
 
 
 COMPARISONS = ("eq", "ne", "in", "not_in", "exists")

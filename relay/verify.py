@@ -25,8 +25,8 @@ from relay.config import Secret
 from relay.errors import SignatureInvalid
 from relay.models import Clock
 
-_WEBHOOK_ID = re.compile(r"^[\x21-\x7e]{1,256}$")  # printable ASCII, no spaces
-_TIMESTAMP = re.compile(r"^\d{1,12}$")
+_WEBHOOK_ID = re.compile(r"[\x21-\x7e]{1,256}")  # printable ASCII, no spaces (fullmatch)
+_TIMESTAMP = re.compile(r"[0-9]{1,12}")  # ASCII digits only (fullmatch)
 MAX_SIGNATURE_HEADER_CHARS = 4096
 
 
@@ -64,9 +64,9 @@ class Verifier:
         signature = headers.get("webhook-signature")
         if not msg_id or not timestamp or not signature:
             raise SignatureInvalid("missing webhook-id, webhook-timestamp or webhook-signature")
-        if not _WEBHOOK_ID.match(msg_id):
+        if not _WEBHOOK_ID.fullmatch(msg_id):
             raise SignatureInvalid("malformed webhook-id")
-        if not _TIMESTAMP.match(timestamp):
+        if not _TIMESTAMP.fullmatch(timestamp):
             raise SignatureInvalid("malformed webhook-timestamp")
         if len(signature) > MAX_SIGNATURE_HEADER_CHARS:
             raise SignatureInvalid("webhook-signature too long")

@@ -192,7 +192,8 @@ class DestinationWorker:
                 changed = await self._store.mark_retry(msg, outcome, detail[:1000])
                 m.deliveries.labels(name, "retry").inc()
                 if outcome.retry_after_s is not None:
-                    m.retry_after_wait.labels(name).inc(outcome.retry_after_s)
+                    # What we actually wait, not what was asked (it is clamped).
+                    m.retry_after_wait.labels(name).inc(outcome.at - self._clock.now())
                 log.warning(
                     "delivery_retry_scheduled",
                     **fields,

@@ -54,7 +54,9 @@ MakeRelay = Callable[..., "AsyncIterator[TestClient[web.Request, web.Application
 
 
 @pytest.fixture
-async def relay(aiohttp_client: AiohttpClient, config: Config) -> TestClient[web.Request, web.Application]:
+async def relay(
+    aiohttp_client: AiohttpClient, config: Config
+) -> TestClient[web.Request, web.Application]:
     """The relay app on a real loopback port, with its real store and workers running."""
     app = create_app(config, poll_interval_s=0.05)
     return await aiohttp_client(app)

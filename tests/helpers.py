@@ -7,8 +7,8 @@ from __future__ import annotations
 
 import asyncio
 import json
-import tomllib
 import time
+import tomllib
 import uuid
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
@@ -16,9 +16,9 @@ from pathlib import Path
 from typing import Any
 
 from aiohttp import web
+from standardwebhooks.webhooks import Webhook
 
 from relay.config import Config, parse
-from standardwebhooks.webhooks import Webhook
 
 FIXTURES = Path(__file__).parent / "fixtures" / "polar"
 REPO = Path(__file__).parent.parent
@@ -46,10 +46,8 @@ def sign_headers(
     scheme "legacy": key = UTF-8 bytes of the whole secret; "standard": base64 after whsec_."""
     from datetime import UTC, datetime
 
-    if scheme == "legacy":
-        hook = Webhook(secret.encode())
-    else:
-        hook = Webhook(secret)  # the library's own whsec_ handling: base64-decodes the key
+    # legacy: the secret's own bytes; standard: the library's whsec_ handling (base64 key).
+    hook = Webhook(secret.encode()) if scheme == "legacy" else Webhook(secret)
     msg_id = msg_id or f"msg_{uuid.uuid4().hex}"
     ts = int(time.time()) if timestamp is None else timestamp
     signature = hook.sign(msg_id, datetime.fromtimestamp(ts, tz=UTC), body.decode())
@@ -152,5 +150,155 @@ def env(**overrides: str) -> dict[str, str]:
 async def wait_until(predicate: Callable[[], Awaitable[bool]], timeout_s: float = 10.0) -> None:
     """Poll an async condition until it holds, or fail at the deadline."""
     async with asyncio.timeout(timeout_s):
-        while not await predicate():
+        # A deadline-bound poll of an async predicate (a DB query): there is no event to await.
+        while not await predicate():  # noqa: ASYNC110
             await asyncio.sleep(0.01)
+
+
+# ---------------------------------------------------------------- the real `relay` command
+
+# Everything the shipped relay.toml reads from the environment; a subprocess gets only ours.
+RELAY_ENV_VARS = (
+    "POLAR_WEBHOOK_SECRET",
+    "FAURYA_URL",
+    "FAURYA_SITE_ID",
+    "FAURYA_WRITE_KEY",
+    "RELAY_DB",
+    "RELAY_PORT",
+    "RELAY_CONFIG",
+)
+
+
+def relay_command() -> str:
+    """The installed `relay` console script, as an operator runs it."""
+    import shutil
+    import sys
+
+    return shutil.which("relay") or str(Path(sys.executable).parent / "relay")
+
+
+def process_env(**variables: str) -> dict[str, str]:
+    """This process's environment without any relay variable, plus `variables`."""
+    import os
+
+    base = {k: v for k, v in os.environ.items() if k not in RELAY_ENV_VARS}
+    base.update(variables)
+    return base
+
+
+class RelayProcess:
+    """`relay serve` as a subprocess on a loopback port chosen by the OS. Its stderr (JSON log
+    lines, since it is a pipe) is read continuously, so the relay never blocks on a full pipe
+    and tests can await log events."""
+
+    def __init__(self, config: Path, db: Path, env: dict[str, str]) -> None:
+        self.args = [
+            relay_command(),
+            "serve",
+            "--config",
+            str(config),
+            "--db",
+            str(db),
+            "--host",
+            "127.0.0.1",
+            "--port",
+            "0",
+        ]
+        self.env = env
+        self.lines: list[str] = []
+        self.events: list[dict[str, Any]] = []
+        self.port = 0
+        self._proc: asyncio.subprocess.Process | None = None
+        self._reader: asyncio.Task[None] | None = None
+        self._changed = asyncio.Event()
+
+    @property
+    def url(self) -> str:
+        return f"http://127.0.0.1:{self.port}"
+
+    @property
+    def proc(self) -> asyncio.subprocess.Process:
+        assert self._proc is not None, "not started"
+        return self._proc
+
+    async def launch(self) -> None:
+        """Start the process; do not wait for anything."""
+        self._proc = await asyncio.create_subprocess_exec(
+            *self.args,
+            env=self.env,
+            stdin=asyncio.subprocess.DEVNULL,
+            stdout=asyncio.subprocess.DEVNULL,
+            stderr=asyncio.subprocess.PIPE,
+        )
+        self._reader = asyncio.create_task(self._read_stderr())
+
+    async def start(self, timeout_s: float = 10.0) -> RelayProcess:
+        """Start the relay and return once it logged `relay_listening` (with its port)."""
+        await self.launch()
+        listening = await self.wait_log("relay_listening", timeout_s)
+        self.port = int(listening["port"])
+        return self
+
+    async def _read_stderr(self) -> None:
+        stream = self.proc.stderr
+        assert stream is not None
+        async for raw in stream:
+            line = raw.decode("utf-8", errors="replace").rstrip("\n")
+            self.lines.append(line)
+            try:
+                record = json.loads(line)
+            except ValueError:
+                record = None
+            if isinstance(record, dict):
+                self.events.append(record)
+            self._changed.set()
+        self._changed.set()
+
+    def logged(self, event: str) -> list[dict[str, Any]]:
+        return [e for e in self.events if e.get("event") == event]
+
+    async def wait_log(self, event: str, timeout_s: float = 10.0) -> dict[str, Any]:
+        """Await the first log line with this event name; fail at the deadline, or at once if
+        the relay exits without writing it."""
+        try:
+            async with asyncio.timeout(timeout_s):
+                while True:
+                    self._changed.clear()
+                    if found := self.logged(event):
+                        return found[0]
+                    if self._reader is not None and self._reader.done():
+                        raise AssertionError(
+                            f"relay exited without logging {event!r}:\n" + "\n".join(self.lines)
+                        )
+                    await self._changed.wait()
+        except TimeoutError:
+            raise AssertionError(
+                f"no {event!r} within {timeout_s} s:\n" + "\n".join(self.lines)
+            ) from None
+
+    async def wait(self, timeout_s: float) -> int:
+        """Await the exit (and the end of its stderr); the exit code."""
+        async with asyncio.timeout(timeout_s):
+            code = await self.proc.wait()
+            if self._reader is not None:
+                await self._reader
+        return code
+
+    async def signal(self, signum: int, timeout_s: float = 15.0) -> int:
+        """Send a signal and await the exit; the exit code."""
+        self.proc.send_signal(signum)
+        return await self.wait(timeout_s)
+
+    async def close(self) -> None:
+        """Teardown: SIGKILL whatever still runs, and reap it."""
+        import contextlib
+        import signal
+
+        if self._proc is None:
+            return
+        if self._proc.returncode is None:
+            with contextlib.suppress(ProcessLookupError):
+                self._proc.send_signal(signal.SIGKILL)
+        await self._proc.wait()
+        if self._reader is not None:
+            await self._reader
