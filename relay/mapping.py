@@ -375,12 +375,13 @@ def compile_value(raw: Any, where: str) -> ValueRule | ObjectRule:
         except RuleSyntaxError as exc:
             problems += [p + " (the path of the currency code)" for p in exc.problems]
     if "transform" in raw:
-        names = raw["transform"] if isinstance(raw["transform"], list) else [raw["transform"]]
+        is_list = isinstance(raw["transform"], list)
+        names = raw["transform"] if is_list else [raw["transform"]]
         for i, name in enumerate(names):
             if not isinstance(name, str) or name not in TRANSFORMS:  # a list is unhashable
+                at = f"{where}.transform[{i}]" if is_list else f"{where}.transform"
                 problems.append(
-                    f"{where}.transform[{i}]: unknown transform {name!r} "
-                    f"(allowed: {', '.join(TRANSFORMS)})"
+                    f"{at}: unknown transform {name!r} (allowed: {', '.join(TRANSFORMS)})"
                 )
         kwargs["transforms"] = tuple(str(n) for n in names)
     if "required" in raw:

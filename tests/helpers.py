@@ -174,7 +174,9 @@ def relay_command() -> str:
     import shutil
     import sys
 
-    return shutil.which("relay") or str(Path(sys.executable).parent / "relay")
+    # The script beside this interpreter first: another `relay` earlier on PATH is not ours.
+    beside = Path(sys.executable).parent / "relay"
+    return str(beside) if beside.exists() else (shutil.which("relay") or "relay")
 
 
 def process_env(**variables: str) -> dict[str, str]:

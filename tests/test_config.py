@@ -68,13 +68,10 @@ def test_shipped_config_parses_with_the_documented_env() -> None:
     assert faurya.retry == RetryPolicy(
         max_attempts=1000, base_s=1.0, cap_s=600.0, max_age_s=604800.0, jitter=0.5
     )
-    [route] = config.routes
-    assert (route.name, route.source, route.events, route.destination) == (
-        "polar-order-paid",
-        "polar",
-        ("order.paid",),
-        "faurya",
-    )
+    assert [(r.name, r.source, r.events, r.destination) for r in config.routes] == [
+        ("polar-order-paid", "polar", ("order.paid",), "faurya"),
+        ("polar-refund-succeeded", "polar", ("refund.created", "refund.updated"), "faurya"),
+    ]
 
 
 @pytest.mark.parametrize(
@@ -288,6 +285,7 @@ BAD_VALUES: list[tuple[Keys, Any, list[str]]] = [
         [
             "sources: define at least one source",
             "routes[0].source: no source named 'polar' (defined: none)",
+            "routes[1].source: no source named 'polar' (defined: none)",
         ],
     ),
     (
@@ -323,7 +321,7 @@ BAD_VALUES: list[tuple[Keys, Any, list[str]]] = [
     (
         ("routes", 0, "body", "currency", "transform"),
         "uper",
-        ["routes[0].body.currency.transform[0]: unknown transform 'uper'"],
+        ["routes[0].body.currency.transform: unknown transform 'uper'"],
     ),
     (
         ("routes", 0, "body", "amount", "type"),
@@ -440,7 +438,7 @@ def test_several_problems_are_reported_together() -> None:
         "server.port: must be an integer",
         "log.colour: unknown key",
         "destinations.faurya.retry.jitter: must be between 0 and 1",
-        "routes[0].body.currency.transform[0]: unknown transform 'uper'",
+        "routes[0].body.currency.transform: unknown transform 'uper'",
     ]
     for secret in (LEGACY_SECRET, STANDARD_SECRET, WRITE_KEY):
         assert secret not in str(info.value)
