@@ -16,6 +16,7 @@ from collections.abc import AsyncIterator, Awaitable, Callable
 import aiohttp
 from aiohttp import web
 
+from relay.access import bearer_ok
 from relay.config import Config
 from relay.delivery import Redactor, Sender
 from relay.errors import StorageUnavailable
@@ -81,19 +82,30 @@ def create_app(
         return app.get(STORE)
 
     for source in config.sources.values():
-        ingest = WebhookIngest(
-            source,
-            config.routes,
-            current_store,
-            app[METRICS],
-            app[CLOCK],
-            config.server.max_body_bytes,
-        )
+        ingest = WebhookIngest(source, config, current_store, app[METRICS], app[CLOCK])
         app.router.add_post(source.path, ingest.handle)
     app.router.add_get("/healthz", _healthz)
     app.router.add_get("/readyz", _readyz)
-    app.router.add_get("/metrics", _metrics)
+    if not config.admin.listen:
+        app.router.add_get("/metrics", _metrics)
     return app
+
+
+def create_admin_app(main: web.Application) -> web.Application:
+    """The admin listener (`admin.listen`): /metrics, /healthz and /readyz of `main`, e.g. on
+    loopback only, away from the public webhook port."""
+    admin = web.Application(middlewares=[_errors])
+
+    async def metrics(request: web.Request) -> web.Response:
+        return await _render_metrics(main, request)
+
+    async def readyz(request: web.Request) -> web.Response:
+        return await _readiness(main)
+
+    admin.router.add_get("/metrics", metrics)
+    admin.router.add_get("/healthz", _healthz)
+    admin.router.add_get("/readyz", readyz)
+    return admin
 
 
 async def _store_ctx(app: web.Application) -> AsyncIterator[None]:
@@ -211,13 +223,27 @@ async def _ready(app: web.Application) -> tuple[bool, dict[str, str]]:
 
 
 async def _readyz(request: web.Request) -> web.Response:
-    ready, checks = await _ready(request.app)
-    request.app[METRICS].ready.set(1 if ready else 0)
+    return await _readiness(request.app)
+
+
+async def _readiness(app: web.Application) -> web.Response:
+    ready, checks = await _ready(app)
+    app[METRICS].ready.set(1 if ready else 0)
     return web.json_response({"ready": ready, "checks": checks}, status=200 if ready else 503)
 
 
 async def _metrics(request: web.Request) -> web.Response:
-    app = request.app
+    return await _render_metrics(request.app, request)
+
+
+async def _render_metrics(app: web.Application, request: web.Request) -> web.Response:
+    token = app[CONFIG].admin.token
+    if token is not None and not bearer_ok(request.headers.get("authorization"), token.value):
+        return web.json_response(
+            {"error": "bearer token required"},
+            status=401,
+            headers={"WWW-Authenticate": 'Bearer realm="relay-admin"'},
+        )
     metrics = app[METRICS]
     store = app.get(STORE)
     if store is not None:

@@ -57,39 +57,73 @@ async def serve(config: Config) -> None:
     # operator commands start in a fraction of the time.
     from aiohttp import web
 
-    from relay.app import create_app
+    from relay.app import create_admin_app, create_app
 
+    server = config.server
     app = create_app(config)
+    limits: dict[str, Any] = {
+        "keepalive_timeout": server.keepalive_timeout_s,
+        "max_line_size": server.max_header_bytes,
+        "max_field_size": server.max_header_bytes,
+        "max_headers": server.max_headers,
+    }
     runner = web.AppRunner(
         app,
         handle_signals=False,
         access_log=None,
-        shutdown_timeout=config.server.shutdown_grace_s,
+        shutdown_timeout=server.shutdown_grace_s,
+        **limits,
     )
+    admin_runner = None
     await runner.setup()
     try:
-        site = web.TCPSite(runner, config.server.host, config.server.port)
-        await site.start()
+        ssl_context = _ssl_context(server.tls_cert, server.tls_key)
+        await web.TCPSite(runner, server.host, server.port, ssl_context=ssl_context).start()
         host, port = _bound(runner)
+        fields: dict[str, Any] = {}
+        if config.admin.listen:
+            admin_runner = web.AppRunner(create_admin_app(app), access_log=None, **limits)
+            await admin_runner.setup()
+            admin_host, admin_port = config.admin.host_port
+            await web.TCPSite(admin_runner, admin_host, admin_port).start()
+            fields["admin_host"], fields["admin_port"] = _bound(admin_runner)
         log.info(
             "relay_listening",
             host=host,
             port=port,
+            tls=ssl_context is not None,
             version=__version__,
             sources={s.name: s.path for s in config.sources.values()},
             destinations=list(config.destinations),
+            **fields,
         )
         stop = asyncio.Event()
         loop = asyncio.get_running_loop()
         for sig in (signal.SIGTERM, signal.SIGINT):
             loop.add_signal_handler(sig, stop.set)
         await stop.wait()
-        log.info("relay_stopping", grace_s=config.server.shutdown_grace_s)
+        log.info("relay_stopping", grace_s=server.shutdown_grace_s)
     finally:
+        if admin_runner is not None:
+            await admin_runner.cleanup()
         # Stops accepting, lets in-flight requests finish, then runs cleanup_ctx in reverse:
         # workers (within the grace period), then the store.
         await runner.cleanup()
     log.info("relay_stopped")
+
+
+def _ssl_context(cert: str, key: str) -> Any:
+    if not cert:
+        return None
+    import ssl
+
+    context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+    context.minimum_version = ssl.TLSVersion.TLSv1_2
+    try:
+        context.load_cert_chain(cert, key)
+    except (OSError, ssl.SSLError) as exc:
+        raise ConfigError(f"server.tls_cert / server.tls_key: cannot load: {exc}") from None
+    return context
 
 
 def _bound(runner: Any) -> tuple[str, int]:

@@ -16,6 +16,7 @@ from pathlib import Path
 from typing import Any, TypeVar
 from urllib.parse import urlsplit
 
+from relay.access import Network, parse_networks
 from relay.errors import ConfigError, MissingEnvVar
 from relay.mapping import (
     Lookup,
@@ -24,7 +25,9 @@ from relay.mapping import (
     compile_condition,
     compile_object,
     compile_template,
+    parse_path,
 )
+from relay.mapping import Path as PathTuple
 
 T = TypeVar("T")
 _VAR = re.compile(r"\$\$|\$\{([A-Za-z_][A-Za-z0-9_]*)(?::-([^}]*))?\}")
@@ -54,6 +57,29 @@ class ServerConfig:
     port: int = 8080
     max_body_bytes: int = DEFAULT_BODY_LIMIT_BYTES
     shutdown_grace_s: float = 10.0
+    # Slow clients: a connection must deliver its request headers within keepalive_timeout_s
+    # (and idle keep-alive connections close after it), and its body within body_timeout_s.
+    keepalive_timeout_s: float = 15.0
+    body_timeout_s: float = 10.0
+    max_header_bytes: int = 8190  # per header line and per field
+    max_headers: int = 64
+    tls_cert: str = ""  # serve HTTPS directly when both are set
+    tls_key: str = ""
+    require_https: bool = False  # behind a proxy: refuse what did not arrive over HTTPS
+    trusted_proxies: tuple[Network, ...] = ()  # whose X-Forwarded-For/-Proto we believe
+
+
+@dataclass(frozen=True, slots=True)
+class AdminConfig:
+    """/metrics (and /healthz, /readyz) on a separate listener, and/or behind a token."""
+
+    listen: str = ""  # "127.0.0.1:9090"; empty: on the main listener
+    token: Secret | None = None  # required as `Authorization: Bearer` for /metrics
+
+    @property
+    def host_port(self) -> tuple[str, int]:
+        host, _, port = self.listen.rpartition(":")
+        return host.strip("[]") or "127.0.0.1", int(port)
 
 
 @dataclass(frozen=True, slots=True)
@@ -80,6 +106,9 @@ class RetentionConfig:
 class LogConfig:
     level: str = "info"
     format: str = "auto"  # auto: console on a TTY, JSON otherwise
+    # Payload fields replaced by "[redacted]" in the stored raw body (customer PII). The
+    # mapping still sees them: it runs before the body is stored.
+    redact: tuple[PathTuple, ...] = ()
 
 
 @dataclass(frozen=True, slots=True)
@@ -89,6 +118,7 @@ class SourceConfig:
     secrets: tuple[Secret, ...]
     kind: str = "polar"
     tolerance_s: int = 300
+    allow_ips: tuple[Network, ...] = ()  # empty: any address (the signature still rules)
 
 
 @dataclass(frozen=True, slots=True)
@@ -137,6 +167,7 @@ class Config:
     destinations: dict[str, DestinationConfig]
     routes: tuple[Route, ...]
     retention: RetentionConfig = RetentionConfig()
+    admin: AdminConfig = AdminConfig()
 
 
 # ---------------------------------------------------------------- interpolation
@@ -285,9 +316,55 @@ def _server(t: _Table) -> ServerConfig:
         port=t.get("port", int, d.port, _between(0, 65535)),
         max_body_bytes=t.get("max_body_bytes", int, d.max_body_bytes, _between(1024, 64 << 20)),
         shutdown_grace_s=t.get("shutdown_grace_s", float, d.shutdown_grace_s, _between(0, 3600)),
+        keepalive_timeout_s=t.get(
+            "keepalive_timeout_s", float, d.keepalive_timeout_s, _between(1, 3600)
+        ),
+        body_timeout_s=t.get("body_timeout_s", float, d.body_timeout_s, _between(0.5, 600)),
+        max_header_bytes=t.get("max_header_bytes", int, d.max_header_bytes, _between(256, 65536)),
+        max_headers=t.get("max_headers", int, d.max_headers, _between(8, 1000)),
+        tls_cert=t.get("tls_cert", str, d.tls_cert, _readable_file),
+        tls_key=t.get("tls_key", str, d.tls_key, _readable_file),
+        require_https=t.get("require_https", bool, d.require_https),
+        trusted_proxies=_networks(t, "trusted_proxies"),
     )
+    if bool(s.tls_cert) != bool(s.tls_key):
+        t.problems.append(f"{t.path('tls_key')}: tls_cert and tls_key go together")
     t.done()
     return s
+
+
+def _readable_file(value: str) -> str | None:
+    if value and not Path(value).is_file():
+        return "no such file"
+    return None
+
+
+def _networks(t: _Table, key: str) -> tuple[Network, ...]:
+    values = t.get(key, list, [])
+    if not all(isinstance(v, str) for v in values):
+        t.problems.append(f"{t.path(key)}: must be an array of addresses or CIDR networks")
+        return ()
+    try:
+        return parse_networks(values)
+    except ValueError as exc:
+        t.problems.append(f"{t.path(key)}: {exc}")
+        return ()
+
+
+def _admin(t: _Table) -> AdminConfig:
+    listen = t.get("listen", str, "", _listen_address)
+    token = t.get("token", str, "")
+    t.done()
+    return AdminConfig(listen=listen, token=Secret(token) if token else None)
+
+
+def _listen_address(value: str) -> str | None:
+    if not value:
+        return None
+    _, sep, port = value.rpartition(":")
+    if not sep or not port.isdigit() or not 0 <= int(port) <= 65535:
+        return "must be host:port, like 127.0.0.1:9090"
+    return None
 
 
 def _storage(t: _Table) -> StorageConfig:
@@ -319,9 +396,21 @@ def _log(t: _Table) -> LogConfig:
     s = LogConfig(
         level=t.get("level", str, d.level, _one_of("debug", "info", "warning", "error")),
         format=t.get("format", str, d.format, _one_of("auto", "json", "console")),
+        redact=_redact_paths(t),
     )
     t.done()
     return s
+
+
+def _redact_paths(t: _Table) -> tuple[PathTuple, ...]:
+    values = t.get("redact", list, [])
+    paths = []
+    for i, value in enumerate(values):
+        try:
+            paths.append(parse_path(value, f"{t.path('redact')}[{i}]"))
+        except RuleSyntaxError as exc:
+            t.problems.extend(exc.problems)
+    return tuple(paths)
 
 
 def _secrets(raw: Any, where: str, problems: list[str]) -> tuple[Secret, ...]:
@@ -349,6 +438,7 @@ def _source(name: str, t: _Table) -> SourceConfig:
         path=t.get("path", str, f"/webhooks/{name}", _webhook_path),
         secrets=secrets,
         tolerance_s=t.get("tolerance_s", int, 300, _between(1, 86400)),
+        allow_ips=_networks(t, "allow_ips"),
     )
     t.done()
     return s
@@ -530,6 +620,7 @@ def parse(raw: dict[str, Any], env: Mapping[str, str]) -> Config:
     storage = _storage(top.sub("storage"))
     log = _log(top.sub("log"))
     retention = _retention(top.sub("retention"))
+    admin = _admin(top.sub("admin"))
     sources = {n: _source(n, st) for n, st in _named_tables(top, "sources").items()}
     destinations = {n: _destination(n, dt) for n, dt in _named_tables(top, "destinations").items()}
     if not sources:
@@ -549,7 +640,7 @@ def parse(raw: dict[str, Any], env: Mapping[str, str]) -> Config:
     top.done()
     if problems:
         raise ConfigError(problems)
-    return Config(server, storage, log, sources, destinations, tuple(routes), retention)
+    return Config(server, storage, log, sources, destinations, tuple(routes), retention, admin)
 
 
 def load(path: str | Path, env: Mapping[str, str]) -> Config:

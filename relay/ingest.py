@@ -10,6 +10,7 @@ Anything that fails before the commit answers 503, so Polar retries. It never ta
 
 from __future__ import annotations
 
+import asyncio
 import json
 import secrets
 import sqlite3
@@ -20,10 +21,11 @@ from typing import Any
 import structlog
 from aiohttp import web
 
-from relay.config import SourceConfig
+from relay.access import allowed, resolve_client
+from relay.config import Config, SourceConfig
 from relay.errors import SignatureInvalid, StorageUnavailable
 from relay.logs import get_logger
-from relay.mapping import Route, map_event, select
+from relay.mapping import Route, encode, map_event, redact, select
 from relay.metrics import Metrics, event_type_label
 from relay.models import Clock, EventStatus, InboundDraft, IngestOutcome
 from relay.store import Store
@@ -77,18 +79,19 @@ class WebhookIngest:
     def __init__(
         self,
         source: SourceConfig,
-        routes: Sequence[Route],
+        config: Config,
         store_getter: Any,
         metrics: Metrics,
         clock: Clock,
-        max_body_bytes: int,
     ) -> None:
         self.source = source
-        self._routes = [r for r in routes if r.source == source.name]
+        self._server = config.server
+        self._redact = config.log.redact
+        self._routes = [r for r in config.routes if r.source == source.name]
         self._store_getter = store_getter
         self._metrics = metrics
         self._clock = clock
-        self._max_body_bytes = max_body_bytes
+        self._max_body_bytes = config.server.max_body_bytes
         self._verifier = Verifier(source.secrets, source.tolerance_s, clock)
 
     def _count(self, event_type: str | None, outcome: str) -> None:
@@ -105,13 +108,36 @@ class WebhookIngest:
             structlog.contextvars.unbind_contextvars("request_id", "source")
 
     async def _handle(self, request: web.Request) -> web.Response:
+        client = resolve_client(
+            request.remote,
+            request.headers.get("x-forwarded-for"),
+            request.headers.get("x-forwarded-proto"),
+            tls=request.secure,  # aiohttp: https only when this connection itself is TLS
+            trusted_proxies=self._server.trusted_proxies,
+        )
+        if not allowed(client.ip, self.source.allow_ips):
+            self._count(None, "forbidden")
+            log.warning("webhook_forbidden", client_ip=client.ip, reason="not in allow_ips")
+            return _answer(403, error="source address not allowed")
+        if self._server.require_https and not client.https:
+            self._count(None, "https_required")
+            log.warning("webhook_forbidden", client_ip=client.ip, reason="not over https")
+            return _answer(403, error="https required")
         length = request.content_length
         if length is not None and length > self._max_body_bytes:
             return self._too_large(length)
         try:
-            body = await request.read()
+            # A slow body (slow-loris) cannot hold a handler longer than body_timeout_s.
+            async with asyncio.timeout(self._server.body_timeout_s):
+                body = await request.read()
         except web.HTTPRequestEntityTooLarge:
             return self._too_large(length)
+        except TimeoutError:
+            self._count(None, "timeout")
+            log.warning(
+                "webhook_body_timeout", client_ip=client.ip, timeout_s=self._server.body_timeout_s
+            )
+            return _answer(408, error="request body too slow")
         started = time.perf_counter()
 
         try:
@@ -175,10 +201,13 @@ class WebhookIngest:
             event_type=event_type,
             received_at=self._clock.now(),
             headers={k: request.headers[k] for k in STORED_HEADERS if k in request.headers},
-            body=body,
+            # Redacted copies are re-encoded; they no longer match the signature (the stored
+            # signature header then only documents what arrived).
+            body=encode(redact(event, self._redact)) if self._redact else body,
             status=mapped.status,
             reason=mapped.reason,
             messages=mapped.messages,
+            request_id=structlog.contextvars.get_contextvars().get("request_id"),
         )
         try:
             result = await store.enqueue(draft)

@@ -561,6 +561,29 @@ def _type_matches(pattern: str, event_type: str) -> bool:
     return pattern == event_type
 
 
+REDACTED = "[redacted]"
+
+
+def redact(event: dict[str, Any], paths: Sequence[Path]) -> dict[str, Any]:
+    """A copy of `event` with the value at each path replaced by "[redacted]" (paths that are
+    absent are skipped). Only the containers on those paths are copied."""
+    out = dict(event)
+    for path in paths:
+        parent: Any = out
+        for part in path[:-1]:
+            child = lookup(parent, (part,))
+            if not isinstance(child, dict | list):
+                break
+            child = dict(child) if isinstance(child, dict) else list(child)
+            parent[part] = child
+            parent = child
+        else:
+            last = path[-1]
+            if lookup(parent, (last,)) is not _MISSING:
+                parent[last] = REDACTED
+    return out
+
+
 def encode(body: Any) -> bytes:
     """The one JSON encoding of outbound bodies: compact, UTF-8, key order as configured."""
     return json.dumps(body, separators=(",", ":"), ensure_ascii=False, allow_nan=False).encode()

@@ -73,6 +73,7 @@ class InboundDraft:
     status: EventStatus
     reason: str | None = None
     messages: tuple[OutboundDraft, ...] = ()
+    request_id: str | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -97,6 +98,7 @@ class ClaimedMessage:
     created_at: float
     retry_from_at: float
     lease_token: str
+    request_id: str | None = None
 
 
 @dataclass(frozen=True, slots=True)

@@ -358,6 +358,7 @@ class Store:
                 d.body,
                 d.status.value,
                 d.reason,
+                d.request_id,
             )
             for d in drafts
         ]
@@ -365,8 +366,8 @@ class Store:
         for chunk in _chunks(event_rows):
             rows = await db.execute_fetchall(
                 "INSERT INTO inbound_events (source, webhook_id, event_type, received_at, "
-                "headers_json, body, status, reason) VALUES "
-                + ",".join(["(?,?,?,?,?,?,?,?)"] * len(chunk))
+                "headers_json, body, status, reason, request_id) VALUES "
+                + ",".join(["(?,?,?,?,?,?,?,?,?)"] * len(chunk))
                 + " ON CONFLICT (source, webhook_id) DO NOTHING RETURNING id, source, webhook_id",
                 [v for row in chunk for v in row],
             )
@@ -391,6 +392,7 @@ class Store:
                         now,
                         now,
                         now,
+                        d.request_id,
                     )
                 )
                 owners.append((m.destination, m.idempotency_key))
@@ -398,8 +400,9 @@ class Store:
         for chunk in _chunks(message_rows):
             rows = await db.execute_fetchall(
                 "INSERT INTO outbound_messages (event_id, route, destination, idempotency_key, "
-                "body, status, created_at, retry_from_at, next_attempt_at, updated_at) VALUES "
-                + ",".join(["(?,?,?,?,?,?,?,?,?,?)"] * len(chunk))
+                "body, status, created_at, retry_from_at, next_attempt_at, updated_at, "
+                "request_id) VALUES "
+                + ",".join(["(?,?,?,?,?,?,?,?,?,?,?)"] * len(chunk))
                 + " ON CONFLICT (destination, idempotency_key) DO NOTHING "
                 "RETURNING id, destination, idempotency_key",
                 [v for row in chunk for v in row],
@@ -447,12 +450,20 @@ class Store:
             "AND status = 'pending' AND next_attempt_at <= ? "
             "ORDER BY next_attempt_at, id LIMIT ?) "
             "RETURNING id, destination, idempotency_key, body, attempts, created_at, "
-            "retry_from_at",
+            "retry_from_at, request_id",
             (now + lease_s, token, now, destination, now, limit),
         )
         claimed = [
             ClaimedMessage(
-                int(r[0]), r[1], r[2], bytes(r[3]), int(r[4]), float(r[5]), float(r[6]), token
+                int(r[0]),
+                r[1],
+                r[2],
+                bytes(r[3]),
+                int(r[4]),
+                float(r[5]),
+                float(r[6]),
+                token,
+                r[7],
             )
             for r in rows
         ]

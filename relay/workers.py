@@ -176,6 +176,7 @@ class DestinationWorker:
         fields = {
             "destination": name,
             "message_id": msg.id,
+            "request_id": msg.request_id,
             "idempotency_key": msg.idempotency_key,
             "attempt": msg.attempt,
             "status": result.status,
