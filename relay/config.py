@@ -327,7 +327,8 @@ def _server(t: _Table) -> ServerConfig:
         require_https=t.get("require_https", bool, d.require_https),
         trusted_proxies=_networks(t, "trusted_proxies"),
     )
-    if bool(s.tls_cert) != bool(s.tls_key):
+    # Judged on what was written: a cert that failed its own check must not also read as unset.
+    if bool(t.raw.get("tls_cert")) != bool(t.raw.get("tls_key")):
         t.problems.append(f"{t.path('tls_key')}: tls_cert and tls_key go together")
     t.done()
     return s

@@ -1,0 +1,337 @@
+"""Operator queries on the outbox: listing, stats, retry, replay, pause, retention,
+reprocess. Mixed into `Store`; writes go through its single writer like every other write.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Sequence
+from typing import Any
+
+import aiosqlite
+
+from relay.models import (
+    Clock,
+    DestinationStats,
+    EnqueueResult,
+    EventFilter,
+    EventStatus,
+    IngestOutcome,
+    MessageFilter,
+    MessageRecord,
+    MessageStatus,
+    OutboundDraft,
+    PruneResult,
+    StoredEvent,
+)
+from relay.store.writer import Writer
+
+_MESSAGE_COLUMNS = (
+    "m.id, m.event_id, m.route, m.destination, m.idempotency_key, m.status, m.attempts, "
+    "m.created_at, m.next_attempt_at, m.lease_until, m.last_status, m.last_error, "
+    "m.delivered_at, m.updated_at, e.event_type, e.webhook_id, m.body"
+)
+
+
+class AdminQueries:
+    """Needs, from the class it is mixed into, the members declared here."""
+
+    _clock: Clock
+    _writer: Writer
+
+    async def _fetch(self, sql: str, params: Sequence[Any] = ()) -> list[Any]:
+        raise NotImplementedError
+
+    async def _exec(self, sql: str, params: Sequence[Any] = ()) -> int:
+        raise NotImplementedError
+
+    def _notify(self, destinations: set[str]) -> None:
+        raise NotImplementedError
+
+    async def stats(self, destination: str) -> DestinationStats:
+        rows = await self._fetch(
+            "SELECT status, COUNT(*) FROM outbound_messages WHERE destination = ? GROUP BY status",
+            (destination,),
+        )
+        counts = dict.fromkeys(MessageStatus, 0)
+        counts.update({MessageStatus(r[0]): int(r[1]) for r in rows})
+        oldest = await self._fetch(
+            "SELECT MIN(created_at) FROM outbound_messages WHERE destination = ? "
+            "AND status IN ('pending', 'inflight')",
+            (destination,),
+        )
+        value = next(iter(oldest))[0]
+        return DestinationStats(counts, None if value is None else float(value))
+
+    async def list_messages(
+        self,
+        selection: MessageFilter | None = None,
+        *,
+        status: MessageStatus | None = None,
+        destination: str | None = None,
+        limit: int = 100,
+    ) -> list[MessageRecord]:
+        if selection is None:
+            selection = MessageFilter(
+                statuses=(status,) if status is not None else (), destination=destination
+            )
+        clause, params = _message_where(selection)
+        rows = await self._fetch(
+            f"SELECT {_MESSAGE_COLUMNS} FROM outbound_messages m "
+            f"JOIN inbound_events e ON e.id = m.event_id WHERE {clause} "
+            "ORDER BY m.id DESC LIMIT ?",
+            (*params, limit),
+        )
+        return [_record(r) for r in rows]
+
+    async def replay(self, selection: MessageFilter, *, dry_run: bool = False) -> int:
+        """Make the selected messages due now with a fresh retry budget, whatever their status
+        (a delivered one is sent again with the same key and bytes: the receiver dedupes).
+        Inflight messages are skipped: they are being sent right now."""
+        clause, params = _message_where(selection)
+        selected = (
+            f"SELECT m.id FROM outbound_messages m JOIN inbound_events e ON e.id = m.event_id "
+            f"WHERE {clause} AND m.status != 'inflight'"
+        )
+        if dry_run:
+            rows = await self._fetch(f"SELECT COUNT(*) FROM ({selected})", params)
+            return int(rows[0][0])
+        now = self._clock.now()
+        count = await self._exec(
+            "UPDATE outbound_messages SET status = 'pending', attempts = 0, next_attempt_at = ?, "
+            f"retry_from_at = ?, delivered_at = NULL, updated_at = ? WHERE id IN ({selected})",
+            (now, now, now, *params),
+        )
+        if count:
+            self._notify(set())
+        return count
+
+    async def get_message(self, message_id: int) -> MessageRecord | None:
+        rows = await self._fetch(
+            f"SELECT {_MESSAGE_COLUMNS} FROM outbound_messages m "
+            "JOIN inbound_events e ON e.id = m.event_id WHERE m.id = ?",
+            (message_id,),
+        )
+        return next((_record(r) for r in rows), None)
+
+    async def retry_messages(self, ids: Iterable[int] = (), *, all_dead: bool = False) -> int:
+        """Operator retry: dead (or pending) messages become due now with a fresh budget.
+        Delivered and inflight ones are left alone: resending those is never a retry."""
+        now = self._clock.now()
+        ids = list(ids)
+        if all_dead:
+            selector, params = "status = 'dead'", []
+        else:
+            if not ids:
+                return 0
+            selector = f"status IN ('dead', 'pending') AND id IN ({','.join('?' * len(ids))})"
+            params = ids
+        count = await self._exec(
+            "UPDATE outbound_messages SET status = 'pending', attempts = 0, next_attempt_at = ?, "
+            f"retry_from_at = ?, updated_at = ? WHERE {selector}",
+            (now, now, now, *params),
+        )
+        if count:
+            self._notify(set())
+        return count
+
+    # ------------------------------------------------------------ pause, retention, reprocess
+
+    async def destinations(self) -> list[str]:
+        rows = await self._fetch("SELECT DISTINCT destination FROM outbound_messages")
+        return [r[0] for r in rows]
+
+    async def paused_overrides(self) -> dict[str, bool]:
+        """Pause states set by `relay pause|resume`; they override the config's `paused`."""
+        rows = await self._fetch("SELECT destination, paused FROM destination_state")
+        return {r[0]: bool(r[1]) for r in rows}
+
+    async def set_paused(self, destination: str, paused: bool) -> None:
+        await self._exec(
+            "INSERT INTO destination_state (destination, paused, updated_at) VALUES (?, ?, ?) "
+            "ON CONFLICT (destination) DO UPDATE SET paused = excluded.paused, "
+            "updated_at = excluded.updated_at",
+            (destination, int(paused), self._clock.now()),
+        )
+        if not paused:
+            self._notify({destination})
+
+    async def prune(
+        self, *, bodies_before: float, rows_before: float, batch: int = 1000
+    ) -> PruneResult:
+        """Retention, in short transactions (`batch` rows each) so ingest never waits long.
+        An inbound event loses its raw body (customer PII) after `bodies_before` once none of
+        its messages is pending, inflight or dead. Delivered messages, bodies included (replay
+        and refund lookups need them), are deleted after `rows_before`, then events left with
+        no messages. Dead messages and their events stay until an operator handles them.
+        Idempotency keys live as long as the delivered row: past `rows_before`, a resend of
+        that business key is no longer caught."""
+        totals = [0, 0, 0]
+        statements = (
+            (
+                "UPDATE inbound_events SET body = NULL WHERE id IN (SELECT e.id FROM "
+                "inbound_events e WHERE e.received_at < ? AND e.body IS NOT NULL AND NOT EXISTS "
+                "(SELECT 1 FROM outbound_messages m WHERE m.event_id = e.id "
+                "AND m.status != 'delivered') LIMIT ?)",
+                bodies_before,
+            ),
+            (
+                "DELETE FROM outbound_messages WHERE id IN (SELECT id FROM outbound_messages "
+                "WHERE status = 'delivered' AND delivered_at < ? LIMIT ?)",
+                rows_before,
+            ),
+            (
+                "DELETE FROM inbound_events WHERE id IN (SELECT e.id FROM inbound_events e "
+                "WHERE e.received_at < ? AND NOT EXISTS (SELECT 1 FROM outbound_messages m "
+                "WHERE m.event_id = e.id) LIMIT ?)",
+                rows_before,
+            ),
+        )
+        for i, (sql, before) in enumerate(statements):
+            while True:
+                count = await self._exec(sql, (before, batch))
+                totals[i] += count
+                if count < batch:
+                    break
+        return PruneResult(*totals)
+
+    async def list_events(self, selection: EventFilter, limit: int = 10_000) -> list[StoredEvent]:
+        where: list[str] = ["1 = 1"]
+        params: list[Any] = []
+        if selection.ids:
+            where.append(f"id IN ({','.join('?' * len(selection.ids))})")
+            params += list(selection.ids)
+        if selection.statuses:
+            where.append(f"status IN ({','.join('?' * len(selection.statuses))})")
+            params += [s.value for s in selection.statuses]
+        for column, value in (("source", selection.source), ("event_type", selection.event_type)):
+            if value is not None:
+                where.append(f"{column} = ?")
+                params.append(value)
+        if selection.since is not None:
+            where.append("received_at >= ?")
+            params.append(selection.since)
+        if selection.until is not None:
+            where.append("received_at < ?")
+            params.append(selection.until)
+        rows = await self._fetch(
+            "SELECT id, source, webhook_id, event_type, received_at, status, reason, body "
+            f"FROM inbound_events WHERE {' AND '.join(where)} ORDER BY id LIMIT ?",
+            (*params, limit),
+        )
+        return [
+            StoredEvent(
+                int(r[0]),
+                r[1],
+                r[2],
+                r[3],
+                float(r[4]),
+                EventStatus(r[5]),
+                r[6],
+                None if r[7] is None else bytes(r[7]),
+            )
+            for r in rows
+        ]
+
+    async def remap_event(
+        self,
+        event_id: int,
+        status: EventStatus,
+        reason: str | None,
+        messages: Sequence[OutboundDraft],
+    ) -> EnqueueResult:
+        """Store a new mapping of an already stored event (`relay reprocess`): its new
+        messages are inserted unless their idempotency key exists (so nothing delivered is
+        sent again), and the event's status and reason are updated, in one transaction."""
+        now = self._clock.now()
+
+        async def work(db: aiosqlite.Connection) -> EnqueueResult:
+            ids, duplicates = [], []
+            for m in messages:
+                rows = list(
+                    await db.execute_fetchall(
+                        "INSERT INTO outbound_messages (event_id, route, destination, "
+                        "idempotency_key, body, status, created_at, retry_from_at, "
+                        "next_attempt_at, updated_at) VALUES (?,?,?,?,?,'pending',?,?,?,?) "
+                        "ON CONFLICT (destination, idempotency_key) DO NOTHING RETURNING id",
+                        (
+                            event_id,
+                            m.route,
+                            m.destination,
+                            m.idempotency_key,
+                            m.body,
+                            now,
+                            now,
+                            now,
+                            now,
+                        ),
+                    )
+                )
+                if rows:
+                    ids.append(int(rows[0][0]))
+                else:
+                    duplicates.append(m.idempotency_key)
+            final_status, final_reason = status, reason
+            if status is EventStatus.ROUTED and messages and not ids:
+                final_status = EventStatus.DUPLICATE
+                final_reason = "every message already existed"
+            await db.execute(
+                "UPDATE inbound_events SET status = ?, reason = ? WHERE id = ?",
+                (final_status.value, final_reason, event_id),
+            )
+            outcome = IngestOutcome.ACCEPTED if ids else IngestOutcome.DUPLICATE
+            return EnqueueResult(outcome, event_id, tuple(ids), tuple(duplicates))
+
+        result = await self._writer.run(work)
+        if result.message_ids:
+            self._notify({m.destination for m in messages})
+        return result
+
+    async def event_count(self) -> int:
+        rows = await self._fetch("SELECT COUNT(*) FROM inbound_events")
+        return int(rows[0][0])
+
+
+def _message_where(f: MessageFilter) -> tuple[str, list[Any]]:
+    where: list[str] = ["1 = 1"]
+    params: list[Any] = []
+    if f.ids:
+        where.append(f"m.id IN ({','.join('?' * len(f.ids))})")
+        params += list(f.ids)
+    if f.statuses:
+        where.append(f"m.status IN ({','.join('?' * len(f.statuses))})")
+        params += [s.value for s in f.statuses]
+    if f.destination is not None:
+        where.append("m.destination = ?")
+        params.append(f.destination)
+    if f.event_type is not None:
+        where.append("e.event_type = ?")
+        params.append(f.event_type)
+    if f.since is not None:
+        where.append("m.created_at >= ?")
+        params.append(f.since)
+    if f.until is not None:
+        where.append("m.created_at < ?")
+        params.append(f.until)
+    return " AND ".join(where), params
+
+
+def _record(r: Any) -> MessageRecord:
+    return MessageRecord(
+        id=int(r[0]),
+        event_id=int(r[1]),
+        route=r[2],
+        destination=r[3],
+        idempotency_key=r[4],
+        status=MessageStatus(r[5]),
+        attempts=int(r[6]),
+        created_at=float(r[7]),
+        next_attempt_at=float(r[8]),
+        lease_until=r[9],
+        last_status=r[10],
+        last_error=r[11],
+        delivered_at=r[12],
+        updated_at=float(r[13]),
+        event_type=r[14],
+        webhook_id=r[15],
+        body=bytes(r[16]),
+    )
