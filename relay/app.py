@@ -77,6 +77,8 @@ def create_app(
     app.cleanup_ctx.append(_store_ctx)
     app.cleanup_ctx.append(_workers_ctx)
     app.cleanup_ctx.append(_retention_ctx)
+    if config.reconcile.interval_s > 0:
+        app.cleanup_ctx.append(_reconcile_ctx)
 
     def current_store() -> Store | None:
         return app.get(STORE)
@@ -195,6 +197,55 @@ async def _retention_ctx(app: web.Application) -> AsyncIterator[None]:
         task.cancel()
         with contextlib.suppress(asyncio.CancelledError):
             await task
+
+
+async def _reconcile_ctx(app: web.Application) -> AsyncIterator[None]:
+    """Reconcile with Polar's API every `reconcile.interval_s` over `reconcile.lookback_s`."""
+    from relay.polar_api import PolarApi, PolarApiError
+    from relay.reconcile import Reconciler
+
+    config = app[CONFIG]
+    token = config.polar_api.token
+    assert token is not None  # validated with the config
+    metrics = app[METRICS]
+
+    async def loop(session: aiohttp.ClientSession) -> None:
+        api = PolarApi(
+            session,
+            config.polar_api.url,
+            token.value,
+            min_interval_s=config.polar_api.min_interval_s,
+        )
+        while True:
+            await asyncio.sleep(config.reconcile.interval_s)
+            now = app[CLOCK].now()
+            try:
+                summary = await Reconciler(app[STORE], config, api, app[CLOCK]).run(
+                    now - config.reconcile.lookback_s, None
+                )
+            except (PolarApiError, StorageUnavailable) as exc:
+                metrics.reconcile_runs.labels("failed").inc()
+                log.error("reconcile_failed", error=exc.message)
+                continue
+            metrics.reconcile_runs.labels("ok").inc()
+            metrics.reconcile_enqueued.inc(summary.enqueued)
+            log.info(
+                "reconcile_finished",
+                seen=summary.seen,
+                enqueued=summary.enqueued,
+                already_recorded=summary.already_recorded,
+                unmappable=summary.unmappable,
+                pages=summary.pages,
+            )
+
+    async with aiohttp.ClientSession() as session:
+        task = asyncio.create_task(loop(session), name="reconcile")
+        try:
+            yield
+        finally:
+            task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await task
 
 
 async def _healthz(request: web.Request) -> web.Response:

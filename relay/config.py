@@ -159,6 +159,41 @@ class DestinationConfig:
 
 
 @dataclass(frozen=True, slots=True)
+class PolarApiConfig:
+    """Polar's API, for reconciliation, checkout creation and payment checks."""
+
+    url: str = "https://api.polar.sh"  # sandbox: https://sandbox-api.polar.sh
+    token: Secret | None = None  # an organization access token (POLAR_ACCESS_TOKEN)
+    min_interval_s: float = 0.15  # request spacing: 400/min, under Polar's 500/min
+
+
+@dataclass(frozen=True, slots=True)
+class ReconcileConfig:
+    """`relay serve` reconciles every `interval_s` (0: never) over the last `lookback_s`."""
+
+    interval_s: float = 0.0
+    lookback_s: float = 3 * 24 * 3600.0
+    source: str = "polar"
+
+
+@dataclass(frozen=True, slots=True)
+class CheckoutConfig:
+    """The optional checkout endpoint: the browser posts the Faurya IDs, the relay creates
+    the Polar checkout with them (and a generated orderId) in its metadata."""
+
+    enabled: bool = False
+    path: str = "/checkout"
+    plans: tuple[tuple[str, str], ...] = ()  # plan name -> Polar product id
+    allow_origins: tuple[str, ...] = ()  # CORS: the merchant's page origins
+    success_url: str = ""
+    return_url: str = ""
+    rate_limit_per_min: int = 10  # per client address
+
+    def product_for(self, plan: str) -> str | None:
+        return dict(self.plans).get(plan)
+
+
+@dataclass(frozen=True, slots=True)
 class Config:
     server: ServerConfig
     storage: StorageConfig
@@ -168,6 +203,9 @@ class Config:
     routes: tuple[Route, ...]
     retention: RetentionConfig = RetentionConfig()
     admin: AdminConfig = AdminConfig()
+    polar_api: PolarApiConfig = PolarApiConfig()
+    reconcile: ReconcileConfig = ReconcileConfig()
+    checkout: CheckoutConfig = CheckoutConfig()
 
 
 # ---------------------------------------------------------------- interpolation
@@ -350,6 +388,64 @@ def _networks(t: _Table, key: str) -> tuple[Network, ...]:
     except ValueError as exc:
         t.problems.append(f"{t.path(key)}: {exc}")
         return ()
+
+
+def _polar_api(t: _Table) -> PolarApiConfig:
+    d = PolarApiConfig()
+    token = t.get("token", str, "")
+    c = PolarApiConfig(
+        url=t.get("url", str, d.url, _url).rstrip("/"),
+        token=Secret(token) if token else None,
+        min_interval_s=t.get("min_interval_s", float, d.min_interval_s, _between(0, 60)),
+    )
+    t.done()
+    return c
+
+
+def _reconcile(t: _Table, sources: Mapping[str, Any]) -> ReconcileConfig:
+    d = ReconcileConfig()
+    c = ReconcileConfig(
+        interval_s=t.get("interval_s", float, d.interval_s, _between(0, 7 * 86400)),
+        lookback_s=t.get("lookback_s", float, d.lookback_s, _positive),
+        source=t.get("source", str, d.source),
+    )
+    if c.source not in sources and sources:
+        t.problems.append(f"{t.path('source')}: no source named {c.source!r}")
+    t.done()
+    return c
+
+
+def _checkout(t: _Table) -> CheckoutConfig:
+    d = CheckoutConfig()
+    plans = t.sub("plans")
+    plan_items = []
+    for name, product in plans.raw.items():
+        plans.seen.add(name)
+        if not isinstance(product, str) or not product:
+            plans.problems.append(f"{plans.path(name)}: must be a Polar product id (a string)")
+        else:
+            plan_items.append((name, product))
+    origins = t.get("allow_origins", list, [])
+    for i, origin in enumerate(origins):
+        if not isinstance(origin, str) or _url(origin) is not None or urlsplit(origin).path:
+            t.problems.append(
+                f"{t.path('allow_origins')}[{i}]: must be an origin like https://shop.example"
+            )
+    c = CheckoutConfig(
+        enabled=t.get("enabled", bool, d.enabled),
+        path=t.get("path", str, d.path, _webhook_path),
+        plans=tuple(plan_items),
+        allow_origins=tuple(o.rstrip("/") for o in origins if isinstance(o, str)),
+        success_url=t.get("success_url", str, d.success_url, lambda v: None if not v else _url(v)),
+        return_url=t.get("return_url", str, d.return_url, lambda v: None if not v else _url(v)),
+        rate_limit_per_min=t.get(
+            "rate_limit_per_min", int, d.rate_limit_per_min, _between(1, 100_000)
+        ),
+    )
+    if c.enabled and not c.plans:
+        t.problems.append(f"{t.path('plans')}: the checkout endpoint needs at least one plan")
+    t.done()
+    return c
 
 
 def _admin(t: _Table) -> AdminConfig:
@@ -622,7 +718,14 @@ def parse(raw: dict[str, Any], env: Mapping[str, str]) -> Config:
     log = _log(top.sub("log"))
     retention = _retention(top.sub("retention"))
     admin = _admin(top.sub("admin"))
+    polar_api = _polar_api(top.sub("polar_api"))
+    checkout = _checkout(top.sub("checkout"))
     sources = {n: _source(n, st) for n, st in _named_tables(top, "sources").items()}
+    reconcile = _reconcile(top.sub("reconcile"), sources)
+    if checkout.enabled and polar_api.token is None:
+        problems.append("polar_api.token: the checkout endpoint needs a Polar access token")
+    if reconcile.interval_s and polar_api.token is None:
+        problems.append("polar_api.token: periodic reconciliation needs a Polar access token")
     destinations = {n: _destination(n, dt) for n, dt in _named_tables(top, "destinations").items()}
     if not sources:
         problems.append("sources: define at least one source")
@@ -641,7 +744,19 @@ def parse(raw: dict[str, Any], env: Mapping[str, str]) -> Config:
     top.done()
     if problems:
         raise ConfigError(problems)
-    return Config(server, storage, log, sources, destinations, tuple(routes), retention, admin)
+    return Config(
+        server,
+        storage,
+        log,
+        sources,
+        destinations,
+        tuple(routes),
+        retention,
+        admin,
+        polar_api,
+        reconcile,
+        checkout,
+    )
 
 
 def load(path: str | Path, env: Mapping[str, str]) -> Config:

@@ -44,6 +44,24 @@ class Redactor:
                 text = text.replace(value, "***")
         return text
 
+    @property
+    def margin(self) -> int:
+        """How far past a cut to read so that a secret across the cut is seen whole."""
+        return max((len(v.encode()) for v in self._values), default=0)
+
+    def cut(self, text: str, limit: int) -> str:
+        """`text` cut to about `limit` characters, redacted. A secret the cut would split is
+        kept whole so that it is masked: a cut secret's first part would not match, and leak.
+        `text` should run `margin` past `limit`."""
+        end, moved = limit, True
+        while moved:
+            moved = False
+            for value in self._values:
+                start = text.find(value, max(0, end - len(value) + 1))
+                if -1 < start < end < start + len(value):
+                    end, moved = start + len(value), True
+        return self(text[:end])
+
 
 class Sender:
     """Sends messages to one destination."""
@@ -70,12 +88,12 @@ class Sender:
                 timeout=self._timeout,
                 allow_redirects=False,
             ) as response:
-                raw = await response.content.read(SNIPPET_BYTES)
+                raw = await response.content.read(SNIPPET_BYTES + self._redact.margin)
                 return AttemptResult(
                     status=response.status,
                     error=None,
                     retry_after=response.headers.get("Retry-After"),
-                    snippet=self._redact(raw.decode("utf-8", errors="replace")),
+                    snippet=self._redact.cut(raw.decode("utf-8", errors="replace"), SNIPPET_BYTES),
                     duration_s=time.perf_counter() - started,
                 )
         except TimeoutError:

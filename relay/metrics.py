@@ -147,6 +147,17 @@ class Metrics:
             ["destination"],
             registry=r,
         )
+        self.reconcile_runs = Counter(
+            "relay_reconcile_runs_total",
+            "Periodic reconciliation runs, by outcome: ok, failed.",
+            ["outcome"],
+            registry=r,
+        )
+        self.reconcile_enqueued = Counter(
+            "relay_reconcile_enqueued_total",
+            "Orders and refunds found in Polar with no record in the relay, and enqueued.",
+            registry=r,
+        )
         self.ready = Gauge(
             "relay_ready", "1 when the store takes writes and the workers run.", registry=r
         )
