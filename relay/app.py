@@ -17,6 +17,7 @@ import aiohttp
 from aiohttp import web
 
 from relay.access import bearer_ok
+from relay.checkout import CheckoutEndpoint
 from relay.config import Config
 from relay.delivery import Redactor, Sender
 from relay.errors import StorageUnavailable
@@ -24,6 +25,7 @@ from relay.ingest import WebhookIngest
 from relay.logs import get_logger
 from relay.metrics import CONTENT_TYPE, Metrics
 from relay.models import Clock, MessageStatus, SystemClock
+from relay.polar_api import PolarApi, PolarApiError
 from relay.store import BatchStats, Store
 from relay.workers import DestinationWorker, Workers
 
@@ -36,6 +38,7 @@ STORE = web.AppKey("store", Store)
 WORKERS = web.AppKey("workers", Workers)
 DB_PATH = web.AppKey("db_path", str)
 POLL_INTERVAL_S = web.AppKey("poll_interval_s", float)
+POLAR_API = web.AppKey("polar_api", PolarApi)
 
 
 def secret_values(config: Config) -> list[str]:
@@ -74,6 +77,8 @@ def create_app(
     app[CLOCK] = clock or SystemClock()
     app[DB_PATH] = db_path or config.storage.path
     app[POLL_INTERVAL_S] = poll_interval_s
+    if config.polar_api.token is not None:
+        app.cleanup_ctx.append(_polar_api_ctx)
     app.cleanup_ctx.append(_store_ctx)
     app.cleanup_ctx.append(_workers_ctx)
     app.cleanup_ctx.append(_retention_ctx)
@@ -86,6 +91,12 @@ def create_app(
     for source in config.sources.values():
         ingest = WebhookIngest(source, config, current_store, app[METRICS], app[CLOCK])
         app.router.add_post(source.path, ingest.handle)
+    if config.checkout.enabled:
+        checkout = CheckoutEndpoint(
+            config.checkout, config.server, lambda: app[POLAR_API], app[METRICS]
+        )
+        app.router.add_post(config.checkout.path, checkout.create)
+        app.router.add_route("OPTIONS", config.checkout.path, checkout.preflight)
     app.router.add_get("/healthz", _healthz)
     app.router.add_get("/readyz", _readyz)
     if not config.admin.listen:
@@ -108,6 +119,17 @@ def create_admin_app(main: web.Application) -> web.Application:
     admin.router.add_get("/healthz", _healthz)
     admin.router.add_get("/readyz", readyz)
     return admin
+
+
+async def _polar_api_ctx(app: web.Application) -> AsyncIterator[None]:
+    """One client for Polar's API (checkouts, payment checks), when a token is configured."""
+    config = app[CONFIG].polar_api
+    assert config.token is not None
+    async with aiohttp.ClientSession() as session:
+        app[POLAR_API] = PolarApi(
+            session, config.url, config.token.value, min_interval_s=config.min_interval_s
+        )
+        yield
 
 
 async def _store_ctx(app: web.Application) -> AsyncIterator[None]:
@@ -155,6 +177,7 @@ async def _workers_ctx(app: web.Application) -> AsyncIterator[None]:
                 app[CLOCK],
                 app[METRICS],
                 poll_interval_s=app[POLL_INTERVAL_S],
+                polar=lambda: app.get(POLAR_API),
             )
             for dest in config.destinations.values()
         )
@@ -200,27 +223,19 @@ async def _retention_ctx(app: web.Application) -> AsyncIterator[None]:
 
 
 async def _reconcile_ctx(app: web.Application) -> AsyncIterator[None]:
-    """Reconcile with Polar's API every `reconcile.interval_s` over `reconcile.lookback_s`."""
-    from relay.polar_api import PolarApi, PolarApiError
+    """Reconcile with Polar's API every `reconcile.interval_s` over `reconcile.lookback_s`
+    (the config guarantees a token, so `_polar_api_ctx` has made the client)."""
     from relay.reconcile import Reconciler
 
     config = app[CONFIG]
-    token = config.polar_api.token
-    assert token is not None  # validated with the config
     metrics = app[METRICS]
 
-    async def loop(session: aiohttp.ClientSession) -> None:
-        api = PolarApi(
-            session,
-            config.polar_api.url,
-            token.value,
-            min_interval_s=config.polar_api.min_interval_s,
-        )
+    async def loop() -> None:
         while True:
             await asyncio.sleep(config.reconcile.interval_s)
             now = app[CLOCK].now()
             try:
-                summary = await Reconciler(app[STORE], config, api, app[CLOCK]).run(
+                summary = await Reconciler(app[STORE], config, app[POLAR_API], app[CLOCK]).run(
                     now - config.reconcile.lookback_s, None
                 )
             except (PolarApiError, StorageUnavailable) as exc:
@@ -238,14 +253,13 @@ async def _reconcile_ctx(app: web.Application) -> AsyncIterator[None]:
                 pages=summary.pages,
             )
 
-    async with aiohttp.ClientSession() as session:
-        task = asyncio.create_task(loop(session), name="reconcile")
-        try:
-            yield
-        finally:
-            task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await task
+    task = asyncio.create_task(loop(), name="reconcile")
+    try:
+        yield
+    finally:
+        task.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await task
 
 
 async def _healthz(request: web.Request) -> web.Response:

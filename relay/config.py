@@ -633,10 +633,11 @@ def _route(
         ("idempotency_key", compile_template),
         ("body", compile_object),
         ("when", compile_condition),
+        ("verify_order", compile_template),
     ):
         t.seen.add(key)
         if key not in t.raw:
-            if key != "when":
+            if key not in ("when", "verify_order"):
                 t.problems.append(f"{t.path(key)}: required")
             continue
         if key == "body" and not isinstance(t.raw[key], dict):
@@ -659,6 +660,7 @@ def _route(
         body=compiled["body"],
         when=compiled.get("when"),
         lookups=lookups,
+        verify_order=compiled.get("verify_order"),
     )
 
 
@@ -741,6 +743,8 @@ def parse(raw: dict[str, Any], env: Mapping[str, str]) -> Config:
     names = [r.name for r in routes]
     for n in {n for n in names if names.count(n) > 1}:
         problems.append(f"routes: the name {n!r} is used more than once")
+    if any(r.verify_order for r in routes) and polar_api.token is None:
+        problems.append("polar_api.token: routes with verify_order need a Polar access token")
     top.done()
     if problems:
         raise ConfigError(problems)

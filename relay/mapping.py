@@ -525,6 +525,7 @@ class Route:
     body: ObjectRule
     when: Condition | None = None
     lookups: tuple[Lookup, ...] = ()
+    verify_order: Template | None = None  # confirm this Polar order is paid before sending
 
     def lookup_keys(self, event: Any) -> list[tuple[str, str, str]]:
         """(name, destination, key) of each lookup whose key renders for this event."""
@@ -548,8 +549,17 @@ class Route:
             event = {**event, "lookup": dict(found or {})}
         body = self.body.evaluate(event, f"{where}.body")
         key = self.idempotency_key.render(event, f"{where}.idempotency_key")
+        verify_ref = (
+            None
+            if self.verify_order is None
+            else self.verify_order.render(event, f"{where}.verify_order")
+        )
         return OutboundDraft(
-            route=self.name, destination=self.destination, idempotency_key=key, body=encode(body)
+            route=self.name,
+            destination=self.destination,
+            idempotency_key=key,
+            body=encode(body),
+            verify_ref=verify_ref,
         )
 
 

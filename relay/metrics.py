@@ -158,6 +158,19 @@ class Metrics:
             "Orders and refunds found in Polar with no record in the relay, and enqueued.",
             registry=r,
         )
+        self.checkouts = Counter(
+            "relay_checkouts_total",
+            "Checkout endpoint requests, by outcome: created, invalid, forbidden, "
+            "rate_limited, failed.",
+            ["outcome"],
+            registry=r,
+        )
+        self.payment_checks = Counter(
+            "relay_payment_checks_total",
+            "Orders confirmed with Polar before delivery, by outcome: paid, not_paid, error.",
+            ["outcome"],
+            registry=r,
+        )
         self.ready = Gauge(
             "relay_ready", "1 when the store takes writes and the workers run.", registry=r
         )

@@ -58,6 +58,7 @@ class OutboundDraft:
     destination: str
     idempotency_key: str
     body: bytes
+    verify_ref: str | None = None  # a Polar order id to confirm as paid before sending
 
 
 @dataclass(frozen=True, slots=True)
@@ -99,6 +100,7 @@ class ClaimedMessage:
     retry_from_at: float
     lease_token: str
     request_id: str | None = None
+    verify_ref: str | None = None
 
 
 @dataclass(frozen=True, slots=True)

@@ -23,6 +23,14 @@ PRODUCTION_URL = "https://api.polar.sh"
 SANDBOX_URL = "https://sandbox-api.polar.sh"
 
 
+PAID_STATUSES = frozenset({"paid", "refunded", "partially_refunded"})
+
+
+def is_paid(order: dict[str, Any]) -> bool:
+    """An order whose payment went through (refunds later do not undo that)."""
+    return order.get("paid") is True or order.get("status") in PAID_STATUSES
+
+
 class PolarApiError(RelayError):
     """Polar's API did not give a usable answer."""
 

@@ -20,10 +20,8 @@ from relay.config import Config
 from relay.ingest import resolve_lookups
 from relay.mapping import encode, map_event
 from relay.models import Clock, EventStatus, InboundDraft
-from relay.polar_api import PolarApi
+from relay.polar_api import PolarApi, is_paid
 from relay.store import Store
-
-PAID_STATUSES = frozenset({"paid", "refunded", "partially_refunded"})
 
 
 @dataclass(slots=True)
@@ -53,10 +51,6 @@ def _created_at(item: dict[str, Any]) -> float | None:
     except ValueError:
         return None
     return (when if when.tzinfo else when.replace(tzinfo=UTC)).timestamp()
-
-
-def is_paid(order: dict[str, Any]) -> bool:
-    return order.get("paid") is True or order.get("status") in PAID_STATUSES
 
 
 class Reconciler:

@@ -15,6 +15,7 @@ import asyncio
 import contextlib
 import random
 import sqlite3
+import time
 from collections.abc import Callable, Coroutine, Iterable
 from typing import Any
 
@@ -25,6 +26,7 @@ from relay.errors import StorageError
 from relay.logs import get_logger
 from relay.metrics import Metrics, status_class
 from relay.models import ClaimedMessage, Clock, Dead, Delivered, Outcome, RetryLater
+from relay.polar_api import PolarApi, PolarApiError, is_paid
 from relay.store import Store
 
 log = get_logger("relay.workers")
@@ -44,6 +46,7 @@ class DestinationWorker:
         *,
         poll_interval_s: float = 1.0,
         rand: Callable[[], float] = random.random,
+        polar: Callable[[], PolarApi | None] | None = None,
     ) -> None:
         self.destination = destination
         self._store = store
@@ -52,6 +55,7 @@ class DestinationWorker:
         self._metrics = metrics
         self._poll_interval_s = poll_interval_s
         self._rand = rand
+        self._polar = polar
         self._wake = asyncio.Event()
         self._attempts: set[asyncio.Task[None]] = set()
         self._writes: set[asyncio.Task[None]] = set()
@@ -136,6 +140,11 @@ class DestinationWorker:
         self._wake.set()  # a slot is free
 
     async def _attempt(self, msg: ClaimedMessage) -> None:
+        if msg.verify_ref is not None:
+            refused = await self._check_payment(msg)
+            if refused is not None:
+                await self._shielded(self._record(msg, *refused))
+                return
         try:
             result = await self._sender.send(msg)
         except asyncio.CancelledError:
@@ -155,6 +164,48 @@ class DestinationWorker:
             rand=self._rand(),
         )
         await self._shielded(self._record(msg, result, outcome))
+
+    async def _check_payment(self, msg: ClaimedMessage) -> tuple[AttemptResult, Outcome] | None:
+        """Confirm with Polar that the order is paid before sending (routes with
+        `verify_order`). None when it is; else what to record instead of a delivery: a retry
+        when Polar could not answer, dead when the order is unknown or unpaid."""
+        assert msg.verify_ref is not None
+        api = self._polar() if self._polar is not None else None
+        started = time.perf_counter()
+        now = self._clock.now()
+        order = None
+        error = "no Polar API client (polar_api.token)"
+        if api is not None:
+            try:
+                order = await api.get_order(msg.verify_ref)
+                error = ""
+            except PolarApiError as exc:
+                error = exc.message
+        if error:
+            self._metrics.payment_checks.labels("error").inc()
+            result = AttemptResult(
+                None, f"payment check failed: {error}", None, "", time.perf_counter() - started
+            )
+            return result, retry.decide(
+                self.destination.retry,
+                attempt=msg.attempt,
+                retry_from_at=msg.retry_from_at,
+                now=now,
+                status=None,
+                error=result.error,
+                retry_after_s=None,
+                rand=self._rand(),
+            )
+        if order is not None and is_paid(order):
+            self._metrics.payment_checks.labels("paid").inc()
+            return None
+        self._metrics.payment_checks.labels("not_paid").inc()
+        state = "unknown to Polar" if order is None else f"{order.get('status')!s}"
+        reason = f"payment not verified: Polar order {msg.verify_ref} is {state}"
+        return (
+            AttemptResult(None, reason, None, "", time.perf_counter() - started),
+            Dead(reason, None),
+        )
 
     async def _shielded(self, coro: Coroutine[Any, Any, None]) -> None:
         task = asyncio.create_task(coro)

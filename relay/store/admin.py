@@ -251,7 +251,8 @@ class AdminQueries:
                     await db.execute_fetchall(
                         "INSERT INTO outbound_messages (event_id, route, destination, "
                         "idempotency_key, body, status, created_at, retry_from_at, "
-                        "next_attempt_at, updated_at) VALUES (?,?,?,?,?,'pending',?,?,?,?) "
+                        "next_attempt_at, updated_at, verify_ref) "
+                        "VALUES (?,?,?,?,?,'pending',?,?,?,?,?) "
                         "ON CONFLICT (destination, idempotency_key) DO NOTHING RETURNING id",
                         (
                             event_id,
@@ -263,6 +264,7 @@ class AdminQueries:
                             now,
                             now,
                             now,
+                            m.verify_ref,
                         ),
                     )
                 )

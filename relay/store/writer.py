@@ -148,26 +148,42 @@ class Writer:
             await self._transaction(jobs)
         except Exception as exc:
             # Any failure, expected (disk full, locked) or not, rolls the whole batch back.
-            # Alone, each job then succeeds or fails on its own: a request must never hang
-            # on a future nobody resolves, and one bad job must not fail the others.
             self.last_error = f"{type(exc).__name__}: {exc}"
             if webhooks:
                 self._report(BatchStats(webhooks, time.perf_counter() - started, ok=False))
-            if len(jobs) == 1:
-                self._fail(jobs[0], exc)
+            if len(jobs) == 1 or _locked(exc):
+                # Locked by another process: every job would wait out the busy timeout again.
+                for job in jobs:
+                    self._fail(job, exc)
                 return
-            for job in jobs:
-                try:
-                    await self._transaction([job])
-                except Exception as alone:
-                    self._fail(job, alone)
-                else:
-                    self._succeed([job])
+            await self._one_by_one(jobs)
             return
         self.last_error = None
         if webhooks:
             self._report(BatchStats(webhooks, time.perf_counter() - started, ok=True))
         self._succeed(jobs)
+
+    async def _one_by_one(self, jobs: list[_Job]) -> None:
+        """After a shared batch failed: each job alone, so one job's failure (a constraint,
+        a body too large for the disk left) is that job's alone, and a request never hangs
+        on a future nobody resolves."""
+        failed = False
+        for job in jobs:
+            started = time.perf_counter()
+            try:
+                await self._transaction([job])
+            except Exception as exc:
+                failed = True
+                self.last_error = f"{type(exc).__name__}: {exc}"
+                if job.draft is not None:
+                    self._report(BatchStats(1, time.perf_counter() - started, ok=False))
+                self._fail(job, exc)
+            else:
+                if job.draft is not None:
+                    self._report(BatchStats(1, time.perf_counter() - started, ok=True))
+                self._succeed([job])
+        if not failed:
+            self.last_error = None
 
     def _fail(self, job: _Job, exc: Exception) -> None:
         if not job.future.done():
@@ -219,6 +235,13 @@ class Writer:
             with contextlib.suppress(sqlite3.Error, ValueError):
                 await db.execute("ROLLBACK")
             raise
+
+
+def _locked(exc: Exception) -> bool:
+    """SQLITE_BUSY / SQLITE_LOCKED: another connection holds the write lock."""
+    return isinstance(exc, sqlite3.OperationalError) and (
+        "locked" in str(exc) or "busy" in str(exc)
+    )
 
 
 # ---------------------------------------------------------------- hot-path statements
@@ -274,6 +297,7 @@ async def insert_drafts(
             now,
             now,
             d.request_id,
+            m.verify_ref,
         )
         for d, event_id in zip(drafts, event_ids, strict=True)
         if event_id is not None
@@ -284,8 +308,8 @@ async def insert_drafts(
         rows = await db.execute_fetchall(
             "INSERT INTO outbound_messages (event_id, route, destination, idempotency_key, "
             "body, status, created_at, retry_from_at, next_attempt_at, updated_at, "
-            "request_id) VALUES "
-            + ",".join(["(?,?,?,?,?,?,?,?,?,?,?)"] * len(message_chunk))
+            "request_id, verify_ref) VALUES "
+            + ",".join(["(?,?,?,?,?,?,?,?,?,?,?,?)"] * len(message_chunk))
             + " ON CONFLICT (destination, idempotency_key) DO NOTHING "
             "RETURNING id, destination, idempotency_key",
             [v for row in message_chunk for v in row],
@@ -333,12 +357,21 @@ async def claim(
         "AND status = 'pending' AND next_attempt_at <= ? "
         "ORDER BY next_attempt_at, id LIMIT ?) "
         "RETURNING id, destination, idempotency_key, body, attempts, created_at, "
-        "retry_from_at, request_id",
+        "retry_from_at, request_id, verify_ref",
         (now + lease_s, token, now, destination, now, limit),
     )
     claimed = [
         ClaimedMessage(
-            int(r[0]), r[1], r[2], bytes(r[3]), int(r[4]), float(r[5]), float(r[6]), token, r[7]
+            int(r[0]),
+            r[1],
+            r[2],
+            bytes(r[3]),
+            int(r[4]),
+            float(r[5]),
+            float(r[6]),
+            token,
+            r[7],
+            r[8],
         )
         for r in rows
     ]

@@ -1,0 +1,1256 @@
+"""The contract of relay.store: the SQLite outbox, against real database files in tmp_path.
+
+The store neither logs nor owns metrics: it reports through `on_batch` / `on_commit` and
+`last_write_error`, and those hooks are what its failure paths assert here (the app-level
+log events and metrics built on them are tested with the app).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import shutil
+import sqlite3
+import subprocess
+import sys
+import tempfile
+from collections import Counter
+from collections.abc import AsyncIterator, Coroutine
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, TypeVar
+
+import pytest
+from hypothesis import settings
+from hypothesis import strategies as st
+from hypothesis.stateful import (
+    RuleBasedStateMachine,
+    initialize,
+    invariant,
+    precondition,
+    rule,
+    run_state_machine_as_test,
+)
+
+import relay.migrations
+from relay.errors import StorageError, StorageUnavailable, StoreLocked
+from relay.models import (
+    ClaimedMessage,
+    Dead,
+    DestinationStats,
+    EnqueueResult,
+    EventStatus,
+    InboundDraft,
+    IngestOutcome,
+    MessageRecord,
+    MessageStatus,
+    OutboundDraft,
+    RetryLater,
+)
+from relay.store import BatchStats, Store
+from tests.helpers import REPO, FakeClock
+
+T0 = 1_700_000_000.0
+DEST = "faurya"
+OTHER = "faurya-eu"
+LEASE_S = 30.0
+
+T = TypeVar("T")
+
+
+# ------------------------------------------------------------------ helpers
+
+
+def message(key: str, *, destination: str = DEST, body: bytes | None = None) -> OutboundDraft:
+    return OutboundDraft(
+        route="order_paid",
+        destination=destination,
+        idempotency_key=key,
+        body=body if body is not None else f'{{"orderId": "{key}"}}'.encode(),
+    )
+
+
+def draft(
+    webhook_id: str,
+    *messages: OutboundDraft,
+    source: str = "polar",
+    status: EventStatus = EventStatus.ROUTED,
+    reason: str | None = None,
+) -> InboundDraft:
+    return InboundDraft(
+        source=source,
+        webhook_id=webhook_id,
+        event_type="order.paid",
+        received_at=T0,
+        headers={"webhook-id": webhook_id, "content-type": "application/json"},
+        body=f'{{"type": "order.paid", "id": "{webhook_id}"}}'.encode(),
+        status=status,
+        reason=reason,
+        messages=messages,
+    )
+
+
+def query(db_path: Path, sql: str, params: tuple[Any, ...] = ()) -> list[tuple[Any, ...]]:
+    """Read the database through a connection of its own: what it shows is committed."""
+    with contextlib.closing(sqlite3.connect(db_path)) as conn:
+        return list(conn.execute(sql, params).fetchall())
+
+
+def count(db_path: Path, table: str) -> int:
+    return int(query(db_path, f"SELECT COUNT(*) FROM {table}")[0][0])  # noqa: S608 - constant
+
+
+async def seed(store: Store, *keys: str, destination: str = DEST) -> list[int]:
+    """One event with one message per key; returns the message ids in order."""
+    ids: list[int] = []
+    for key in keys:
+        result = await store.enqueue(
+            draft(f"wh_{destination}_{key}", message(key, destination=destination))
+        )
+        assert result.outcome is IngestOutcome.ACCEPTED
+        ids.extend(result.message_ids)
+    return ids
+
+
+async def record(store: Store, message_id: int) -> MessageRecord:
+    found = await store.get_message(message_id)
+    assert found is not None
+    return found
+
+
+async def claim_one(store: Store, destination: str = DEST) -> ClaimedMessage:
+    [claimed] = await store.claim(destination, 1, LEASE_S)
+    return claimed
+
+
+def retry_at(at: float, *, counts_attempt: bool = True, status: int | None = 500) -> RetryLater:
+    return RetryLater(at=at, reason="server_error", status=status, counts_attempt=counts_attempt)
+
+
+@pytest.fixture
+def clock() -> FakeClock:
+    return FakeClock(T0)
+
+
+@pytest.fixture
+async def store(db_path: Path, clock: FakeClock) -> AsyncIterator[Store]:
+    opened = await Store.open(str(db_path), clock=clock, serve=True)
+    try:
+        yield opened
+    finally:
+        await opened.close()
+
+
+# ------------------------------------------------------------------ migrations and pragmas
+
+
+MIGRATIONS = Path(relay.migrations.__file__).parent
+
+
+def highest_migration() -> int:
+    return max(int(p.name[:4]) for p in MIGRATIONS.glob("[0-9][0-9][0-9][0-9]_*.sql"))
+
+
+def schema_of(db_path: Path) -> set[tuple[Any, ...]]:
+    """Every object with its columns (name, type, not null, default, pk) or indexed columns.
+    Structure, not the SQL text: the store drops comment lines before running a script."""
+    objects = query(db_path, "SELECT type, name, tbl_name FROM sqlite_master")
+    columns = query(
+        db_path,
+        'SELECT m.name, p.cid, p.name, p.type, p."notnull", p.dflt_value, p.pk '
+        "FROM sqlite_master m JOIN pragma_table_info(m.name) p WHERE m.type = 'table'",
+    )
+    indexed = query(
+        db_path,
+        "SELECT m.name, p.seqno, p.name FROM sqlite_master m "
+        "JOIN pragma_index_info(m.name) p WHERE m.type = 'index'",
+    )
+    return (
+        {("object", *o) for o in objects}
+        | {("column", *c) for c in columns}
+        | {("indexed", *i) for i in indexed}
+    )
+
+
+@pytest.fixture
+def reference_schema(tmp_path: Path) -> set[tuple[Any, ...]]:
+    """Every migration file run in order by plain sqlite3: what the store must end up with."""
+    reference = tmp_path / "reference.db"
+    with contextlib.closing(sqlite3.connect(reference)) as conn:
+        for script in sorted(MIGRATIONS.glob("[0-9][0-9][0-9][0-9]_*.sql")):
+            conn.executescript(script.read_text(encoding="utf-8"))
+    return schema_of(reference)
+
+
+# The objects this contract relies on, whatever later migrations add.
+CORE_SCHEMA = {
+    ("table", "inbound_events"),
+    ("table", "outbound_messages"),
+    ("index", "outbound_messages_due"),
+    ("index", "outbound_messages_event"),
+    # The UNIQUE constraints: webhook-id per source, idempotency key per destination.
+    ("index", "sqlite_autoindex_inbound_events_1"),
+    ("index", "sqlite_autoindex_outbound_messages_1"),
+}
+
+
+@pytest.fixture
+def empty_file(db_path: Path) -> Path:
+    db_path.touch()
+    return db_path
+
+
+GARBAGE = b"this is not an SQLite database, not even close." * 100
+
+
+@pytest.fixture
+def garbage_file(db_path: Path) -> Path:
+    db_path.write_bytes(GARBAGE)
+    return db_path
+
+
+async def test_opening_an_empty_file_migrates_it_to_the_latest_schema(
+    empty_file: Path, clock: FakeClock, reference_schema: set[tuple[Any, ...]]
+) -> None:
+    """An empty database file gets every migration: the latest version, tables and indexes."""
+    db_path = empty_file
+    store = await Store.open(str(db_path), clock=clock)
+    try:
+        assert await store.schema_version() == highest_migration()
+    finally:
+        await store.close()
+    assert schema_of(db_path) == reference_schema
+    assert {(o[1], o[2]) for o in reference_schema if o[0] == "object"} >= CORE_SCHEMA
+    assert query(db_path, "PRAGMA user_version") == [(highest_migration(),)]
+
+
+async def test_reopening_a_migrated_database_changes_nothing(
+    db_path: Path, clock: FakeClock
+) -> None:
+    """A second open applies no migration again and keeps the rows already stored."""
+    store = await Store.open(str(db_path), clock=clock, serve=True)
+    try:
+        [message_id] = await seed(store, "k1")
+    finally:
+        await store.close()
+    schema_before = query(db_path, "SELECT type, name, sql FROM sqlite_master ORDER BY name")
+
+    for serve in (True, False):
+        store = await Store.open(str(db_path), clock=clock, serve=serve)
+        try:
+            assert await store.schema_version() == highest_migration()
+            assert (await record(store, message_id)).idempotency_key == "k1"
+        finally:
+            await store.close()
+    assert (
+        query(db_path, "SELECT type, name, sql FROM sqlite_master ORDER BY name") == schema_before
+    )
+    assert count(db_path, "outbound_messages") == 1
+
+
+async def test_pragmas_read_back_as_configured(store: Store) -> None:
+    """The store runs in WAL mode with synchronous=FULL and foreign keys enforced."""
+    assert await store.pragmas() == {"journal_mode": "wal", "synchronous": 2, "foreign_keys": 1}
+
+
+async def test_a_file_that_is_not_a_database_is_a_storage_error(
+    garbage_file: Path, clock: FakeClock
+) -> None:
+    """Opening garbage fails with StorageError and frees the serve lock again."""
+    db_path = garbage_file
+    with pytest.raises(StorageError, match="database") as first:
+        await Store.open(str(db_path), clock=clock, serve=True)
+    assert not isinstance(first.value, StoreLocked)
+    # Had the failed open kept the flock, this second attempt would be StoreLocked.
+    with pytest.raises(StorageError) as second:
+        await Store.open(str(db_path), clock=clock, serve=True)
+    assert not isinstance(second.value, StoreLocked)
+
+
+# ------------------------------------------------------------------ enqueue
+
+
+async def test_an_event_and_its_messages_commit_together(
+    store: Store, db_path: Path, clock: FakeClock
+) -> None:
+    """enqueue returns only once the event and all its messages are committed, as pending."""
+    committed: list[set[str]] = []
+    store.on_commit = committed.append
+    item = draft("wh_1", message("k1"), message("k1", destination=OTHER))
+
+    result = await store.enqueue(item)
+
+    assert result.outcome is IngestOutcome.ACCEPTED
+    assert result.event_id is not None
+    assert len(result.message_ids) == 2
+    assert result.duplicate_keys == ()
+    assert query(
+        db_path, "SELECT id, source, webhook_id, event_type, body, status FROM inbound_events"
+    ) == [(result.event_id, "polar", "wh_1", "order.paid", item.body, "routed")]
+    assert query(
+        db_path,
+        "SELECT id, event_id, destination, idempotency_key, body, status, attempts, created_at, "
+        "next_attempt_at, lease_until FROM outbound_messages ORDER BY id",
+    ) == [
+        (i, result.event_id, m.destination, m.idempotency_key, m.body, "pending", 0, T0, T0, None)
+        for i, m in zip(result.message_ids, item.messages, strict=True)
+    ]
+    assert committed == [{DEST, OTHER}]
+
+
+async def test_a_repeated_webhook_id_is_a_duplicate_and_stores_nothing(
+    store: Store, db_path: Path
+) -> None:
+    """A second event with the same source and webhook-id is DUPLICATE and adds no row."""
+    first = await store.enqueue(draft("wh_1", message("k1")))
+    again = await store.enqueue(draft("wh_1", message("k2")))
+
+    assert first.outcome is IngestOutcome.ACCEPTED
+    assert again.outcome is IngestOutcome.DUPLICATE
+    assert again.event_id is None
+    assert again.message_ids == ()
+    assert count(db_path, "inbound_events") == 1
+    assert query(db_path, "SELECT idempotency_key FROM outbound_messages") == [("k1",)]
+
+
+async def test_the_same_webhook_id_from_another_source_is_a_new_event(
+    store: Store, db_path: Path
+) -> None:
+    """webhook-id is unique per source only."""
+    await store.enqueue(draft("wh_1", message("k1")))
+    other = await store.enqueue(draft("wh_1", message("k2"), source="polar-sandbox"))
+
+    assert other.outcome is IngestOutcome.ACCEPTED
+    assert len(other.message_ids) == 1
+    assert count(db_path, "inbound_events") == 2
+    assert count(db_path, "outbound_messages") == 2
+
+
+async def test_a_key_already_enqueued_for_the_destination_marks_the_event_duplicate(
+    store: Store, db_path: Path
+) -> None:
+    """Another event mapping to an existing key is recorded as 'duplicate' with no new message."""
+    first = await store.enqueue(draft("wh_1", message("order-1")))
+    second = await store.enqueue(draft("wh_2", message("order-1", body=b'{"other": true}')))
+
+    assert second.outcome is IngestOutcome.DUPLICATE
+    assert second.event_id is not None
+    assert second.message_ids == ()
+    assert second.duplicate_keys == ("order-1",)
+    assert query(db_path, "SELECT id, status FROM inbound_events ORDER BY id") == [
+        (first.event_id, "routed"),
+        (second.event_id, "duplicate"),
+    ]
+    # The first body stays: a duplicate never rewrites what will be sent.
+    assert query(db_path, "SELECT event_id, body FROM outbound_messages") == [
+        (first.event_id, b'{"orderId": "order-1"}')
+    ]
+
+
+async def test_an_event_with_some_new_keys_is_accepted_for_those(
+    store: Store, db_path: Path
+) -> None:
+    """An event whose keys are partly known enqueues only the new ones and stays 'routed'."""
+    await store.enqueue(draft("wh_1", message("order-1")))
+    mixed = await store.enqueue(draft("wh_2", message("order-1"), message("order-2")))
+
+    assert mixed.outcome is IngestOutcome.ACCEPTED
+    assert len(mixed.message_ids) == 1
+    assert mixed.duplicate_keys == ("order-1",)
+    assert query(db_path, "SELECT status FROM inbound_events WHERE id = ?", (mixed.event_id,)) == [
+        ("routed",)
+    ]
+    assert query(db_path, "SELECT idempotency_key FROM outbound_messages ORDER BY id") == [
+        ("order-1",),
+        ("order-2",),
+    ]
+
+
+async def test_the_same_key_for_another_destination_is_a_new_message(
+    store: Store, db_path: Path
+) -> None:
+    """The idempotency key is unique per destination only."""
+    await store.enqueue(draft("wh_1", message("order-1")))
+    other = await store.enqueue(draft("wh_2", message("order-1", destination=OTHER)))
+
+    assert other.outcome is IngestOutcome.ACCEPTED
+    assert len(other.message_ids) == 1
+    assert query(db_path, "SELECT destination FROM outbound_messages ORDER BY id") == [
+        (DEST,),
+        (OTHER,),
+    ]
+
+
+async def test_an_ignored_event_is_stored_without_messages(store: Store, db_path: Path) -> None:
+    """An IGNORED draft keeps the event (status and reason) and enqueues nothing to send."""
+    committed: list[set[str]] = []
+    store.on_commit = committed.append
+
+    result = await store.enqueue(
+        draft("wh_1", status=EventStatus.IGNORED, reason="no route selects checkout.created")
+    )
+
+    assert result.outcome is IngestOutcome.IGNORED
+    assert result.event_id is not None
+    assert query(db_path, "SELECT status, reason FROM inbound_events") == [
+        ("ignored", "no route selects checkout.created")
+    ]
+    assert count(db_path, "outbound_messages") == 0
+    assert committed == []  # no destination has anything new to deliver
+
+
+async def test_concurrent_enqueues_share_commits(store: Store, db_path: Path) -> None:
+    """200 concurrent enqueues all commit, in fewer transactions than calls."""
+    batches: list[BatchStats] = []
+    store.on_batch = batches.append
+
+    results = await asyncio.gather(
+        *(store.enqueue(draft(f"wh_{n}", message(f"order-{n}"))) for n in range(200))
+    )
+
+    assert [r.outcome for r in results] == [IngestOutcome.ACCEPTED] * 200
+    assert len({i for r in results for i in r.message_ids}) == 200
+    assert sum(b.size for b in batches) == 200
+    assert len(batches) < 200
+    assert all(b.ok for b in batches)
+    assert count(db_path, "inbound_events") == 200
+    assert count(db_path, "outbound_messages") == 200
+
+
+async def test_duplicates_inside_one_batch_are_decided_like_sequential_calls(
+    store: Store, db_path: Path
+) -> None:
+    """In one group commit, the first of two equal webhook-ids or keys wins, the other is a dup."""
+    batches: list[BatchStats] = []
+    store.on_batch = batches.append
+
+    results = await asyncio.gather(
+        store.enqueue(draft("wh_1", message("order-1"))),
+        store.enqueue(draft("wh_1", message("order-2"))),  # same webhook-id
+        store.enqueue(draft("wh_2", message("order-3"))),
+        store.enqueue(draft("wh_3", message("order-3"))),  # same key, another event
+    )
+
+    assert [b.size for b in batches] == [4]  # all four really shared one transaction
+    assert [r.outcome for r in results] == [
+        IngestOutcome.ACCEPTED,
+        IngestOutcome.DUPLICATE,
+        IngestOutcome.ACCEPTED,
+        IngestOutcome.DUPLICATE,
+    ]
+    assert results[1].event_id is None
+    assert results[3].duplicate_keys == ("order-3",)
+    assert query(db_path, "SELECT webhook_id, status FROM inbound_events ORDER BY id") == [
+        ("wh_1", "routed"),
+        ("wh_2", "routed"),
+        ("wh_3", "duplicate"),
+    ]
+    assert query(db_path, "SELECT idempotency_key FROM outbound_messages ORDER BY id") == [
+        ("order-1",),
+        ("order-3",),
+    ]
+
+
+async def test_a_batch_the_database_refuses_commits_nothing(
+    db_path: Path, clock: FakeClock
+) -> None:
+    """With the write lock held elsewhere, enqueue raises StorageUnavailable and stores nothing;
+    the error is reported, probe fails, and the next good batch clears the error."""
+    store = await Store.open(str(db_path), clock=clock, serve=True, busy_timeout_ms=50)
+    batches: list[BatchStats] = []
+    store.on_batch = batches.append
+    blocker = sqlite3.connect(db_path, isolation_level=None)
+    try:
+        blocker.execute("BEGIN EXCLUSIVE")
+        failed = await asyncio.gather(
+            store.enqueue(draft("wh_1", message("order-1"))),
+            store.enqueue(draft("wh_2", message("order-2"))),
+            return_exceptions=True,
+        )
+        assert all(isinstance(f, StorageUnavailable) for f in failed), failed
+        assert "database is locked" in str(failed[0])
+        assert store.last_write_error == "OperationalError: database is locked"
+        # One failed commit, no retry of each webhook alone: behind a lock held elsewhere
+        # each would wait out the busy timeout again, past Polar's 10 s timeout.
+        assert [(b.size, b.ok) for b in batches] == [(2, False)]
+        with pytest.raises(StorageUnavailable, match="not writable"):
+            await store.probe()
+
+        assert store.last_write_error is not None  # a failed probe clears nothing
+
+        blocker.execute("ROLLBACK")
+        assert count(db_path, "inbound_events") == 0
+        assert count(db_path, "outbound_messages") == 0
+        # Nothing of the failed batch exists, so the same webhook is new, not a duplicate;
+        # the good batch clears the error.
+        retried = await store.enqueue(draft("wh_1", message("order-1")))
+        assert retried.outcome is IngestOutcome.ACCEPTED
+        assert store.last_write_error is None
+        assert [(b.size, b.ok) for b in batches] == [(2, False), (1, True)]
+        await store.probe()
+    finally:
+        blocker.close()
+        await store.close()
+    assert query(db_path, "SELECT webhook_id FROM inbound_events") == [("wh_1",)]
+
+
+async def test_a_failing_webhook_in_a_batch_fails_alone_and_leaves_nothing(
+    store: Store, db_path: Path
+) -> None:
+    """When SQLite rejects one webhook's message row, the shared batch is rolled back and each
+    webhook is retried alone: the good one commits, the bad one fails with nothing of it left
+    (not even its event row), and a successful probe clears the reported error."""
+    batches: list[BatchStats] = []
+    store.on_batch = batches.append
+    # A NULL body violates outbound_messages.body NOT NULL: the events INSERT has already run
+    # in the batch's transaction when the messages INSERT fails.
+    broken = OutboundDraft(route="order_paid", destination=DEST, idempotency_key="k", body=None)  # type: ignore[arg-type]
+
+    good, bad = await asyncio.gather(
+        store.enqueue(draft("wh_1", message("order-1"))),
+        store.enqueue(draft("wh_2", broken)),
+        return_exceptions=True,
+    )
+
+    assert isinstance(good, EnqueueResult)
+    assert good.outcome is IngestOutcome.ACCEPTED
+    assert isinstance(bad, StorageUnavailable)
+    assert store.last_write_error is not None
+    assert "NOT NULL" in store.last_write_error
+    # The shared commit failed; alone, the good webhook committed and the bad one failed.
+    assert [(b.size, b.ok) for b in batches] == [(2, False), (1, True), (1, False)]
+    assert query(db_path, "SELECT webhook_id FROM inbound_events") == [("wh_1",)]
+    assert count(db_path, "outbound_messages") == 1
+    # The database itself is writable: a probe proves it and clears the batch's error.
+    await store.probe()
+    assert store.last_write_error is None
+    # The writer survived the failure and takes the next batch.
+    assert (await store.enqueue(draft("wh_3", message("order-3")))).outcome is (
+        IngestOutcome.ACCEPTED
+    )
+    assert [(b.size, b.ok) for b in batches] == [(2, False), (1, True), (1, False), (1, True)]
+
+
+# ------------------------------------------------------------------ claims
+
+
+async def test_claim_leases_only_due_pending_messages(store: Store, clock: FakeClock) -> None:
+    """claim returns due pending messages of its destination, inflight, with attempt + 1."""
+    first, second, third = await seed(store, "k1", "k2", "k3")
+    await seed(store, "k1", destination=OTHER)
+    later = await claim_one(store)
+    assert later.id == first
+    assert await store.mark_retry(later, retry_at(T0 + 60), "HTTP 500")
+
+    claimed = await store.claim(DEST, 10, LEASE_S)
+
+    assert [m.id for m in claimed] == [second, third]
+    assert [(m.idempotency_key, m.attempt) for m in claimed] == [("k2", 1), ("k3", 1)]
+    assert len({m.lease_token for m in claimed}) == 1
+    for m in claimed:
+        row = await record(store, m.id)
+        assert (row.status, row.attempts, row.lease_until) == (
+            MessageStatus.INFLIGHT,
+            1,
+            T0 + LEASE_S,
+        )
+    assert await store.claim(DEST, 10, LEASE_S) == []  # inflight ones are leased, not due
+
+    clock.advance(59.5)
+    assert await store.claim(DEST, 10, LEASE_S) == []
+    clock.advance(0.5)  # next_attempt_at <= now: due at the exact instant
+    [again] = await store.claim(DEST, 10, LEASE_S)
+    assert (again.id, again.attempt) == (first, 2)
+
+
+async def test_claim_respects_the_limit_and_takes_the_earliest_due_first(
+    store: Store, clock: FakeClock
+) -> None:
+    """claim orders by next_attempt_at, then id, and never returns more than the limit."""
+    clock.t = T0 + 100
+    [late] = await seed(store, "late")
+    clock.t = T0
+    early_a, early_b = await seed(store, "early-a", "early-b")
+    clock.t = T0 + 200
+
+    assert [m.id for m in await store.claim(DEST, 2, LEASE_S)] == [early_a, early_b]
+    assert [m.id for m in await store.claim(DEST, 2, LEASE_S)] == [late]
+
+
+async def test_concurrent_claims_never_share_a_message(
+    store: Store, db_path: Path, clock: FakeClock
+) -> None:
+    """Concurrent claims, also from another connection, split the due messages without overlap."""
+    ids = await seed(store, *(f"k{n}" for n in range(10)))
+    operator = await Store.open(str(db_path), clock=clock)
+    try:
+        claims = await asyncio.gather(
+            store.claim(DEST, 4, LEASE_S),
+            operator.claim(DEST, 4, LEASE_S),
+            store.claim(DEST, 4, LEASE_S),
+        )
+    finally:
+        await operator.close()
+
+    claimed = [m.id for batch in claims for m in batch]
+    assert sorted(len(batch) for batch in claims) == [2, 4, 4]
+    assert sorted(claimed) == ids
+    assert len({batch[0].lease_token for batch in claims}) == 3
+    assert (await store.stats(DEST)).counts[MessageStatus.INFLIGHT] == 10
+
+
+# ------------------------------------------------------------------ settling a claim
+
+
+async def test_mark_delivered_records_the_answer(store: Store, clock: FakeClock) -> None:
+    """A delivered message keeps its status, time and HTTP status, and loses its lease."""
+    await seed(store, "k1")
+    msg = await claim_one(store)
+    clock.advance(2)
+
+    assert await store.mark_delivered(msg, 201)
+
+    row = await record(store, msg.id)
+    assert (row.status, row.delivered_at, row.last_status, row.last_error) == (
+        MessageStatus.DELIVERED,
+        T0 + 2,
+        201,
+        None,
+    )
+    assert (row.lease_until, row.attempts, row.updated_at) == (None, 1, T0 + 2)
+    clock.advance(3600)
+    assert await store.claim(DEST, 10, LEASE_S) == []
+
+
+async def test_mark_retry_schedules_the_next_attempt(store: Store, clock: FakeClock) -> None:
+    """A retry goes back to pending at its time with the last answer; the attempt counts."""
+    await seed(store, "k1")
+    msg = await claim_one(store)
+
+    assert await store.mark_retry(msg, retry_at(T0 + 30, status=502), "HTTP 502: bad gateway")
+
+    row = await record(store, msg.id)
+    assert (row.status, row.next_attempt_at, row.attempts) == (MessageStatus.PENDING, T0 + 30, 1)
+    assert (row.last_status, row.last_error, row.lease_until) == (
+        502,
+        "HTTP 502: bad gateway",
+        None,
+    )
+
+
+async def test_a_throttled_retry_gives_the_attempt_back(store: Store) -> None:
+    """mark_retry with counts_attempt=False (429/503 with Retry-After) refunds the attempt."""
+    await seed(store, "k1")
+    msg = await claim_one(store)
+    assert msg.attempt == 1
+
+    assert await store.mark_retry(
+        msg, retry_at(T0 + 120, counts_attempt=False, status=429), "HTTP 429"
+    )
+
+    row = await record(store, msg.id)
+    assert (row.status, row.attempts, row.next_attempt_at, row.last_status) == (
+        MessageStatus.PENDING,
+        0,
+        T0 + 120,
+        429,
+    )
+
+
+async def test_mark_dead_stops_delivery_for_good(store: Store, clock: FakeClock) -> None:
+    """A dead-lettered message records why and is never claimed again."""
+    await seed(store, "k1")
+    msg = await claim_one(store)
+
+    assert await store.mark_dead(msg, Dead("client_error", 422), "client_error; HTTP 422")
+
+    row = await record(store, msg.id)
+    assert (row.status, row.last_status, row.last_error, row.lease_until) == (
+        MessageStatus.DEAD,
+        422,
+        "client_error; HTTP 422",
+        None,
+    )
+    clock.advance(86_400)
+    assert await store.claim(DEST, 10, LEASE_S) == []
+
+
+async def test_an_ack_with_a_lost_lease_changes_nothing(store: Store, clock: FakeClock) -> None:
+    """Once a lease expired and the message was claimed again, the old token's acks are no-ops."""
+    await seed(store, "k1")
+    stale = await claim_one(store)
+    clock.advance(LEASE_S + 1)
+    assert await store.requeue_inflight(expired_only=True) == 1
+    current = await claim_one(store)
+    assert current.id == stale.id
+    assert current.lease_token != stale.lease_token
+    before = await record(store, stale.id)
+
+    assert not await store.mark_delivered(stale, 200)
+    assert not await store.mark_retry(stale, retry_at(T0 + 999), "late")
+    assert not await store.mark_dead(stale, Dead("client_error", 400), "late")
+    assert not await store.release(stale)
+
+    assert await record(store, stale.id) == before
+    assert before.status is MessageStatus.INFLIGHT
+    assert await store.mark_delivered(current, 200)  # the live lease still acks
+    assert not await store.mark_delivered(current, 200)  # ... exactly once
+
+
+async def test_release_hands_the_message_back_untried(store: Store, clock: FakeClock) -> None:
+    """release makes a claimed message pending and due now, with its attempt given back."""
+    await seed(store, "k1")
+    msg = await claim_one(store)
+    clock.advance(5)
+
+    assert await store.release(msg)
+
+    row = await record(store, msg.id)
+    assert (row.status, row.next_attempt_at, row.attempts, row.lease_until) == (
+        MessageStatus.PENDING,
+        T0 + 5,
+        0,
+        None,
+    )
+    assert (await claim_one(store)).attempt == 1
+
+
+# ------------------------------------------------------------------ leases and operator retry
+
+
+async def test_requeue_expired_only_touches_leases_that_ran_out(
+    store: Store, clock: FakeClock
+) -> None:
+    """requeue_inflight(expired_only=True) frees expired leases only; False frees every lease."""
+    short_id, long_id = await seed(store, "short", "long")
+    [short] = await store.claim(DEST, 1, 10)
+    [long] = await store.claim(DEST, 1, 100)
+    assert (short.id, long.id) == (short_id, long_id)
+
+    clock.advance(10)
+    assert await store.requeue_inflight(expired_only=True) == 0  # lease_until == now: still held
+    clock.advance(1)
+    assert await store.requeue_inflight(expired_only=True) == 1
+
+    assert (await record(store, short_id)).status is MessageStatus.PENDING
+    assert (await record(store, short_id)).lease_until is None
+    assert (await record(store, long_id)).status is MessageStatus.INFLIGHT
+    assert (await claim_one(store)).id == short_id  # due again at once
+
+    assert await store.requeue_inflight(expired_only=False) == 2
+    assert (await store.stats(DEST)).counts[MessageStatus.PENDING] == 2
+
+
+async def test_retry_messages_revives_dead_ones_with_a_fresh_budget(
+    store: Store, clock: FakeClock
+) -> None:
+    """Operator retry by id makes dead messages pending, attempts 0, due now; it leaves
+    delivered and inflight ones alone."""
+    dead_id, delivered_id, inflight_id = await seed(store, "dead", "delivered", "inflight")
+    dead, delivered = await store.claim(DEST, 2, LEASE_S)
+    assert await store.mark_dead(dead, Dead("client_error", 400), "HTTP 400")
+    assert await store.mark_delivered(delivered, 200)
+    inflight = await claim_one(store)
+    assert inflight.id == inflight_id
+    clock.advance(600)
+    untouched = [await record(store, i) for i in (delivered_id, inflight_id)]
+    signalled: list[set[str]] = []
+    store.on_commit = signalled.append
+
+    assert await store.retry_messages([dead_id, delivered_id, inflight_id, 9999]) == 1
+
+    row = await record(store, dead_id)
+    assert (row.status, row.attempts, row.next_attempt_at) == (MessageStatus.PENDING, 0, T0 + 600)
+    assert [await record(store, i) for i in (delivered_id, inflight_id)] == untouched
+    assert signalled == [set()]  # workers are woken to look again
+    [replayed] = await store.claim(DEST, 10, LEASE_S)
+    assert (replayed.id, replayed.attempt, replayed.retry_from_at) == (dead_id, 1, T0 + 600)
+    assert await store.retry_messages([]) == 0
+
+
+async def test_retry_all_dead_revives_every_dead_message(store: Store, clock: FakeClock) -> None:
+    """retry_messages(all_dead=True) revives the dead of every destination and nothing else."""
+    await seed(store, "a", "b", "c")
+    [other_id] = await seed(store, "a", destination=OTHER)
+    a, b, c = await store.claim(DEST, 3, LEASE_S)
+    [other] = await store.claim(OTHER, 1, LEASE_S)
+    for msg in (a, b, other):
+        assert await store.mark_dead(msg, Dead("client_error", 400), "HTTP 400")
+    assert await store.mark_delivered(c, 200)
+    clock.advance(60)
+
+    assert await store.retry_messages(all_dead=True) == 3
+
+    assert [r.id for r in await store.list_messages(status=MessageStatus.DEAD)] == []
+    revived = await store.list_messages(status=MessageStatus.PENDING)
+    assert sorted(r.id for r in revived) == sorted([a.id, b.id, other_id])
+    assert {(r.attempts, r.next_attempt_at) for r in revived} == {(0, T0 + 60)}
+    assert (await record(store, c.id)).status is MessageStatus.DELIVERED
+    assert await store.retry_messages(all_dead=True) == 0
+
+
+# ------------------------------------------------------------------ reading the outbox
+
+
+async def test_stats_counts_by_status_and_dates_the_oldest_backlog(
+    store: Store, clock: FakeClock
+) -> None:
+    """stats counts each status and gives the oldest created_at not yet delivered or dead."""
+    assert (await store.stats(DEST)).counts == dict.fromkeys(MessageStatus, 0)
+    assert (await store.stats(DEST)).oldest_pending_created_at is None
+
+    await seed(store, "delivered", "dead")  # created at T0, settled below
+    clock.advance(10)
+    await seed(store, "inflight")  # created at T0 + 10
+    clock.advance(10)
+    await seed(store, "pending-1", "pending-2")
+    await seed(store, "elsewhere", destination=OTHER)
+    delivered, dead, inflight = await store.claim(DEST, 3, LEASE_S)
+    assert await store.mark_delivered(delivered, 200)
+    assert await store.mark_dead(dead, Dead("client_error", 400), "HTTP 400")
+
+    stats = await store.stats(DEST)
+
+    assert stats.counts == {
+        MessageStatus.PENDING: 2,
+        MessageStatus.INFLIGHT: 1,
+        MessageStatus.DELIVERED: 1,
+        MessageStatus.DEAD: 1,
+    }
+    assert stats.oldest_pending_created_at == T0 + 10  # the inflight one is still backlog
+    assert await store.release(inflight)
+    assert (await store.stats(OTHER)).oldest_pending_created_at == T0 + 20
+
+
+async def test_list_messages_filters_by_status_and_destination(store: Store) -> None:
+    """list_messages filters by status and destination, newest first, up to the limit."""
+    a, b, c = await seed(store, "a", "b", "c")
+    [x] = await seed(store, "x", destination=OTHER)
+    assert await store.mark_delivered(await claim_one(store), 200)
+
+    assert [r.id for r in await store.list_messages()] == [x, c, b, a]
+    assert [r.id for r in await store.list_messages(destination=DEST)] == [c, b, a]
+    assert [r.id for r in await store.list_messages(status=MessageStatus.PENDING)] == [x, c, b]
+    assert [
+        r.id for r in await store.list_messages(status=MessageStatus.PENDING, destination=OTHER)
+    ] == [x]
+    assert [r.id for r in await store.list_messages(status=MessageStatus.DELIVERED)] == [a]
+    assert [r.id for r in await store.list_messages(limit=2)] == [x, c]
+
+
+async def test_get_message_returns_the_stored_body_bytes(store: Store) -> None:
+    """get_message returns the exact body bytes with the event's type and webhook-id."""
+    body = b'{"amount": 4410, "currency": "USD", "note": "caf\xc3\xa9"}'
+    result = await store.enqueue(draft("wh_1", message("order-1", body=body)))
+    [message_id] = result.message_ids
+
+    row = await record(store, message_id)
+
+    assert (row.body, row.event_type, row.webhook_id, row.event_id) == (
+        body,
+        "order.paid",
+        "wh_1",
+        result.event_id,
+    )
+    assert (row.route, row.destination, row.idempotency_key) == ("order_paid", DEST, "order-1")
+    assert await store.get_message(message_id + 1) is None
+
+
+# ------------------------------------------------------------------ the serve lock
+
+
+async def test_only_one_store_serves_a_database(
+    store: Store, db_path: Path, clock: FakeClock
+) -> None:
+    """A second serving open fails with StoreLocked while the first is open, then succeeds."""
+    with pytest.raises(StoreLocked, match="already serving"):
+        await Store.open(str(db_path), clock=clock, serve=True)
+    await store.enqueue(draft("wh_1", message("k1")))  # the first one is unharmed
+
+    await store.close()
+    second = await Store.open(str(db_path), clock=clock, serve=True)
+    try:
+        assert (await second.stats(DEST)).counts[MessageStatus.PENDING] == 1
+    finally:
+        await second.close()
+
+
+async def test_operator_commands_open_alongside_a_serving_store(
+    store: Store, db_path: Path, clock: FakeClock
+) -> None:
+    """A non-serving open works next to the server: it reads, retries, and commits its own
+    writes directly (no group-commit task), sharing the file through SQLite's locking."""
+    [message_id] = await seed(store, "k1")
+    assert await store.mark_dead(await claim_one(store), Dead("client_error", 400), "HTTP 400")
+
+    operator = await Store.open(str(db_path), clock=clock, serve=False)
+    try:
+        assert [r.id for r in await operator.list_messages(status=MessageStatus.DEAD)] == [
+            message_id
+        ]
+        assert await operator.retry_messages([message_id]) == 1
+        result = await operator.enqueue(draft("wh_2", message("k2")))
+        assert result.outcome is IngestOutcome.ACCEPTED
+    finally:
+        await operator.close()
+    assert (await record(store, message_id)).status is MessageStatus.PENDING
+    assert count(db_path, "inbound_events") == 2
+
+
+# ------------------------------------------------------------------ kill safety
+
+
+async def test_enqueued_messages_survive_a_restart_undelivered(
+    db_path: Path, clock: FakeClock
+) -> None:
+    """Messages enqueued and never delivered are still pending after close and reopen."""
+    store = await Store.open(str(db_path), clock=clock, serve=True)
+    try:
+        ids = await seed(store, "k1", "k2")
+    finally:
+        await store.close()
+
+    store = await Store.open(str(db_path), clock=clock, serve=True)
+    try:
+        assert await store.requeue_inflight(expired_only=False) == 0
+        assert [m.id for m in await store.claim(DEST, 10, LEASE_S)] == ids
+    finally:
+        await store.close()
+
+
+async def test_a_claim_never_settled_is_pending_again_after_restart(
+    db_path: Path, clock: FakeClock
+) -> None:
+    """A message claimed by a process that stopped without settling returns, byte for byte."""
+    store = await Store.open(str(db_path), clock=clock, serve=True)
+    try:
+        await store.enqueue(draft("wh_1", message("order-1", body=b'{"amount": 4410}')))
+        lost = await claim_one(store)
+    finally:
+        await store.close()  # no ack, no release: the owner is gone
+
+    store = await Store.open(str(db_path), clock=clock, serve=True)
+    try:
+        assert (await record(store, lost.id)).status is MessageStatus.INFLIGHT
+        assert await store.requeue_inflight(expired_only=False) == 1
+        again = await claim_one(store)
+        assert (again.id, again.idempotency_key, again.body) == (
+            lost.id,
+            "order-1",
+            b'{"amount": 4410}',
+        )
+        assert again.attempt == 2  # the lost attempt may have reached Faurya: it counts
+        assert not await store.mark_delivered(lost, 200)  # the dead owner's token is void
+    finally:
+        await store.close()
+
+
+_KILLED_WRITER = """
+import asyncio, os, signal, sys
+from relay.models import EventStatus, InboundDraft, OutboundDraft
+from relay.store import Store
+
+async def main() -> None:
+    store = await Store.open(sys.argv[1], serve=True)
+    for n in (1, 2):
+        message = OutboundDraft("order_paid", "faurya", f"order-{n}", b'{"n": %d}' % n)
+        draft = InboundDraft("polar", f"wh_{n}", "order.paid", 0.0, {}, b"{}",
+                             EventStatus.ROUTED, None, (message,))
+        await store.enqueue(draft)
+    await store.claim("faurya", 1, 30.0)
+    print("committed", flush=True)
+    os.kill(os.getpid(), signal.SIGKILL)
+
+asyncio.run(main())
+"""
+
+
+def test_a_killed_process_loses_nothing_it_committed(tmp_path: Path) -> None:
+    """After SIGKILL mid-flight, every committed message is there and the serve lock is free."""
+    db_path = tmp_path / "relay.db"
+    done = subprocess.run(
+        [sys.executable, "-c", _KILLED_WRITER, str(db_path)],
+        capture_output=True,
+        timeout=30,
+        check=False,
+        cwd=REPO,
+    )
+    assert done.returncode == -9, done.stderr.decode()
+    assert done.stdout == b"committed\n"
+
+    async def reopen() -> list[tuple[str, bytes, MessageStatus]]:
+        store = await Store.open(str(db_path), clock=FakeClock(T0), serve=True)  # no StoreLocked
+        try:
+            assert await store.requeue_inflight(expired_only=False) == 1
+            rows = await store.list_messages()
+            return [(r.idempotency_key, r.body, r.status) for r in reversed(rows)]
+        finally:
+            await store.close()
+
+    assert asyncio.run(reopen()) == [
+        ("order-1", b'{"n": 1}', MessageStatus.PENDING),
+        ("order-2", b'{"n": 2}', MessageStatus.PENDING),
+    ]
+
+
+# ------------------------------------------------------------------ random histories
+
+
+@dataclass
+class Expected:
+    """What the model says one message should look like."""
+
+    destination: str
+    key: str
+    body: bytes
+    status: MessageStatus
+    attempts: int
+    next_attempt_at: float
+    lease_until: float | None = None
+    lease_token: str | None = None
+
+
+ENQUEUES = st.lists(
+    st.tuples(st.integers(0, 12), st.sampled_from([DEST, OTHER]), st.integers(0, 6)),
+    min_size=1,
+    max_size=4,
+)
+SETTLE = st.sampled_from(["deliver", "retry", "throttle", "dead", "release"])
+
+
+class OutboxHistory(RuleBasedStateMachine):
+    """Random enqueue / claim / settle / expire / retry / crash sequences against a model.
+
+    The store is async; each example runs it on an event loop of its own, driven step by step.
+    """
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.loop = asyncio.new_event_loop()
+        self.folder = tempfile.mkdtemp(prefix="relay-store-")
+        self.path = str(Path(self.folder) / "relay.db")
+        self.clock = FakeClock(T0)
+        self.store = self.run(Store.open(self.path, clock=self.clock, serve=True))
+        self.expected: dict[int, Expected] = {}
+        self.webhook_ids: set[str] = set()
+        self.keys: set[tuple[str, str]] = set()
+        self.claims: list[ClaimedMessage] = []  # every claim ever made, stale ones included
+
+    def run(self, coro: Coroutine[Any, Any, T]) -> T:
+        return self.loop.run_until_complete(coro)
+
+    def teardown(self) -> None:
+        try:
+            self.run(self.store.close())
+        finally:
+            self.loop.close()
+            shutil.rmtree(self.folder, ignore_errors=True)
+
+    def _expect_enqueue(self, webhook: int, destination: str, key: int) -> InboundDraft:
+        webhook_id, idempotency_key = f"wh_{webhook}", f"order-{key}"
+        body = f"{webhook_id}->{destination}/{idempotency_key}".encode()
+        return draft(webhook_id, message(idempotency_key, destination=destination, body=body))
+
+    def _check_result(self, item: InboundDraft, result: Any) -> None:
+        [m] = item.messages
+        if item.webhook_id in self.webhook_ids:
+            assert (result.outcome, result.event_id) == (IngestOutcome.DUPLICATE, None)
+        elif (m.destination, m.idempotency_key) in self.keys:
+            assert result.outcome is IngestOutcome.DUPLICATE
+            assert result.duplicate_keys == (m.idempotency_key,)
+        else:
+            assert result.outcome is IngestOutcome.ACCEPTED
+            [message_id] = result.message_ids
+            assert message_id not in self.expected
+            self.expected[message_id] = Expected(
+                m.destination,
+                m.idempotency_key,
+                m.body,
+                MessageStatus.PENDING,
+                0,
+                self.clock.now(),
+            )
+            self.keys.add((m.destination, m.idempotency_key))
+        self.webhook_ids.add(item.webhook_id)
+
+    @initialize(items=ENQUEUES)
+    def some_messages_to_start_with(self, items: list[tuple[int, str, int]]) -> None:
+        self.enqueue(items)
+
+    @rule(items=ENQUEUES)
+    def enqueue(self, items: list[tuple[int, str, int]]) -> None:
+        drafts = [self._expect_enqueue(*item) for item in items]
+
+        async def together() -> list[Any]:
+            return list(await asyncio.gather(*(self.store.enqueue(d) for d in drafts)))
+
+        # One gather is one group commit: it must decide exactly like sequential calls.
+        for item, result in zip(drafts, self.run(together()), strict=True):
+            self._check_result(item, result)
+
+    @rule(destination=st.sampled_from([DEST, OTHER]), limit=st.integers(1, 4))
+    def claim(self, destination: str, limit: int) -> None:
+        self._claim(destination, limit)
+
+    @rule(
+        destination=st.sampled_from([DEST, OTHER]),
+        hows=st.lists(SETTLE, min_size=1, max_size=4),
+        delay_s=st.integers(1, 120),
+    )
+    def worker_round(self, destination: str, hows: list[str], delay_s: int) -> None:
+        # What a worker does: claim, then settle each message it got under its live lease.
+        for msg, how in zip(self._claim(destination, len(hows)), hows, strict=False):
+            assert self._settle(msg, how, delay_s)
+
+    def _claim(self, destination: str, limit: int) -> list[ClaimedMessage]:
+        now = self.clock.now()
+        due = sorted(
+            (e.next_attempt_at, i)
+            for i, e in self.expected.items()
+            if e.destination == destination
+            and e.status is MessageStatus.PENDING
+            and e.next_attempt_at <= now
+        )[:limit]
+        claimed = self.run(self.store.claim(destination, limit, LEASE_S))
+        assert [m.id for m in claimed] == sorted(i for _, i in due)
+        for m in claimed:
+            e = self.expected[m.id]
+            # Nothing delivered or dead is ever handed out again.
+            assert e.status is MessageStatus.PENDING
+            assert (m.body, m.idempotency_key) == (e.body, e.key)
+            e.status, e.attempts = MessageStatus.INFLIGHT, e.attempts + 1
+            e.lease_until, e.lease_token = now + LEASE_S, m.lease_token
+            assert m.attempt == e.attempts
+        self.claims.extend(claimed)
+        return claimed
+
+    def _is_live(self, msg: ClaimedMessage) -> bool:
+        e = self.expected[msg.id]
+        return e.status is MessageStatus.INFLIGHT and e.lease_token == msg.lease_token
+
+    def _settle(self, msg: ClaimedMessage, how: str, delay_s: int) -> bool:
+        """Settle `msg` as `how`; when the store accepts, apply the same change to the model."""
+        e = self.expected[msg.id]
+        now = self.clock.now()
+        if how == "deliver":
+            changed = self.run(self.store.mark_delivered(msg, 200))
+            status, attempts, next_at = MessageStatus.DELIVERED, e.attempts, e.next_attempt_at
+        elif how in ("retry", "throttle"):
+            outcome = retry_at(now + delay_s, counts_attempt=how == "retry")
+            changed = self.run(self.store.mark_retry(msg, outcome, "HTTP 500"))
+            refund = 0 if how == "retry" else 1
+            status, attempts, next_at = MessageStatus.PENDING, e.attempts - refund, now + delay_s
+        elif how == "dead":
+            changed = self.run(self.store.mark_dead(msg, Dead("client_error", 400), "HTTP 400"))
+            status, attempts, next_at = MessageStatus.DEAD, e.attempts, e.next_attempt_at
+        else:
+            changed = self.run(self.store.release(msg))
+            status, attempts, next_at = MessageStatus.PENDING, e.attempts - 1, now
+        if changed:
+            e.status, e.attempts, e.next_attempt_at = status, attempts, next_at
+            e.lease_until = e.lease_token = None
+        return changed
+
+    @precondition(lambda self: any(self._is_live(m) for m in self.claims))
+    @rule(pick=st.integers(0, 10_000), how=SETTLE, delay_s=st.integers(1, 120))
+    def settle(self, pick: int, how: str, delay_s: int) -> None:
+        live = [m for m in self.claims if self._is_live(m)]
+        assert self._settle(live[pick % len(live)], how, delay_s)
+
+    @precondition(lambda self: any(not self._is_live(m) for m in self.claims))
+    @rule(pick=st.integers(0, 10_000), how=SETTLE)
+    def settle_a_lost_lease(self, pick: int, how: str) -> None:
+        # Settled already, requeued, or from before a restart: the ack must change nothing
+        # (the invariants compare every row with the model afterwards).
+        stale = [m for m in self.claims if not self._is_live(m)]
+        assert not self._settle(stale[pick % len(stale)], how, 1)
+
+    def _requeue(self, expired: list[Expected]) -> None:
+        now = self.clock.now()
+        for e in expired:
+            e.status, e.lease_until, e.lease_token = MessageStatus.PENDING, None, None
+            e.next_attempt_at = min(e.next_attempt_at, now)
+
+    @rule(seconds=st.integers(1, 90))
+    def leases_expire(self, seconds: int) -> None:
+        self.clock.advance(seconds)
+        now = self.clock.now()
+        expired = [
+            e
+            for e in self.expected.values()
+            if e.status is MessageStatus.INFLIGHT
+            and e.lease_until is not None
+            and e.lease_until < now
+        ]
+        assert self.run(self.store.requeue_inflight(expired_only=True)) == len(expired)
+        self._requeue(expired)
+
+    @rule(seconds=st.integers(1, 90))
+    def time_passes(self, seconds: int) -> None:
+        self.clock.advance(seconds)
+
+    @rule(picks=st.lists(st.integers(0, 10_000), max_size=4), all_dead=st.booleans())
+    def operator_retry(self, picks: list[int], all_dead: bool) -> None:
+        now = self.clock.now()
+        known = sorted(self.expected)
+        # Existing ids of any status, plus one that does not exist.
+        ids = [known[p % len(known)] for p in picks] if known else []
+        ids.append(len(known) + 1_000)
+        if all_dead:
+            chosen = [e for e in self.expected.values() if e.status is MessageStatus.DEAD]
+        else:
+            revivable = (MessageStatus.DEAD, MessageStatus.PENDING)
+            chosen = [
+                self.expected[i]
+                for i in set(ids)
+                if i in self.expected and self.expected[i].status in revivable
+            ]
+        assert self.run(self.store.retry_messages(ids, all_dead=all_dead)) == len(chosen)
+        for e in chosen:
+            e.status, e.attempts, e.next_attempt_at = MessageStatus.PENDING, 0, now
+
+    @precondition(
+        lambda self: any(e.status is MessageStatus.INFLIGHT for e in self.expected.values())
+    )
+    @rule()
+    def crash_and_restart(self) -> None:
+        # The owner of the leases stops without settling them; the next one to serve takes
+        # them back, as the app does at start-up. Every row is then compared with the model.
+        self.run(self.store.close())
+        self.store = self.run(Store.open(self.path, clock=self.clock, serve=True))
+        inflight = [e for e in self.expected.values() if e.status is MessageStatus.INFLIGHT]
+        assert self.run(self.store.requeue_inflight(expired_only=False)) == len(inflight)
+        self._requeue(inflight)
+
+    async def _read_back(self) -> tuple[list[MessageRecord], dict[str, DestinationStats]]:
+        rows = await self.store.list_messages(limit=10_000)
+        return rows, {d: await self.store.stats(d) for d in (DEST, OTHER)}
+
+    @invariant()
+    def the_database_agrees_with_the_model(self) -> None:
+        rows, stats = self.run(self._read_back())
+        # Every message enqueued is there once, in exactly one status: the model's.
+        assert sorted(r.id for r in rows) == sorted(self.expected)
+        for r in rows:
+            e = self.expected[r.id]
+            assert (r.destination, r.idempotency_key, r.body) == (e.destination, e.key, e.body)
+            assert (r.status, r.attempts, r.next_attempt_at, r.lease_until) == (
+                e.status,
+                e.attempts,
+                e.next_attempt_at,
+                e.lease_until,
+            )
+        # Each idempotency key has at most one row per destination.
+        keys = Counter((r.destination, r.idempotency_key) for r in rows)
+        assert max(keys.values(), default=0) <= 1
+        for destination, figures in stats.items():
+            mine = [e.status for e in self.expected.values() if e.destination == destination]
+            assert figures.counts == {s: mine.count(s) for s in MessageStatus}
+
+
+def test_random_histories_keep_the_outbox_invariants() -> None:
+    """Any mix of enqueue, claim, settle, expiry, operator retry and restart keeps the model."""
+    run_state_machine_as_test(
+        OutboxHistory,
+        settings=settings(max_examples=40, stateful_step_count=30, deadline=None),
+    )
