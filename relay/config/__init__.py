@@ -1,0 +1,56 @@
+"""relay.toml -> validated, frozen configuration objects.
+
+Owns: TOML parsing, `${VAR}` / `${VAR:-default}` interpolation, every validation rule, and the
+error messages that name the full key path of each problem. Pure apart from reading the file and
+the environment mapping it is given; imports no I/O library. Secrets live only in `Secret`
+objects whose repr is masked, and no error message quotes a secret's value.
+
+`model` (the dataclasses), `reader` (interpolation, the checked table reader, value checks),
+`sections` (one function per section), `loader` (`load`, `parse`, `load_offline`).
+"""
+
+from relay.config.loader import load, load_offline, parse, read_toml, storage_path
+from relay.config.model import (
+    DEFAULT_BODY_LIMIT_BYTES,
+    AdminConfig,
+    CheckoutConfig,
+    Config,
+    DestinationConfig,
+    Header,
+    LogConfig,
+    OfflineConfig,
+    PolarApiConfig,
+    ReconcileConfig,
+    RetentionConfig,
+    RetryPolicy,
+    Secret,
+    ServerConfig,
+    SourceConfig,
+    StorageConfig,
+)
+from relay.config.reader import interpolate
+
+__all__ = [
+    "DEFAULT_BODY_LIMIT_BYTES",
+    "AdminConfig",
+    "CheckoutConfig",
+    "Config",
+    "DestinationConfig",
+    "Header",
+    "LogConfig",
+    "OfflineConfig",
+    "PolarApiConfig",
+    "ReconcileConfig",
+    "RetentionConfig",
+    "RetryPolicy",
+    "Secret",
+    "ServerConfig",
+    "SourceConfig",
+    "StorageConfig",
+    "interpolate",
+    "load",
+    "load_offline",
+    "parse",
+    "read_toml",
+    "storage_path",
+]

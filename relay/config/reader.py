@@ -1,0 +1,181 @@
+"""Reading TOML tables with checks: interpolation of `${VAR}` / `${VAR:-default}`, a table
+reader that records every problem under its full key path and flags unknown keys, and the
+small value checks the sections share. Never quotes a secret's value in a message.
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Callable, Mapping
+from pathlib import Path
+from typing import Any, TypeVar
+from urllib.parse import urlsplit
+
+from relay.access import Network, parse_networks
+from relay.errors import MissingEnvVar
+
+T = TypeVar("T")
+_VAR = re.compile(r"\$\$|\$\{([A-Za-z_][A-Za-z0-9_]*)(?::-([^}]*))?\}")
+_REQUIRED: Any = object()
+
+# ---------------------------------------------------------------- interpolation
+
+
+def interpolate(raw: Any, env: Mapping[str, str], where: str, missing: list[MissingEnvVar]) -> Any:
+    """Replace `${VAR}` and `${VAR:-default}` in every string; `$$` is a literal `$`."""
+    if isinstance(raw, dict):
+        return {k: interpolate(v, env, _join(where, k), missing) for k, v in raw.items()}
+    if isinstance(raw, list):
+        return [interpolate(v, env, f"{where}[{i}]", missing) for i, v in enumerate(raw)]
+    if not isinstance(raw, str):
+        return raw
+
+    def substitute(match: re.Match[str]) -> str:
+        if match.group(0) == "$$":
+            return "$"
+        name, default = match.group(1), match.group(2)
+        value = env.get(name)
+        if value is None or value == "":
+            if default is not None:
+                return default
+            # Set but empty is as good as missing: an empty write key or secret is a mistake.
+            missing.append(MissingEnvVar(name, where))
+            return ""
+        return value
+
+    return _VAR.sub(substitute, raw)
+
+
+def _join(where: str, key: str) -> str:
+    return f"{where}.{key}" if where else key
+
+
+# ---------------------------------------------------------------- a checked reader
+
+
+class Table:
+    """Reads one TOML table, recording problems with full key paths; flags unknown keys."""
+
+    def __init__(self, raw: Any, where: str, problems: list[str]) -> None:
+        self.where = where
+        self.problems = problems
+        self.seen: set[str] = set()
+        if not isinstance(raw, dict):
+            problems.append(f"{where}: must be a table")
+            raw = {}
+        self.raw: dict[str, Any] = raw
+
+    def path(self, key: str) -> str:
+        return _join(self.where, key)
+
+    def get(
+        self,
+        key: str,
+        kind: type[T] | tuple[type, ...],
+        default: Any = _REQUIRED,
+        check: Callable[[Any], str | None] | None = None,
+    ) -> Any:
+        self.seen.add(key)
+        if key not in self.raw:
+            if default is _REQUIRED:
+                self.problems.append(f"{self.path(key)}: required")
+            return None if default is _REQUIRED else default
+        value = self.raw[key]
+        kinds = kind if isinstance(kind, tuple) else (kind,)
+        if isinstance(value, str) and str not in kinds:
+            # "${RELAY_PORT:-8080}": interpolation yields strings; read numbers from them.
+            value = _number_from_text(value, int in kinds)
+        if float in kinds and isinstance(value, int) and not isinstance(value, bool):
+            value = float(value)
+        if (isinstance(value, bool) and bool not in kinds) or not isinstance(value, kinds):
+            names = " or ".join(_KIND_NAMES.get(k, k.__name__) for k in kinds)
+            self.problems.append(f"{self.path(key)}: must be {names}")
+            return None if default is _REQUIRED else default
+        if check is not None and (message := check(value)) is not None:
+            self.problems.append(f"{self.path(key)}: {message}")
+            return None if default is _REQUIRED else default
+        return value
+
+    def sub(self, key: str) -> Table:
+        self.seen.add(key)
+        return Table(self.raw.get(key, {}), self.path(key), self.problems)
+
+    def done(self, allowed_extra: tuple[str, ...] = ()) -> None:
+        for key in self.raw:
+            if key not in self.seen and key not in allowed_extra:
+                allowed = ", ".join(sorted(self.seen)) or "none"
+                self.problems.append(f"{self.path(key)}: unknown key (allowed: {allowed})")
+
+
+def _number_from_text(text: str, integer: bool) -> Any:
+    text = text.strip()
+    try:
+        return int(text) if integer and re.fullmatch(r"-?\d+", text) else float(text)
+    except ValueError:
+        return text  # left as a string: the type check below reports it
+
+
+_KIND_NAMES = {
+    str: "a string",
+    int: "an integer",
+    float: "a number",
+    bool: "true or false",
+    list: "an array",
+    dict: "a table",
+}
+
+
+def positive(value: float) -> str | None:
+    return None if value > 0 else "must be greater than 0"
+
+
+def between(low: float, high: float) -> Callable[[float], str | None]:
+    def check(value: float) -> str | None:
+        return None if low <= value <= high else f"must be between {low:g} and {high:g}"
+
+    return check
+
+
+def one_of(*choices: str) -> Callable[[str], str | None]:
+    def check(value: str) -> str | None:
+        return None if value in choices else f"must be one of {', '.join(choices)}"
+
+    return check
+
+
+def http_url(value: str) -> str | None:
+    parts = urlsplit(value)
+    if parts.scheme not in ("http", "https") or not parts.hostname:
+        return "must be an http:// or https:// URL with a host"
+    return None
+
+
+def url_path(value: str) -> str | None:
+    return None if value.startswith("/") else "must start with /"
+
+
+def readable_file(value: str) -> str | None:
+    if value and not Path(value).is_file():
+        return "no such file"
+    return None
+
+
+def networks(t: Table, key: str) -> tuple[Network, ...]:
+    values = t.get(key, list, [])
+    if not all(isinstance(v, str) for v in values):
+        t.problems.append(f"{t.path(key)}: must be an array of addresses or CIDR networks")
+        return ()
+    try:
+        return parse_networks(values)
+    except ValueError as exc:
+        t.problems.append(f"{t.path(key)}: {exc}")
+        return ()
+
+
+def listen_address(value: str) -> str | None:
+    if not value:
+        return None
+    _, sep, port = value.rpartition(":")
+    if not sep or not port.isdigit() or not 0 <= int(port) <= 65535:
+        return "must be host:port, like 127.0.0.1:9090"
+    return None
