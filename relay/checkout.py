@@ -57,7 +57,8 @@ def validate(payload: Any, config: CheckoutConfig) -> tuple[str, dict[str, str]]
                 f"unknown plan (plans: {', '.join(name for name, _ in config.plans)})"
             )
     else:
-        if product not in {p for _, p in config.plans}:
+        # Not a string (a list, an object) is as unknown as an unlisted id, and unhashable.
+        if not isinstance(product, str) or product not in {p for _, p in config.plans}:
             raise BadCheckoutRequest("productId is not one of the configured plans' products")
         product_id = str(product)
     ids = {}

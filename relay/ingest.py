@@ -25,7 +25,7 @@ from relay.access import allowed, resolve_client
 from relay.config import Config, SourceConfig
 from relay.errors import SignatureInvalid, StorageUnavailable
 from relay.logs import get_logger
-from relay.mapping import Route, encode, map_event, redact, select
+from relay.mapping import Route, map_event, redact, select
 from relay.metrics import Metrics, event_type_label
 from relay.models import Clock, EventStatus, InboundDraft, IngestOutcome
 from relay.store import Store
@@ -177,9 +177,17 @@ class WebhookIngest:
     async def _accept(
         self, request: web.Request, webhook_id: str, body: bytes, started: float
     ) -> web.Response:
+        stored = body
         try:
             event = json.loads(body)
-        except ValueError:
+            if self._redact and isinstance(event, dict):
+                # Redacted copies are re-encoded; they no longer match the signature (the
+                # stored signature header then only documents what arrived). NaN and Infinity
+                # are written back as read: json.loads took them, the mapping may too.
+                stored = json.dumps(
+                    redact(event, self._redact), separators=(",", ":"), ensure_ascii=False
+                ).encode()
+        except (ValueError, RecursionError):  # RecursionError: nested deeper than json reads
             event = None
         if not isinstance(event, dict) or not isinstance(event.get("type"), str):
             self._count(None, "malformed")
@@ -201,9 +209,7 @@ class WebhookIngest:
             event_type=event_type,
             received_at=self._clock.now(),
             headers={k: request.headers[k] for k in STORED_HEADERS if k in request.headers},
-            # Redacted copies are re-encoded; they no longer match the signature (the stored
-            # signature header then only documents what arrived).
-            body=encode(redact(event, self._redact)) if self._redact else body,
+            body=stored,
             status=mapped.status,
             reason=mapped.reason,
             messages=mapped.messages,

@@ -79,11 +79,15 @@ class PolarApi:
         self.waited_s = 0.0  # time spent honouring Retry-After and pacing
 
     async def _pace(self) -> None:
-        wait = self._last_request_at + self._min_interval_s - time.monotonic()
+        # Take the next free slot before sleeping, so concurrent callers (the workers' payment
+        # checks, checkouts) queue up min_interval_s apart instead of all waking at once.
+        now = time.monotonic()
+        slot = max(now, self._last_request_at + self._min_interval_s)
+        self._last_request_at = slot
+        wait = slot - now
         if wait > 0:
             self.waited_s += wait
             await asyncio.sleep(wait)
-        self._last_request_at = time.monotonic()
 
     async def request(
         self, method: str, path: str, *, params: Any = None, json: Any = None
@@ -139,11 +143,17 @@ class PolarApi:
         if status != 200 or not isinstance(body, dict) or not isinstance(body.get("items"), list):
             raise PolarApiError(f"unexpected answer {status} from {path}", status)
         pagination = body.get("pagination") or {}
+        try:
+            max_page = int(pagination.get("max_page") or 1)
+            total_count = int(pagination.get("total_count") or len(body["items"]))
+        except (AttributeError, TypeError, ValueError):
+            # Polar changed its answer: an error the callers report, not a crash of theirs.
+            raise PolarApiError(f"unreadable pagination from {path}", status) from None
         return Page(
             items=[i for i in body["items"] if isinstance(i, dict)],
             page=int(params.get("page", 1)),
-            max_page=int(pagination.get("max_page") or 1),
-            total_count=int(pagination.get("total_count") or len(body["items"])),
+            max_page=max_page,
+            total_count=total_count,
         )
 
     async def pages(

@@ -112,7 +112,15 @@ def read_checkout(t: Table) -> CheckoutConfig:
             plan_items.append((name, product))
     origins = t.get("allow_origins", list, [])
     for i, origin in enumerate(origins):
-        if not isinstance(origin, str) or http_url(origin) is not None or urlsplit(origin).path:
+        # "https://shop.example/" is forgiven (the slash is stripped below); any other path,
+        # a query or a fragment is not an origin.
+        if (
+            not isinstance(origin, str)
+            or http_url(origin) is not None
+            or urlsplit(origin).path not in ("", "/")
+            or urlsplit(origin).query
+            or urlsplit(origin).fragment
+        ):
             t.problems.append(
                 f"{t.path('allow_origins')}[{i}]: must be an origin like https://shop.example"
             )

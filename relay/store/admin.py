@@ -7,8 +7,6 @@ from __future__ import annotations
 from collections.abc import Iterable, Sequence
 from typing import Any
 
-import aiosqlite
-
 from relay.models import (
     Clock,
     DestinationStats,
@@ -23,7 +21,7 @@ from relay.models import (
     PruneResult,
     StoredEvent,
 )
-from relay.store.writer import Writer
+from relay.store.writer import Db, Writer
 
 _MESSAGE_COLUMNS = (
     "m.id, m.event_id, m.route, m.destination, m.idempotency_key, m.status, m.attempts, "
@@ -93,7 +91,7 @@ class AdminQueries:
             f"WHERE {clause} AND m.status != 'inflight'"
         )
         if dry_run:
-            rows = await self._fetch(f"SELECT COUNT(*) FROM ({selected})", params)
+            rows = await self._fetch(f"SELECT COUNT(*) FROM ({selected}) AS chosen", params)
             return int(rows[0][0])
         now = self._clock.now()
         count = await self._exec(
@@ -244,7 +242,7 @@ class AdminQueries:
         sent again), and the event's status and reason are updated, in one transaction."""
         now = self._clock.now()
 
-        async def work(db: aiosqlite.Connection) -> EnqueueResult:
+        async def work(db: Db) -> EnqueueResult:
             ids, duplicates = [], []
             for m in messages:
                 rows = list(

@@ -19,8 +19,6 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
-import aiosqlite
-
 from relay.errors import StorageError, StorageUnavailable
 from relay.models import (
     ClaimedMessage,
@@ -34,6 +32,7 @@ from relay.models import (
 from relay.store import writer as w
 from relay.store.admin import AdminQueries
 from relay.store.schema import PRAGMAS, ServeLock, connect, migrate
+from relay.store.writer import Db
 
 
 class Store(AdminQueries):
@@ -42,8 +41,8 @@ class Store(AdminQueries):
     def __init__(
         self,
         path: str,
-        reads: aiosqlite.Connection,
-        writes: aiosqlite.Connection,
+        reads: Db,
+        writes: Db,
         clock: Clock,
         max_batch: int,
         lock: ServeLock | None,
@@ -138,9 +137,9 @@ class Store(AdminQueries):
     async def _exec(self, sql: str, params: Sequence[Any] = ()) -> int:
         """One write statement, committed (shared with whatever else is being written)."""
 
-        async def work(db: aiosqlite.Connection) -> int:
+        async def work(db: Db) -> int:
             cursor = await db.execute(sql, params)
-            count = cursor.rowcount
+            count = int(cursor.rowcount)
             await cursor.close()
             return count
 
@@ -211,10 +210,11 @@ class Store(AdminQueries):
         we hold the serve lock), or those whose lease ran out."""
         now = self._clock.now()
         condition = "AND lease_until < ?" if expired_only else ""
-        params: tuple[Any, ...] = (now, now, now) if expired_only else (now, now)
+        params: tuple[Any, ...] = (now, now, now, now) if expired_only else (now, now, now)
         return await self._exec(
             "UPDATE outbound_messages SET status = 'pending', lease_until = NULL, "
-            "lease_token = NULL, next_attempt_at = MIN(next_attempt_at, ?), updated_at = ? "
+            "lease_token = NULL, updated_at = ?, next_attempt_at = CASE WHEN "
+            "next_attempt_at < ? THEN next_attempt_at ELSE ? END "
             f"WHERE status = 'inflight' {condition}",
             params,
         )

@@ -23,8 +23,6 @@ from collections.abc import Awaitable, Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 from typing import Any, TypeVar
 
-import aiosqlite
-
 from relay.errors import StorageUnavailable
 from relay.models import (
     ClaimedMessage,
@@ -36,7 +34,10 @@ from relay.models import (
 )
 
 T = TypeVar("T")
-Work = Callable[[aiosqlite.Connection], Awaitable[Any]]
+# An aiosqlite.Connection, or the PostgreSQL adapter that offers the same calls (execute,
+# execute_fetchall, close) with the same "?" placeholders (relay/store/postgres.py).
+Db = Any
+Work = Callable[[Db], Awaitable[Any]]
 
 # SQLite's default limit is 32766 bound variables per statement; stay far below it.
 ROWS_PER_STATEMENT = 500
@@ -65,7 +66,7 @@ class Writer:
 
     def __init__(
         self,
-        db: aiosqlite.Connection,
+        db: Db,
         clock: Clock,
         *,
         max_batch: int,
@@ -108,7 +109,7 @@ class Writer:
         changed: bool = await self._submit(_Job(self._future(), delivered=(msg, status)))
         return changed
 
-    async def run(self, work: Callable[[aiosqlite.Connection], Awaitable[T]]) -> T:
+    async def run(self, work: Callable[[Db], Awaitable[T]]) -> T:
         result: T = await self._submit(_Job(self._future(), work=work))
         return result
 
@@ -252,9 +253,7 @@ def chunks(rows: Sequence[T]) -> Iterable[Sequence[T]]:
         yield rows[start : start + ROWS_PER_STATEMENT]
 
 
-async def insert_drafts(
-    db: aiosqlite.Connection, drafts: Sequence[InboundDraft], now: float
-) -> list[EnqueueResult]:
+async def insert_drafts(db: Db, drafts: Sequence[InboundDraft], now: float) -> list[EnqueueResult]:
     """Insert events and their messages: two multi-row INSERT ... ON CONFLICT DO NOTHING
     RETURNING statements, so the database decides every duplicate and a batch costs a handful
     of thread hops whatever its size."""
@@ -346,16 +345,20 @@ async def insert_drafts(
 
 
 async def claim(
-    db: aiosqlite.Connection, destination: str, limit: int, lease_s: float, now: float
+    db: Db, destination: str, limit: int, lease_s: float, now: float
 ) -> list[ClaimedMessage]:
     """Lease up to `limit` due messages in one statement (race-free between claimers)."""
     token = secrets.token_hex(8)
+    # Several relays on one PostgreSQL claim concurrently: SKIP LOCKED lets each take rows the
+    # others are not taking, and the outer status check refuses a row claimed meanwhile.
+    # SQLite has one writer at a time and needs neither.
+    skip_locked = " FOR UPDATE SKIP LOCKED" if getattr(db, "dialect", "") == "postgres" else ""
     rows = await db.execute_fetchall(
         "UPDATE outbound_messages SET status = 'inflight', lease_until = ?, lease_token = ?, "
         "attempts = attempts + 1, updated_at = ? "
-        "WHERE id IN (SELECT id FROM outbound_messages WHERE destination = ? "
-        "AND status = 'pending' AND next_attempt_at <= ? "
-        "ORDER BY next_attempt_at, id LIMIT ?) "
+        "WHERE status = 'pending' AND id IN (SELECT id FROM outbound_messages "
+        "WHERE destination = ? AND status = 'pending' AND next_attempt_at <= ? "
+        f"ORDER BY next_attempt_at, id LIMIT ?{skip_locked}) "
         "RETURNING id, destination, idempotency_key, body, attempts, created_at, "
         "retry_from_at, request_id, verify_ref",
         (now + lease_s, token, now, destination, now, limit),
@@ -380,7 +383,7 @@ async def claim(
 
 
 async def mark_delivered(
-    db: aiosqlite.Connection, acks: Sequence[tuple[ClaimedMessage, int]], now: float
+    db: Db, acks: Sequence[tuple[ClaimedMessage, int]], now: float
 ) -> set[int]:
     """Acks grouped by answer status: one statement per status, whatever the count. Returns
     the ids that changed (an ack whose lease token no longer matches changes nothing)."""
@@ -393,17 +396,17 @@ async def mark_delivered(
             rows = await db.execute_fetchall(
                 "UPDATE outbound_messages SET status = 'delivered', delivered_at = ?, "
                 "last_status = ?, last_error = NULL, lease_until = NULL, lease_token = NULL, "
-                "updated_at = ? WHERE status = 'inflight' AND (id, lease_token) IN (VALUES "
-                + ",".join(["(?,?)"] * len(chunk))
+                "updated_at = ? WHERE status = 'inflight' AND (id || ':' || lease_token) IN ("
+                + ",".join(["?"] * len(chunk))
                 + ") RETURNING id",
-                [now, status, now, *(v for m in chunk for v in (m.id, m.lease_token))],
+                [now, status, now, *(f"{m.id}:{m.lease_token}" for m in chunk)],
             )
             changed.update(int(r[0]) for r in rows)
     return changed
 
 
 async def settle(
-    db: aiosqlite.Connection,
+    db: Db,
     msg: ClaimedMessage,
     assignments: str,
     params: tuple[Any, ...],
@@ -417,6 +420,6 @@ async def settle(
         "AND lease_token = ?",
         (*params, now, msg.id, msg.lease_token),
     )
-    changed = cursor.rowcount == 1
+    changed = bool(cursor.rowcount == 1)
     await cursor.close()
     return changed
