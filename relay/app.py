@@ -26,7 +26,7 @@ from relay.logs import get_logger
 from relay.metrics import CONTENT_TYPE, Metrics
 from relay.models import Clock, MessageStatus, SystemClock
 from relay.polar_api import PolarApi, PolarApiError
-from relay.store import BatchStats, Store
+from relay.store import BatchStats, Store, open_store
 from relay.workers import DestinationWorker, Workers
 
 log = get_logger("relay.app")
@@ -75,7 +75,7 @@ def create_app(
     app[CONFIG] = config
     app[METRICS] = Metrics()
     app[CLOCK] = clock or SystemClock()
-    app[DB_PATH] = db_path or config.storage.path
+    app[DB_PATH] = db_path or config.storage.location
     app[POLL_INTERVAL_S] = poll_interval_s
     if config.polar_api.token is not None:
         app.cleanup_ctx.append(_polar_api_ctx)
@@ -135,7 +135,7 @@ async def _polar_api_ctx(app: web.Application) -> AsyncIterator[None]:
 async def _store_ctx(app: web.Application) -> AsyncIterator[None]:
     config = app[CONFIG]
     metrics = app[METRICS]
-    store = await Store.open(
+    store = await open_store(
         app[DB_PATH],
         clock=app[CLOCK],
         busy_timeout_ms=config.storage.busy_timeout_ms,
@@ -150,12 +150,13 @@ async def _store_ctx(app: web.Application) -> AsyncIterator[None]:
             metrics.commit_failures.inc()
 
     store.on_batch = on_batch
-    # We hold the serve lock, so every inflight row belongs to a process that died.
-    recovered = await store.requeue_inflight(expired_only=False)
+    # SQLite: we hold the serve lock, so every inflight row belongs to a process that died.
+    # PostgreSQL: other replicas may own live leases; only expired ones come back.
+    recovered = await store.requeue_inflight(expired_only=not store.exclusive)
     if recovered:
         log.warning("leases_recovered_at_startup", count=recovered)
     app[STORE] = store
-    log.info("store_opened", path=app[DB_PATH], recovered=recovered)
+    log.info("store_opened", path=store.path, recovered=recovered)
     try:
         yield
     finally:

@@ -18,7 +18,7 @@ from collections.abc import Sequence
 from typing import Any
 
 from relay import __version__, logs
-from relay.config import Config, RetentionConfig, load, load_offline, storage_path
+from relay.config import Config, RetentionConfig, Secret, load, load_offline, storage_path
 from relay.errors import ConfigError, RelayError
 from relay.mapping import ObjectRule, ValueRule, format_path
 from relay.models import EventStatus, MessageStatus
@@ -39,7 +39,10 @@ def load_config(args: argparse.Namespace) -> Config:
         server = dataclasses.replace(server, port=args.port)
     storage = config.storage
     if getattr(args, "db", None):
-        storage = dataclasses.replace(storage, path=args.db)
+        if args.db.startswith(("postgresql://", "postgres://")):
+            storage = dataclasses.replace(storage, url=Secret(args.db))
+        else:
+            storage = dataclasses.replace(storage, path=args.db, url=None)
     return dataclasses.replace(config, server=server, storage=storage)
 
 
@@ -210,7 +213,7 @@ def _run_operator(args: argparse.Namespace) -> int:
 
     if args.func_name == "reprocess":
         config = load_config(args)
-        return asyncio.run(operator.run(args, config.storage.path, config.retention, config))
+        return asyncio.run(operator.run(args, config.storage.location, config.retention, config))
     retention = RetentionConfig()
     if not args.db or args.func_name == "prune":
         offline = load_offline(_config_path(args), os.environ)
@@ -238,7 +241,7 @@ async def _reconcile(args: argparse.Namespace, config: Config) -> int:
     from relay.operator import parse_time
     from relay.polar_api import PolarApi
     from relay.reconcile import Reconciler
-    from relay.store import Store
+    from relay.store import open_store
 
     clock = SystemClock()
     now = clock.now()
@@ -250,7 +253,9 @@ async def _reconcile(args: argparse.Namespace, config: Config) -> int:
         if tty:
             print(f"\r\033[K{line}", end="", file=sys.stderr, flush=True)
 
-    store = await Store.open(config.storage.path, busy_timeout_ms=config.storage.busy_timeout_ms)
+    store = await open_store(
+        config.storage.location, busy_timeout_ms=config.storage.busy_timeout_ms
+    )
     try:
         assert config.polar_api.token is not None
         async with aiohttp.ClientSession() as session:
@@ -319,7 +324,10 @@ def build_parser() -> argparse.ArgumentParser:
     )
     common.add_argument("--debug", action="store_true", help="show tracebacks")
     with_db = argparse.ArgumentParser(add_help=False)
-    with_db.add_argument("--db", help="SQLite database path (overrides storage.path)")
+    with_db.add_argument(
+        "--db",
+        help="SQLite database path or postgresql:// URL (overrides storage.path / storage.url)",
+    )
     sub = parser.add_subparsers(dest="command", required=True)
 
     p = sub.add_parser("serve", parents=[common, with_db], help="run the relay")
@@ -387,7 +395,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--since", help="ISO date/time (UTC) or an age like 30m, 6h, 7d")
     p.add_argument("--until", help="ISO date/time (UTC) or an age like 30m, 6h, 7d")
     p.add_argument("--dry-run", action="store_true", help="show what the mapping gives now")
-    p.add_argument("--db", help="SQLite database path (overrides storage.path)")
+    p.add_argument(
+        "--db",
+        help="SQLite database path or postgresql:// URL (overrides storage.path / storage.url)",
+    )
     p.set_defaults(func=_run_operator, func_name="reprocess")
 
     for name, text in (

@@ -63,6 +63,16 @@ class Redactor:
         return self(text[:end])
 
 
+async def _read_up_to(stream: aiohttp.StreamReader, size: int) -> bytes:
+    """Up to `size` bytes of a body, fewer only where it ends. One read() returns whatever
+    arrived so far: a secret split there would be kept cut, unmasked."""
+    chunks = []
+    while size > 0 and (chunk := await stream.read(size)):
+        chunks.append(chunk)
+        size -= len(chunk)
+    return b"".join(chunks)
+
+
 class Sender:
     """Sends messages to one destination."""
 
@@ -88,7 +98,7 @@ class Sender:
                 timeout=self._timeout,
                 allow_redirects=False,
             ) as response:
-                raw = await response.content.read(SNIPPET_BYTES + self._redact.margin)
+                raw = await _read_up_to(response.content, SNIPPET_BYTES + self._redact.margin)
                 return AttemptResult(
                     status=response.status,
                     error=None,

@@ -34,7 +34,7 @@ from relay.errors import RelayError
 from relay.ingest import resolve_lookups
 from relay.mapping import map_event, select
 from relay.models import EventStatus
-from relay.store import Store
+from relay.store import open_store
 from relay.verify import sign
 
 
@@ -72,7 +72,7 @@ async def dry_run(
     found: dict[str, dict[str, Any]] = {}
     notes = []
     if db is not None:
-        store = await Store.open(db)
+        store = await open_store(db)
         try:
             found = await resolve_lookups(store, routes, source, event)
         finally:

@@ -27,7 +27,7 @@ from relay.models import (
     MessageStatus,
     SystemClock,
 )
-from relay.store import Store
+from relay.store import Store, open_store
 
 _AGE = re.compile(r"^(\d+(?:\.\d+)?)\s*([smhd])$")
 _UNIT_S = {"s": 1, "m": 60, "h": 3600, "d": 86400}
@@ -91,7 +91,7 @@ async def run(
     args: argparse.Namespace, db_path: str, retention: RetentionConfig, config: Config | None
 ) -> int:
     """Run one command. `config` is the full config (only `reprocess` needs the routes)."""
-    store = await Store.open(db_path)
+    store = await open_store(db_path)
     try:
         return await _COMMANDS[args.func_name](store, args, Context(retention, config))
     finally:

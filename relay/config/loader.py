@@ -124,6 +124,6 @@ def load_offline(path: str | Path, env: Mapping[str, str]) -> OfflineConfig:
 
 
 def storage_path(path: str | Path, env: Mapping[str, str]) -> str:
-    """Just `storage.path`, for commands that only need the database: they must work without
-    the webhook secrets and write keys in the environment."""
-    return load_offline(path, env).storage.path
+    """Just where the store is (`storage.url`, else `storage.path`), for commands that only
+    need the database: they must work without the webhook secrets and write keys."""
+    return load_offline(path, env).storage.location

@@ -62,9 +62,15 @@ class AdminConfig:
 
 @dataclass(frozen=True, slots=True)
 class StorageConfig:
-    path: str = "relay.db"
+    path: str = "relay.db"  # SQLite (one relay per file)
+    url: Secret | None = None  # postgresql://user:password@host/db (several relays); wins
     busy_timeout_ms: int = 5000
     max_batch: int = 256
+
+    @property
+    def location(self) -> str:
+        """What the store opens: the PostgreSQL URL when set, else the SQLite path."""
+        return self.url.value if self.url is not None else self.path
 
 
 @dataclass(frozen=True, slots=True)

@@ -150,10 +150,25 @@ def read_admin(t: Table) -> AdminConfig:
     return AdminConfig(listen=listen, token=Secret(token) if token else None)
 
 
+def _storage_url(t: Table) -> Secret | None:
+    # The URL may hold a password: never quote it in a message.
+    value = t.get("url", str, "")
+    if not value:
+        return None
+    if not value.startswith(("postgresql://", "postgres://")):
+        t.problems.append(
+            f"{t.path('url')}: must be a postgresql:// URL (or leave it out "
+            "and set path for SQLite)"
+        )
+        return None
+    return Secret(value)
+
+
 def read_storage(t: Table) -> StorageConfig:
     d = StorageConfig()
     s = StorageConfig(
         path=t.get("path", str, d.path, lambda v: None if v else "must not be empty"),
+        url=_storage_url(t),
         busy_timeout_ms=t.get("busy_timeout_ms", int, d.busy_timeout_ms, between(0, 600_000)),
         max_batch=t.get("max_batch", int, d.max_batch, between(1, 2000)),
     )

@@ -36,7 +36,11 @@ from relay.store.writer import Db
 
 
 class Store(AdminQueries):
-    """The outbox. Open with `Store.open`; close with `close`."""
+    """The outbox on SQLite. Open with `Store.open` (or `open_store` for any backend)."""
+
+    # This process alone serves the database (the serve lock): every inflight row found at
+    # start-up belongs to a dead process.
+    exclusive = True
 
     def __init__(
         self,
@@ -46,13 +50,16 @@ class Store(AdminQueries):
         clock: Clock,
         max_batch: int,
         lock: ServeLock | None,
+        *,
+        serve: bool | None = None,
     ) -> None:
         self.path = path
         self._reads = reads
         self._writes = writes
         self._clock = clock
         self._lock = lock
-        self._writer = w.Writer(writes, clock, max_batch=max_batch, serve=lock is not None)
+        serving = lock is not None if serve is None else serve
+        self._writer = w.Writer(writes, clock, max_batch=max_batch, serve=serving)
         # Reads from workers, the metrics handler and lookups share one connection; a lock
         # keeps their statements from interleaving on its thread.
         self._reads_lock = asyncio.Lock()

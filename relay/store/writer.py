@@ -81,6 +81,9 @@ class Writer:
         self._direct_lock = asyncio.Lock()
         self.on_batch = on_batch
         self.on_commit: Callable[[set[str]], None] | None = None
+        # Runs inside each committing transaction with the destinations that got messages
+        # (PostgreSQL: NOTIFY the other replicas).
+        self.publish: Callable[[Db, set[str]], Awaitable[None]] | None = None
         self.last_error: str | None = None
         if serve:
             self._task = asyncio.create_task(self._loop(), name="store-writer")
@@ -231,6 +234,10 @@ class Writer:
             for job in jobs:
                 if job.work is not None:
                     job.result = await job.work(db)
+            if self.publish is not None:
+                destinations = {m.destination for d in drafts if d.draft for m in d.draft.messages}
+                if destinations:
+                    await self.publish(db, destinations)
             await db.execute("COMMIT")
         except BaseException:
             with contextlib.suppress(sqlite3.Error, ValueError):
