@@ -278,6 +278,40 @@ async def _reconcile(args: argparse.Namespace, config: Config) -> int:
     return 0
 
 
+# ---------------------------------------------------------------- migrate
+
+
+def cmd_migrate(args: argparse.Namespace) -> int:
+    return asyncio.run(_migrate(args))
+
+
+async def _migrate(args: argparse.Namespace) -> int:
+    from relay.store import open_store
+
+    location = _db_path(args)
+    if args.from_sqlite:
+        from relay.store.transfer import copy_sqlite_to_postgres
+
+        if not location.startswith(("postgresql://", "postgres://")):
+            raise ConfigError(
+                "--from-sqlite copies INTO PostgreSQL: give --db postgresql://... "
+                "or set storage.url"
+            )
+        result = await copy_sqlite_to_postgres(args.from_sqlite, location)
+        print(
+            f"copied {result.events} events and {result.messages} messages "
+            f"({result.pending} still to deliver, {result.dead} dead) into PostgreSQL; "
+            "now start the relays with storage.url"
+        )
+        return 0
+    store = await open_store(location)
+    try:
+        print(f"schema at version {await store.schema_version()} ({store.path})")
+    finally:
+        await store.close()
+    return 0
+
+
 # ---------------------------------------------------------------- trying it out
 # devtools imports aiohttp; loaded only by these commands.
 
@@ -408,6 +442,15 @@ def build_parser() -> argparse.ArgumentParser:
         p = sub.add_parser(name, parents=[common, with_db], help=text)
         p.add_argument("destination")
         p.set_defaults(func=_run_operator, func_name=name)
+
+    p = sub.add_parser(
+        "migrate",
+        parents=[common, with_db],
+        help="create or upgrade the outbox schema (SQLite or PostgreSQL); with --from-sqlite, "
+        "copy a stopped SQLite relay's outbox into an empty PostgreSQL one",
+    )
+    p.add_argument("--from-sqlite", metavar="PATH", help="the SQLite database to copy")
+    p.set_defaults(func=cmd_migrate)
 
     p = sub.add_parser(
         "reconcile",

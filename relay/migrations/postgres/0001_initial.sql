@@ -49,7 +49,7 @@ CREATE INDEX inbound_events_status ON inbound_events (status, received_at);
 
 CREATE TABLE destination_state (
     destination TEXT PRIMARY KEY,
-    paused      BOOLEAN          NOT NULL,
+    paused      INTEGER          NOT NULL CHECK (paused IN (0, 1)),
     updated_at  DOUBLE PRECISION NOT NULL
 );
 

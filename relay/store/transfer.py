@@ -1,0 +1,123 @@
+"""Moving an installation from SQLite to PostgreSQL without losing a message.
+
+`copy_sqlite_to_postgres` copies every event, message and pause state, ids included, into an
+empty PostgreSQL outbox in one transaction (all or nothing), turns inflight messages back into
+pending ones (their process is gone), and moves the id sequences past the copied ids. It refuses
+while a relay serves the SQLite file (its serve lock is held) and when the target already holds
+events, so it can neither race a live relay nor merge two histories.
+"""
+
+from __future__ import annotations
+
+import sqlite3
+from dataclasses import dataclass
+
+import asyncpg
+
+from relay.errors import StorageError, StoreLocked
+from relay.store.postgres import migrate
+from relay.store.schema import ServeLock
+
+_TABLES = {
+    "inbound_events": (
+        "id",
+        "source",
+        "webhook_id",
+        "event_type",
+        "received_at",
+        "headers_json",
+        "body",
+        "status",
+        "reason",
+        "request_id",
+    ),
+    "outbound_messages": (
+        "id",
+        "event_id",
+        "route",
+        "destination",
+        "idempotency_key",
+        "body",
+        "status",
+        "attempts",
+        "created_at",
+        "retry_from_at",
+        "next_attempt_at",
+        "lease_until",
+        "lease_token",
+        "last_status",
+        "last_error",
+        "delivered_at",
+        "updated_at",
+        "request_id",
+        "verify_ref",
+    ),
+    "destination_state": ("destination", "paused", "updated_at"),
+}
+_BATCH_ROWS = 1000
+
+
+@dataclass(frozen=True, slots=True)
+class TransferResult:
+    events: int
+    messages: int
+    pending: int  # messages still to deliver (pending, including former inflight)
+    dead: int
+
+
+async def copy_sqlite_to_postgres(sqlite_path: str, url: str) -> TransferResult:
+    lock = ServeLock(sqlite_path)
+    try:
+        lock.acquire()
+    except StoreLocked:
+        raise StorageError(
+            f"a relay is serving {sqlite_path}: stop it first (SIGTERM), then migrate"
+        ) from None
+    try:
+        source = sqlite3.connect(f"file:{sqlite_path}?mode=ro", uri=True)
+    except sqlite3.Error as exc:
+        lock.release()
+        raise StorageError(f"cannot open {sqlite_path}: {exc}") from None
+    try:
+        target = await asyncpg.connect(url)
+    except (OSError, asyncpg.PostgresError) as exc:
+        source.close()
+        lock.release()
+        raise StorageError(f"cannot reach PostgreSQL: {type(exc).__name__}") from None
+    try:
+        await migrate(target)
+        if await target.fetchval("SELECT count(*) FROM inbound_events"):
+            raise StorageError("the PostgreSQL outbox is not empty: refusing to merge histories")
+        async with target.transaction():
+            for table, columns in _TABLES.items():
+                await _copy_table(source, target, table, columns)
+            # The process that held these leases is gone: hand them back, attempt not counted.
+            await target.execute(
+                "UPDATE outbound_messages SET status = 'pending', lease_until = NULL, "
+                "lease_token = NULL, attempts = GREATEST(attempts - 1, 0) "
+                "WHERE status = 'inflight'"
+            )
+            for table in ("inbound_events", "outbound_messages"):
+                await target.execute(
+                    f"SELECT setval(pg_get_serial_sequence('{table}', 'id'), "
+                    f"GREATEST((SELECT max(id) FROM {table}), 1))"
+                )
+        counts = await target.fetchrow(
+            "SELECT (SELECT count(*) FROM inbound_events), count(*), "
+            "count(*) FILTER (WHERE status = 'pending'), count(*) FILTER (WHERE status = 'dead') "
+            "FROM outbound_messages"
+        )
+        return TransferResult(int(counts[0]), int(counts[1]), int(counts[2]), int(counts[3]))
+    finally:
+        await target.close()
+        source.close()
+        lock.release()
+
+
+async def _copy_table(
+    source: sqlite3.Connection, target: asyncpg.Connection, table: str, columns: tuple[str, ...]
+) -> None:
+    names = ", ".join(columns)
+    cursor = source.execute(f"SELECT {names} FROM {table} ORDER BY 1")
+    while rows := cursor.fetchmany(_BATCH_ROWS):
+        await target.copy_records_to_table(table, records=rows, columns=list(columns))
