@@ -25,7 +25,7 @@ from relay.ingest import WebhookIngest
 from relay.logs import get_logger
 from relay.metrics import CONTENT_TYPE, Metrics
 from relay.models import Clock, MessageStatus, SystemClock
-from relay.polar_api import PolarApi, PolarApiError
+from relay.polar_api import PolarApi
 from relay.store import BatchStats, Store, open_store
 from relay.workers import DestinationWorker, Workers
 
@@ -239,9 +239,9 @@ async def _reconcile_ctx(app: web.Application) -> AsyncIterator[None]:
                 summary = await Reconciler(app[STORE], config, app[POLAR_API], app[CLOCK]).run(
                     now - config.reconcile.lookback_s, None
                 )
-            except (PolarApiError, StorageUnavailable) as exc:
+            except Exception as exc:  # a failed run must not end the loop: the next one retries
                 metrics.reconcile_runs.labels("failed").inc()
-                log.error("reconcile_failed", error=exc.message)
+                log.error("reconcile_failed", error=f"{type(exc).__name__}: {exc}")
                 continue
             metrics.reconcile_runs.labels("ok").inc()
             metrics.reconcile_enqueued.inc(summary.enqueued)

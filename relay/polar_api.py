@@ -31,6 +31,15 @@ def is_paid(order: dict[str, Any]) -> bool:
     return order.get("paid") is True or order.get("status") in PAID_STATUSES
 
 
+def _refuse_token(status: int, scope: str) -> None:
+    if status in (401, 403):
+        raise PolarApiError(
+            f"Polar refused the access token ({status}): check POLAR_ACCESS_TOKEN and its "
+            f"{scope} scope",
+            status,
+        )
+
+
 class PolarApiError(RelayError):
     """Polar's API did not give a usable answer."""
 
@@ -175,12 +184,14 @@ class PolarApi:
         status, body = await self.request("GET", f"/v1/orders/{order_id}")
         if status == 404:
             return None
+        _refuse_token(status, "orders:read")
         if status != 200 or not isinstance(body, dict):
             raise PolarApiError(f"unexpected answer {status} for order {order_id}", status)
         return body
 
     async def create_checkout(self, payload: dict[str, Any]) -> dict[str, Any]:
         status, body = await self.request("POST", "/v1/checkouts/", json=payload)
+        _refuse_token(status, "checkouts:write")
         if status not in (200, 201) or not isinstance(body, dict) or not body.get("url"):
             raise PolarApiError(f"Polar did not create the checkout ({status})", status)
         return body

@@ -1,0 +1,261 @@
+"""Payment verification: a route with `verify_order` asks the fake Polar API whether the order
+is paid before each delivery to the fake Faurya.
+
+The app runs with a FakeClock: a new message is attempted at once (its commit wakes the
+workers), a retry only once the test moves the clock and drains with `run_until_idle()`.
+"""
+
+from __future__ import annotations
+
+import time
+import tomllib
+import uuid
+from collections.abc import Iterator, MutableMapping
+from pathlib import Path
+from typing import Any
+
+import pytest
+import structlog
+from aiohttp import web
+from aiohttp.test_utils import TestClient
+from pytest_aiohttp import AiohttpClient, AiohttpServer
+
+from relay.app import METRICS, STORE, WORKERS, create_app
+from relay.config import Config, parse
+from relay.errors import ConfigError
+from relay.models import MessageRecord, MessageStatus
+from tests.helpers import (
+    REPO,
+    FakeClock,
+    FakeFaurya,
+    env,
+    fixture_body,
+    order_paid,
+    sign_headers,
+    wait_until,
+)
+from tests.polar_fake import TOKEN, FakePolar, serve
+
+Client = TestClient[web.Request, web.Application]
+LogList = list[MutableMapping[str, Any]]
+WRONG_TOKEN = "polar_oat_REVOKED_verify_token_31"
+
+
+@pytest.fixture(autouse=True)
+def logs(_plain_logs: None) -> Iterator[LogList]:
+    """Every log event of the test; none may hold a Polar token."""
+    with structlog.testing.capture_logs() as captured:
+        yield captured
+    assert [e for e in captured if TOKEN in repr(e) or WRONG_TOKEN in repr(e)] == []
+
+
+@pytest.fixture
+async def polar(aiohttp_server: AiohttpServer) -> FakePolar:
+    return await serve(aiohttp_server)
+
+
+def raw_config(faurya: FakeFaurya, db_path: Path, polar: FakePolar, token: str) -> dict[str, Any]:
+    """The shipped relay.toml with verify_order on the order route, reading the fake Polar."""
+    raw = tomllib.loads((REPO / "relay.toml").read_text())
+    raw["storage"]["path"] = str(db_path)
+    assert raw["routes"][0]["name"] == "polar-order-paid"
+    raw["routes"][0]["verify_order"] = "{data.id}"
+    raw["polar_api"] = {"url": polar.url, "token": token, "min_interval_s": 0}
+    return raw
+
+
+@pytest.fixture
+def config(faurya: FakeFaurya, db_path: Path, polar: FakePolar) -> Config:
+    return parse(raw_config(faurya, db_path, polar, polar.token), env(FAURYA_URL=faurya.url))
+
+
+@pytest.fixture
+def clock() -> FakeClock:
+    return FakeClock(float(int(time.time())))
+
+
+@pytest.fixture
+async def relay(aiohttp_client: AiohttpClient, config: Config, clock: FakeClock) -> Client:
+    return await aiohttp_client(create_app(config, clock=clock, poll_interval_s=30))
+
+
+async def post_order(relay: Client, order_id: str) -> MessageRecord:
+    """A signed order.paid for `order_id`; its committed message."""
+    body = order_paid(order_id)
+    resp = await relay.post("/webhooks/polar", data=body, headers=sign_headers(body))
+    assert resp.status == 202, await resp.text()
+    [message] = [
+        m
+        for m in await relay.app[STORE].list_messages()
+        if m.idempotency_key == f"polar:order:{order_id}"
+    ]
+    return message
+
+
+async def settled(relay: Client, message_id: int) -> MessageRecord:
+    """Run every due attempt, then await the message's bookkeeping."""
+    await relay.app[WORKERS].run_until_idle()
+    store = relay.app[STORE]
+    record: MessageRecord | None = None
+
+    async def not_inflight() -> bool:
+        nonlocal record
+        record = await store.get_message(message_id)
+        return record is not None and record.status is not MessageStatus.INFLIGHT
+
+    await wait_until(not_inflight, timeout_s=5)
+    assert record is not None
+    return record
+
+
+def metric(relay: Client, name: str, **labels: str) -> float:
+    return relay.app[METRICS].registry.get_sample_value(name, labels) or 0.0
+
+
+def checks(relay: Client, outcome: str) -> float:
+    return metric(relay, "relay_payment_checks_total", outcome=outcome)
+
+
+def logged(logs: LogList, name: str) -> list[MutableMapping[str, Any]]:
+    return [e for e in logs if e["event"] == name]
+
+
+async def test_a_paid_order_is_delivered_after_the_check(
+    relay: Client, polar: FakePolar, faurya: FakeFaurya, logs: LogList
+) -> None:
+    """Polar says paid: the purchase goes to Faurya, after one GET of the order."""
+    order = polar.add_order()
+
+    message = await post_order(relay, order["id"])
+    [sent] = await faurya.wait_for(1)
+    record = await settled(relay, message.id)
+
+    assert record.status is MessageStatus.DELIVERED
+    [check] = polar.calls
+    assert (check.method, check.path) == ("GET", f"/v1/orders/{order['id']}")
+    assert check.headers["Authorization"] == f"Bearer {TOKEN}"
+    assert sent.headers["idempotency-key"] == f"polar:order:{order['id']}"
+    assert sent.json["providerPaymentId"] == order["id"]
+    assert checks(relay, "paid") == 1
+    assert checks(relay, "not_paid") == checks(relay, "error") == 0
+    assert len(logged(logs, "delivery_succeeded")) == 1
+
+
+@pytest.mark.parametrize(
+    ("status", "state"), [(None, "unknown to Polar"), ("pending", "pending"), ("void", "void")]
+)
+async def test_an_order_polar_does_not_confirm_is_dead_and_not_sent(
+    relay: Client,
+    polar: FakePolar,
+    faurya: FakeFaurya,
+    logs: LogList,
+    status: str | None,
+    state: str,
+) -> None:
+    """An order Polar does not know (404) or has not been paid for is dead-lettered with
+    "payment not verified", and Faurya hears nothing."""
+    order_id = str(uuid.uuid4())
+    if status is not None:
+        polar.add_order(order_id=order_id, status=status)
+
+    message = await post_order(relay, order_id)
+    record = await settled(relay, message.id)
+
+    assert record.status is MessageStatus.DEAD
+    reason = f"payment not verified: Polar order {order_id} is {state}"
+    assert record.last_error is not None
+    assert record.last_error.startswith(reason)
+    assert faurya.received == []
+    assert len(polar.requests_to(f"/v1/orders/{order_id}")) == 1
+    assert checks(relay, "not_paid") == 1
+    assert checks(relay, "paid") == 0
+    assert metric(relay, "relay_deliveries_total", destination="faurya", outcome="dead") == 1
+    [dead] = logged(logs, "delivery_dead_lettered")
+    assert dead["reason"] == reason
+    assert dead["idempotency_key"] == f"polar:order:{order_id}"
+
+
+async def test_polar_failing_retries_then_delivers_once_it_recovers(
+    relay: Client, polar: FakePolar, faurya: FakeFaurya, clock: FakeClock, logs: LogList
+) -> None:
+    """Polar answering 503 cannot confirm the payment: the message waits for a retry and
+    nothing is sent; once Polar is back and the retry is due, the purchase is delivered."""
+    order = polar.add_order()
+    polar.outage(503, retry_after="0")
+
+    message = await post_order(relay, order["id"])
+    record = await settled(relay, message.id)
+
+    assert record.status is MessageStatus.PENDING
+    assert record.last_error is not None
+    assert record.last_error.startswith(
+        f"payment check failed: Polar answered 503 on /v1/orders/{order['id']}"
+    )
+    assert record.next_attempt_at > clock.now()
+    assert faurya.received == []
+    assert checks(relay, "error") == 1
+    assert metric(relay, "relay_deliveries_total", destination="faurya", outcome="retry") == 1
+    [scheduled] = logged(logs, "delivery_retry_scheduled")
+    assert scheduled["message_id"] == message.id
+
+    polar.recover()
+    clock.advance(record.next_attempt_at - clock.now() + 1)
+    record = await settled(relay, message.id)
+
+    assert record.status is MessageStatus.DELIVERED
+    [sent] = await faurya.wait_for(1)
+    assert sent.headers["idempotency-key"] == f"polar:order:{order['id']}"
+    assert checks(relay, "paid") == 1
+
+
+async def test_polar_refusing_the_token_retries_without_sending(
+    aiohttp_client: AiohttpClient,
+    faurya: FakeFaurya,
+    db_path: Path,
+    polar: FakePolar,
+    clock: FakeClock,
+) -> None:
+    """A refused token cannot confirm anything: retried later (fixing the token fixes it),
+    never sent unverified, and the token is not in the message's error."""
+    order = polar.add_order()
+    raw = raw_config(faurya, db_path, polar, WRONG_TOKEN)
+    app = create_app(parse(raw, env(FAURYA_URL=faurya.url)), clock=clock, poll_interval_s=30)
+    relay = await aiohttp_client(app)
+
+    message = await post_order(relay, order["id"])
+    record = await settled(relay, message.id)
+
+    assert record.status is MessageStatus.PENDING
+    assert record.last_error is not None
+    assert record.last_error.startswith("payment check failed:")
+    assert "401" in record.last_error
+    assert WRONG_TOKEN not in record.last_error
+    assert faurya.received == []
+    assert checks(relay, "error") == 1
+
+
+async def test_routes_without_verify_order_are_not_checked(
+    relay: Client, polar: FakePolar, faurya: FakeFaurya
+) -> None:
+    """The refund route has no verify_order: its message goes out without asking Polar."""
+    body = fixture_body("refund.created.json")
+    resp = await relay.post("/webhooks/polar", data=body, headers=sign_headers(body))
+    assert resp.status == 202
+
+    [sent] = await faurya.wait_for(1)
+
+    assert sent.json["event"] == "refund"
+    assert polar.calls == []
+    assert checks(relay, "paid") == checks(relay, "not_paid") == checks(relay, "error") == 0
+
+
+def test_verify_order_needs_a_token(faurya: FakeFaurya, db_path: Path, polar: FakePolar) -> None:
+    """A route with verify_order and no polar_api.token is a config error naming the key."""
+    raw = raw_config(faurya, db_path, polar, "")
+
+    with pytest.raises(ConfigError) as caught:
+        parse(raw, env(FAURYA_URL=faurya.url))
+
+    assert caught.value.problems == [
+        "polar_api.token: routes with verify_order need a Polar access token"
+    ]
