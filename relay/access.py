@@ -86,7 +86,8 @@ def allowed(ip: str | None, allowlist: Sequence[Network]) -> bool:
 
 
 def bearer_ok(authorization: str | None, token: str) -> bool:
-    """Constant-time check of `Authorization: Bearer <token>`."""
-    if not authorization or not authorization.startswith("Bearer "):
+    """Constant-time check of `Authorization: Bearer <token>` (the scheme in any case)."""
+    scheme, _, offered = (authorization or "").partition(" ")
+    if scheme.lower() != "bearer" or not offered:
         return False
-    return hmac.compare_digest(authorization[len("Bearer ") :].encode(), token.encode())
+    return hmac.compare_digest(offered.encode(), token.encode())

@@ -44,9 +44,14 @@ POLAR_API = web.AppKey("polar_api", PolarApi)
 def secret_values(config: Config) -> list[str]:
     """Every secret the config holds, for redaction of text we store or log."""
     values = [s.value for src in config.sources.values() for s in src.secrets]
+    # A whsec_ secret's key part alone is as secret as the whole string.
+    values += [v.removeprefix("whsec_") for v in values if v.startswith("whsec_")]
     values += [
         h.text for d in config.destinations.values() for h in d.headers if h.shown() == "***"
     ]
+    for token in (config.admin.token, config.polar_api.token, config.storage.url):
+        if token is not None:
+            values.append(token.value)
     return values
 
 

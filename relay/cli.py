@@ -83,6 +83,11 @@ async def serve(config: Config) -> None:
         ssl_context = _ssl_context(server.tls_cert, server.tls_key)
         await web.TCPSite(runner, server.host, server.port, ssl_context=ssl_context).start()
         host, port = _bound(runner)
+        # Handlers first: a SIGTERM sent as soon as relay_listening is seen must stop gracefully.
+        stop = asyncio.Event()
+        loop = asyncio.get_running_loop()
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            loop.add_signal_handler(sig, stop.set)
         fields: dict[str, Any] = {}
         if config.admin.listen:
             admin_runner = web.AppRunner(create_admin_app(app), access_log=None, **limits)
@@ -100,10 +105,6 @@ async def serve(config: Config) -> None:
             destinations=list(config.destinations),
             **fields,
         )
-        stop = asyncio.Event()
-        loop = asyncio.get_running_loop()
-        for sig in (signal.SIGTERM, signal.SIGINT):
-            loop.add_signal_handler(sig, stop.set)
         await stop.wait()
         log.info("relay_stopping", grace_s=server.shutdown_grace_s)
     finally:

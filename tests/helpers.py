@@ -304,3 +304,21 @@ class RelayProcess:
         await self._proc.wait()
         if self._reader is not None:
             await self._reader
+
+
+def stored_form(body: bytes, config: Config) -> bytes:
+    """The raw body as the relay keeps it: re-encoded with `log.redact` paths replaced (the
+    shipped relay.toml redacts customer PII), or untouched when nothing is redacted."""
+    if not config.log.redact:
+        return body
+    from relay.mapping import redact
+
+    event = json.loads(body)
+    return json.dumps(
+        redact(event, config.log.redact), separators=(",", ":"), ensure_ascii=False
+    ).encode()
+
+
+def shipped_redaction() -> Config:
+    """The shipped relay.toml parsed with test env vars (for its log.redact)."""
+    return parse(tomllib.loads((REPO / "relay.toml").read_text()), env())

@@ -559,3 +559,19 @@ def test_trailing_slash_in_faurya_url_does_not_double(faurya_url: str, expected:
     """FAURYA_URL with a trailing slash still gives a single `/` before api/revenue."""
     config: Config = parse(shipped_raw(), env(FAURYA_URL=faurya_url))
     assert config.destinations["faurya"].url == expected
+
+
+def test_redacting_a_path_a_route_reads_is_a_config_error() -> None:
+    """log.redact may not hide a field the mapping needs: reprocess would map "[redacted]"."""
+    raw = shipped_raw((("log", "redact"), ["data.customer.email", "data.metadata"]))
+    assert problems(raw) == [
+        "log.redact[1]: routes.polar-order-paid reads data.metadata.orderId: a redacted "
+        "stored body could not be mapped again by relay reprocess"
+    ]
+
+
+def test_shipped_config_redacts_customer_pii() -> None:
+    """The shipped relay.toml keeps no customer email or address in stored bodies."""
+    config = parse(shipped_raw(), env())
+    assert ("data", "customer", "email") in config.log.redact
+    assert ("data", "billing_address") in config.log.redact

@@ -25,6 +25,7 @@ from relay.config.sections import (
     read_storage,
 )
 from relay.errors import ConfigError, MissingEnvVar
+from relay.mapping import format_path
 
 
 def parse(raw: dict[str, Any], env: Mapping[str, str]) -> Config:
@@ -67,6 +68,22 @@ def parse(raw: dict[str, Any], env: Mapping[str, str]) -> Config:
     names = [r.name for r in routes]
     for n in {n for n in names if names.count(n) > 1}:
         problems.append(f"routes: the name {n!r} is used more than once")
+    for i, redacted in enumerate(log.redact):
+        for route in routes:
+            clash = next(
+                (
+                    p
+                    for p in route.reads()
+                    if p[: len(redacted)] == redacted or redacted[: len(p)] == p
+                ),
+                None,
+            )
+            if clash is not None:
+                problems.append(
+                    f"log.redact[{i}]: routes.{route.name} reads {format_path(clash)}: a "
+                    "redacted stored body could not be mapped again by relay reprocess"
+                )
+                break
     if any(r.verify_order for r in routes) and polar_api.token is None:
         problems.append("polar_api.token: routes with verify_order need a Polar access token")
     top.done()

@@ -19,6 +19,9 @@ class Condition:
     value: Any = None
     children: tuple[Condition, ...] = ()
 
+    def reads(self) -> list[Path]:
+        return [self.path] if self.path else [p for c in self.children for p in c.reads()]
+
     def holds(self, event: Any) -> bool:
         if self.op == "all":
             return all(c.holds(event) for c in self.children)

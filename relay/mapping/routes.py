@@ -40,6 +40,14 @@ class Route:
     lookups: tuple[Lookup, ...] = ()
     verify_order: Template | None = None  # confirm this Polar order is paid before sending
 
+    def reads(self) -> list[Path]:
+        """Every event path the route reads (to keep redaction away from them)."""
+        found = self.body.reads() + self.idempotency_key.reads()
+        found += self.when.reads() if self.when is not None else []
+        found += self.verify_order.reads() if self.verify_order is not None else []
+        found += [p for item in self.lookups for p in item.key.reads()]
+        return [p for p in found if p[:1] != ("lookup",)]
+
     def lookup_keys(self, event: Any) -> list[tuple[str, str, str]]:
         """(name, destination, key) of each lookup whose key renders for this event."""
         keys = []

@@ -21,6 +21,9 @@ class Template:
     text: str
     pieces: tuple[str | Path, ...]
 
+    def reads(self) -> list[Path]:
+        return [piece for piece in self.pieces if not isinstance(piece, str)]
+
     def render(self, event: Any, where: str) -> str:
         out: list[str] = []
         for piece in self.pieces:

@@ -90,6 +90,15 @@ class ValueRule:
             return MISSING
         return self.const
 
+    def reads(self) -> list[Path]:
+        """Every event path this rule reads."""
+        found = list(self.paths)
+        if self.template is not None:
+            found += self.template.reads()
+        if self.units is not None:
+            found.append(self.units[1])
+        return found
+
     def _describe(self) -> str:
         if self.template is not None:
             return f"template {self.template.text!r}"
@@ -103,6 +112,9 @@ class ObjectRule:
     """A JSON object: field name -> rule, in the order written in relay.toml."""
 
     fields: tuple[tuple[str, ValueRule | ObjectRule], ...]
+
+    def reads(self) -> list[Path]:
+        return [p for _, rule in self.fields for p in rule.reads()]
 
     def evaluate(self, event: Any, where: str) -> dict[str, Any]:
         return {name: rule.evaluate(event, f"{where}.{name}") for name, rule in self.fields}

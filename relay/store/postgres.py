@@ -136,7 +136,8 @@ class PgStore(Store):
                     await asyncpg.connect(url, timeout=timeout_s, command_timeout=60)
                 )
             await migrate(connections[0])
-        except (OSError, asyncpg.PostgresError, TimeoutError) as exc:
+        # ValueError: a malformed URL (a bad port, sslmode): one line, not a traceback.
+        except (OSError, asyncpg.PostgresError, TimeoutError, ValueError) as exc:
             for conn in connections:
                 with contextlib.suppress(Exception):
                     await conn.close()
@@ -178,5 +179,6 @@ class PgStore(Store):
 
 
 def _safe(url: str) -> str:
-    """The URL without its password, for messages and logs."""
-    return re.sub(r"(://[^:/@]+):[^@]*@", r"\1:***@", url)
+    """The URL without its password (user:password@ or ?password=), for messages and logs."""
+    url = re.sub(r"(://[^:/@]*):[^@]*@", r"\1:***@", url)
+    return re.sub(r"(?i)([?&]password=)[^&]*", r"\1***", url)

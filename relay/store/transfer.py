@@ -80,7 +80,7 @@ async def copy_sqlite_to_postgres(sqlite_path: str, url: str) -> TransferResult:
         raise StorageError(f"cannot open {sqlite_path}: {exc}") from None
     try:
         target = await asyncpg.connect(url)
-    except (OSError, asyncpg.PostgresError) as exc:
+    except (OSError, asyncpg.PostgresError, ValueError) as exc:  # ValueError: a malformed URL
         source.close()
         lock.release()
         raise StorageError(f"cannot reach PostgreSQL: {type(exc).__name__}") from None

@@ -359,11 +359,15 @@ async def claim(
     # Several relays on one PostgreSQL claim concurrently: SKIP LOCKED lets each take rows the
     # others are not taking, and the outer status check refuses a row claimed meanwhile.
     # SQLite has one writer at a time and needs neither.
-    skip_locked = " FOR UPDATE SKIP LOCKED" if getattr(db, "dialect", "") == "postgres" else ""
+    # PostgreSQL runs the subquery once (an InitPlan, "= ANY(ARRAY(...))"): as "IN (...)" the
+    # planner may rescan it for each row, every rescan skipping the rows this UPDATE already
+    # took, and one claim then leased more than `limit` messages.
+    postgres = getattr(db, "dialect", "") == "postgres"
+    chosen, skip_locked = ("= ANY(ARRAY(", " FOR UPDATE SKIP LOCKED)") if postgres else ("IN (", "")
     rows = await db.execute_fetchall(
         "UPDATE outbound_messages SET status = 'inflight', lease_until = ?, lease_token = ?, "
         "attempts = attempts + 1, updated_at = ? "
-        "WHERE status = 'pending' AND id IN (SELECT id FROM outbound_messages "
+        f"WHERE status = 'pending' AND id {chosen}SELECT id FROM outbound_messages "
         "WHERE destination = ? AND status = 'pending' AND next_attempt_at <= ? "
         f"ORDER BY next_attempt_at, id LIMIT ?{skip_locked}) "
         "RETURNING id, destination, idempotency_key, body, attempts, created_at, "
