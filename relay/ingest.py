@@ -21,6 +21,7 @@ from typing import Any
 import structlog
 from aiohttp import web
 
+from relay import codec
 from relay.access import allowed, resolve_client
 from relay.config import Config, SourceConfig
 from relay.errors import SignatureInvalid, StorageUnavailable
@@ -108,21 +109,10 @@ class WebhookIngest:
             structlog.contextvars.unbind_contextvars("request_id", "source")
 
     async def _handle(self, request: web.Request) -> web.Response:
-        client = resolve_client(
-            request.remote,
-            request.headers.get("x-forwarded-for"),
-            request.headers.get("x-forwarded-proto"),
-            tls=request.secure,  # aiohttp: https only when this connection itself is TLS
-            trusted_proxies=self._server.trusted_proxies,
-        )
-        if not allowed(client.ip, self.source.allow_ips):
-            self._count(None, "forbidden")
-            log.warning("webhook_forbidden", client_ip=client.ip, reason="not in allow_ips")
-            return _answer(403, error="source address not allowed")
-        if self._server.require_https and not client.https:
-            self._count(None, "https_required")
-            log.warning("webhook_forbidden", client_ip=client.ip, reason="not over https")
-            return _answer(403, error="https required")
+        if self.source.allow_ips or self._server.require_https:
+            refused = self._refuse(request)
+            if refused is not None:
+                return refused
         length = request.content_length
         if length is not None and length > self._max_body_bytes:
             return self._too_large(length)
@@ -135,7 +125,7 @@ class WebhookIngest:
         except TimeoutError:
             self._count(None, "timeout")
             log.warning(
-                "webhook_body_timeout", client_ip=client.ip, timeout_s=self._server.body_timeout_s
+                "webhook_body_timeout", remote=request.remote, timeout_s=self._server.body_timeout_s
             )
             return _answer(408, error="request body too slow")
         started = time.perf_counter()
@@ -160,6 +150,25 @@ class WebhookIngest:
         finally:
             structlog.contextvars.unbind_contextvars("webhook_id")
 
+    def _refuse(self, request: web.Request) -> web.Response | None:
+        """The allowlist and the HTTPS requirement (computed only when configured)."""
+        client = resolve_client(
+            request.remote,
+            request.headers.get("x-forwarded-for"),
+            request.headers.get("x-forwarded-proto"),
+            tls=request.secure,  # aiohttp: https only when this connection itself is TLS
+            trusted_proxies=self._server.trusted_proxies,
+        )
+        if not allowed(client.ip, self.source.allow_ips):
+            self._count(None, "forbidden")
+            log.warning("webhook_forbidden", client_ip=client.ip, reason="not in allow_ips")
+            return _answer(403, error="source address not allowed")
+        if self._server.require_https and not client.https:
+            self._count(None, "https_required")
+            log.warning("webhook_forbidden", client_ip=client.ip, reason="not over https")
+            return _answer(403, error="https required")
+        return None
+
     def _store_failed(self, event_type: str, error: str) -> web.Response:
         self._count(event_type, "storage_error")
         log.error("webhook_store_failed", event_type=event_type, error=error)
@@ -179,15 +188,12 @@ class WebhookIngest:
     ) -> web.Response:
         stored = body
         try:
-            event = json.loads(body)
+            event, fast = codec.loads(body)
             if self._redact and isinstance(event, dict):
                 # Redacted copies are re-encoded; they no longer match the signature (the
-                # stored signature header then only documents what arrived). NaN and Infinity
-                # are written back as read: json.loads took them, the mapping may too.
-                stored = json.dumps(
-                    redact(event, self._redact), separators=(",", ":"), ensure_ascii=False
-                ).encode()
-        except (ValueError, RecursionError):  # RecursionError: nested deeper than json reads
+                # stored signature header then only documents what arrived).
+                stored = codec.dumps(redact(event, self._redact), fast)
+        except (ValueError, RecursionError):  # not JSON (NaN, too deep, ...): 400 below
             event = None
         if not isinstance(event, dict) or not isinstance(event.get("type"), str):
             self._count(None, "malformed")

@@ -11,6 +11,7 @@ import logging
 import sys
 from typing import Any
 
+import orjson
 import structlog
 
 _LEVELS = {
@@ -25,7 +26,7 @@ def configure(level: str = "info", fmt: str = "auto", stream: Any = None) -> Non
     stream = stream or sys.stderr
     use_json = fmt == "json" or (fmt == "auto" and not stream.isatty())
     renderer: Any = (
-        structlog.processors.JSONRenderer()
+        structlog.processors.JSONRenderer(serializer=_json_line)
         if use_json
         else structlog.dev.ConsoleRenderer(colors=stream.isatty())
     )
@@ -42,6 +43,11 @@ def configure(level: str = "info", fmt: str = "auto", stream: Any = None) -> Non
         # Not cached, so structlog.testing.capture_logs() sees every logger in tests.
         cache_logger_on_first_use=False,
     )
+
+
+def _json_line(event: Any, **_: Any) -> str:
+    # orjson: a log line per webhook and per delivery is on the hot path (see relay/codec.py).
+    return orjson.dumps(event, default=str, option=orjson.OPT_NON_STR_KEYS).decode()
 
 
 def get_logger(name: str) -> Any:

@@ -7,9 +7,9 @@ relay to other receivers too, and only revenue calls are counted as revenue.
 
 from __future__ import annotations
 
-import json
 from dataclasses import dataclass
 
+from relay import codec
 from relay.currency import exponent
 
 TROUBLESHOOTING = "README.md#revenue-shows-as-unattributed"
@@ -25,7 +25,7 @@ class RevenueFacts:
 
 def facts(body: bytes) -> RevenueFacts | None:
     try:
-        payload = json.loads(body)
+        payload, _ = codec.loads(body)
     except ValueError:
         return None
     if not isinstance(payload, dict) or payload.get("event") not in ("purchase", "refund"):

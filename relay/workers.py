@@ -62,6 +62,8 @@ class DestinationWorker:
         self._main: asyncio.Task[None] | None = None
         self._stopping = False
         self.paused = destination.paused
+        self.sleeping = False  # waiting for a wake-up (a commit, a finished attempt) or a timer
+        self._refill_at = max(1, destination.concurrency // 4)
         self._pause_checked_at = -1e18  # loop time of the last read of the pause override
 
     @property
@@ -83,7 +85,9 @@ class DestinationWorker:
             try:
                 if await self._check_paused(loop.time()):
                     pass  # paused: messages wait in the outbox, none is dropped
-                elif await self._fill():
+                elif await self._fill() and not self._attempts:
+                    # Idle: sleep until the next retry is due. (While attempts run, each one
+                    # that ends wakes us, and the claim then takes whatever has come due.)
                     due_at = await self._store.next_due_at(name)
                     if due_at is not None:
                         timeout_s = min(timeout_s, max(0.0, due_at - self._clock.now()))
@@ -97,8 +101,13 @@ class DestinationWorker:
                     "worker_loop_error", destination=name, error=f"{type(exc).__name__}: {exc}"
                 )
             if timeout_s > 0:
-                with contextlib.suppress(TimeoutError):
-                    await asyncio.wait_for(self._wake.wait(), timeout=timeout_s)
+                self.sleeping = True
+                try:
+                    with contextlib.suppress(TimeoutError):
+                        async with asyncio.timeout(timeout_s):
+                            await self._wake.wait()
+                finally:
+                    self.sleeping = False
         log.info("worker_stopped", destination=name)
 
     async def _check_paused(self, now: float) -> bool:
@@ -123,7 +132,8 @@ class DestinationWorker:
         """Claim as many due messages as there are free slots. True when slots remain free
         (nothing more is due), False when the pool is full."""
         free = self.destination.concurrency - len(self._attempts)
-        if free <= 0:
+        # Refill in chunks while attempts run (a claim is a write), one by one only when idle.
+        if free <= 0 or (self._attempts and free < self._refill_at):
             return False
         claimed = await self._store.claim(self.destination.name, free, self.destination.lease_s)
         for msg in claimed:

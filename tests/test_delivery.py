@@ -14,7 +14,7 @@ import socket
 import sqlite3
 import time
 import uuid
-from collections.abc import AsyncIterator, Callable, Iterator, MutableMapping
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator, MutableMapping
 from datetime import UTC, datetime
 from email.utils import format_datetime
 from pathlib import Path
@@ -464,17 +464,14 @@ async def test_operator_retry_resends_a_dead_message(
 # ---------------------------------------------------------------- timing and shutdown
 
 
-async def worker_asleep() -> bool:
-    """True when the faurya worker loop waits for a wake-up (its `asyncio.wait_for` on the
-    wake event), rather than looking at the outbox."""
-    [task] = [t for t in asyncio.all_tasks() if t.get_name() == "worker-faurya"]
-    awaited: Any = task.get_coro()
-    while awaited is not None:
-        code = getattr(awaited, "cr_code", None)
-        if code is not None and code.co_name == "wait_for":
-            return True
-        awaited = getattr(awaited, "cr_await", None)
-    return False
+def worker_asleep(relay: Client) -> Callable[[], Awaitable[bool]]:
+    """A condition: the faurya worker loop waits for a wake-up, rather than looking at the
+    outbox."""
+
+    async def asleep() -> bool:
+        return relay.app[WORKERS].by_destination["faurya"].sleeping
+
+    return asleep
 
 
 async def test_new_message_is_sent_without_waiting_for_a_poll(
@@ -484,7 +481,7 @@ async def test_new_message_is_sent_without_waiting_for_a_poll(
     relay = await start(real_clock=True, poll_interval_s=30)
     # Post only once the worker sleeps: a commit landing during its first look at the outbox
     # would be found without any wake-up, and the test could not fail.
-    await wait_until(worker_asleep, timeout_s=2)
+    await wait_until(worker_asleep(relay), timeout_s=2)
 
     message = await post_order(relay)
     [call] = await faurya.wait_for(1, timeout_s=2)
