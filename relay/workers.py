@@ -173,7 +173,10 @@ class DestinationWorker:
             retry_after_s=retry.parse_retry_after(result.retry_after, now),
             rand=self._rand(),
         )
-        await self._shielded(self._record(msg, result, outcome))
+        # The slot frees now: the bookkeeping write runs on, tracked (stop() and
+        # run_until_idle() wait for it), so the next claim shares the writer's commit with
+        # this ack instead of waiting a commit for it.
+        self._background(self._record(msg, result, outcome))
 
     async def _check_payment(self, msg: ClaimedMessage) -> tuple[AttemptResult, Outcome] | None:
         """Confirm with Polar that the order is paid before sending (routes with
@@ -216,6 +219,11 @@ class DestinationWorker:
             AttemptResult(None, reason, None, "", time.perf_counter() - started),
             Dead(reason, None),
         )
+
+    def _background(self, coro: Coroutine[Any, Any, None]) -> None:
+        task = asyncio.create_task(coro)
+        self._writes.add(task)
+        task.add_done_callback(self._writes.discard)
 
     async def _shielded(self, coro: Coroutine[Any, Any, None]) -> None:
         task = asyncio.create_task(coro)
@@ -315,6 +323,7 @@ class DestinationWorker:
             if not claimed:
                 return
             await asyncio.gather(*(self._attempt(m) for m in claimed))
+            await asyncio.gather(*set(self._writes))
 
     async def stop(self, grace_s: float) -> None:
         """Stop claiming; give in-flight attempts `grace_s` to finish; release the rest."""
