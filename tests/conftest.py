@@ -68,3 +68,7 @@ def store_of(client: TestClient[web.Request, web.Application]) -> Store:
 
 def workers_of(client: TestClient[web.Request, web.Application]) -> Workers:
     return client.app[WORKERS]
+
+
+# The PostgreSQL fixtures (pg_server, pg_url: a fresh database per test), for every module.
+pytest_plugins = ["tests.pg"]

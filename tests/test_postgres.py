@@ -1,0 +1,671 @@
+"""What only the PostgreSQL backend does: several relays on one database.
+
+Against a real server (tests/pg.py: a fresh database per test; skipped with the reason when
+there is no server): migrations under an advisory lock, claims with FOR UPDATE SKIP LOCKED
+across stores, LISTEN/NOTIFY wake-ups between stores, start-up that leaves live leases of other
+replicas alone, `relay migrate` (schema, and --from-sqlite to move an installation), and URLs
+whose password never reaches a message or a log. The behaviour both backends share is pinned
+in tests/test_store_contract.py.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import dataclasses
+import signal
+import sqlite3
+import time
+import uuid
+from collections.abc import AsyncIterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import asyncpg
+import pytest
+import structlog
+from pytest_aiohttp import AiohttpClient
+
+from relay.app import METRICS, STORE, create_app
+from relay.config import Config
+from relay.models import (
+    Dead,
+    EventFilter,
+    EventStatus,
+    InboundDraft,
+    IngestOutcome,
+    MessageStatus,
+    OutboundDraft,
+    RetryLater,
+)
+from relay.store import Store, open_store
+from relay.store import migrations as sqlite_migrations
+from relay.store.postgres import PgStore, _safe
+from relay.store.postgres import migrations as postgres_migrations
+from tests.helpers import (
+    REPO,
+    FakeClock,
+    FakeFaurya,
+    RelayProcess,
+    env,
+    order_paid,
+    process_env,
+    relay_command,
+    sign_headers,
+)
+from tests.pg import create_database, drop_database, free_port, pg_rows, relay_on
+
+# An hour ago: recent enough that the retention of a relay started in a test keeps it all.
+T0 = float(int(time.time()) - 3600)
+DEST = "faurya"
+LEASE_S = 30.0
+PASSWORD = "s3cret-pw"
+LATEST = max(version for version, _ in postgres_migrations())
+
+
+# ------------------------------------------------------------------ helpers
+
+
+def purchase(key: str) -> bytes:
+    """A revenue call body as the shipped mapping makes it (the relay sends bytes as stored)."""
+    return (
+        f'{{"event":"purchase","amount":4410,"currency":"USD","orderId":"{key}",'
+        f'"provider":"polar","providerPaymentId":"{key}"}}'
+    ).encode()
+
+
+def draft(webhook_id: str, *keys: str, status: EventStatus = EventStatus.ROUTED) -> InboundDraft:
+    return InboundDraft(
+        source="polar",
+        webhook_id=webhook_id,
+        event_type="order.paid",
+        received_at=T0,
+        headers={"webhook-id": webhook_id},
+        body=f'{{"type": "order.paid", "id": "{webhook_id}"}}'.encode(),
+        status=status,
+        reason=None if status is EventStatus.ROUTED else "no route selects it",
+        messages=tuple(
+            OutboundDraft("polar-order-paid", DEST, f"polar:order:{k}", purchase(k)) for k in keys
+        ),
+    )
+
+
+async def seed(store: Store, *keys: str) -> list[int]:
+    ids: list[int] = []
+    for key in keys:
+        result = await store.enqueue(draft(f"wh_{key}", key))
+        assert result.outcome is IngestOutcome.ACCEPTED
+        ids.extend(result.message_ids)
+    return ids
+
+
+@contextlib.asynccontextmanager
+async def opened(location: str, clock: FakeClock, *, serve: bool) -> AsyncIterator[Store]:
+    store = await open_store(location, clock=clock, serve=serve)
+    try:
+        yield store
+    finally:
+        await store.close()
+
+
+@dataclass(frozen=True)
+class Run:
+    code: int
+    out: str
+    err: str
+
+
+async def relay_cli(*args: str, cwd: Path) -> Run:
+    """The installed `relay` command, to completion (no relay variable in its environment)."""
+    proc = await asyncio.create_subprocess_exec(
+        relay_command(),
+        *args,
+        cwd=cwd,
+        env=process_env(),
+        stdin=asyncio.subprocess.DEVNULL,
+        stdout=asyncio.subprocess.PIPE,
+        stderr=asyncio.subprocess.PIPE,
+    )
+    try:
+        async with asyncio.timeout(30):
+            out, err = await proc.communicate()
+    finally:
+        if proc.returncode is None:
+            proc.kill()
+            await proc.wait()
+    assert proc.returncode is not None
+    return Run(proc.returncode, out.decode(), err.decode())
+
+
+async def table_exists(url: str, table: str) -> bool:
+    [(found,)] = await pg_rows(url, "SELECT to_regclass($1) IS NOT NULL", f"public.{table}")
+    return bool(found)
+
+
+@pytest.fixture
+def clock() -> FakeClock:
+    return FakeClock(T0)
+
+
+# ------------------------------------------------------------------ schema
+
+
+async def test_three_concurrent_opens_apply_each_migration_once(
+    pg_url: str, clock: FakeClock
+) -> None:
+    """Three stores opening an empty database at once (as three relays starting together)
+    all come up at the latest schema, and each migration ran exactly once."""
+    stores = await asyncio.gather(
+        open_store(pg_url, clock=clock, serve=True),
+        open_store(pg_url, clock=clock, serve=True),
+        open_store(pg_url, clock=clock, serve=False),
+    )
+    try:
+        assert [await s.schema_version() for s in stores] == [LATEST] * 3
+        assert all(isinstance(s, PgStore) for s in stores)
+    finally:
+        for store in stores:
+            await store.close()
+
+    applied = await pg_rows(pg_url, "SELECT version, count(*) FROM relay_schema GROUP BY 1")
+    assert sorted(applied) == [(version, 1) for version, _ in postgres_migrations()]
+    async with opened(pg_url, clock, serve=True) as again:  # reopening applies nothing
+        assert await again.schema_version() == LATEST
+    assert await pg_rows(pg_url, "SELECT count(*) FROM relay_schema") == [(len(applied),)]
+
+
+async def test_the_postgresql_schema_has_the_sqlite_tables_columns_and_indexes(
+    pg_url: str, tmp_path: Path, clock: FakeClock
+) -> None:
+    """Both backends' migrations end in the same tables, columns and named indexes, and the
+    same uniqueness rules (webhook-id per source, key per destination)."""
+    sqlite_path = tmp_path / "relay.db"
+    async with opened(str(sqlite_path), clock, serve=False) as store:
+        assert await store.schema_version() == max(v for v, _ in sqlite_migrations())
+    async with opened(pg_url, clock, serve=False):
+        pass
+
+    with contextlib.closing(sqlite3.connect(sqlite_path)) as db:
+        sqlite_columns = set(
+            db.execute(
+                "SELECT m.name, p.name FROM sqlite_master m JOIN pragma_table_info(m.name) p "
+                "WHERE m.type = 'table'"
+            )
+        )
+        sqlite_indexes = set(
+            db.execute(
+                "SELECT tbl_name, name FROM sqlite_master WHERE type = 'index' "
+                "AND name NOT LIKE 'sqlite_autoindex_%'"
+            )
+        )
+    pg_columns = set(
+        await pg_rows(
+            pg_url,
+            "SELECT table_name, column_name FROM information_schema.columns "
+            "WHERE table_schema = 'public' AND table_name != 'relay_schema'",
+        )
+    )
+    pg_indexes = set(
+        await pg_rows(
+            pg_url,
+            "SELECT tablename, indexname FROM pg_indexes WHERE schemaname = 'public' "
+            "AND indexname NOT LIKE '%_pkey' AND indexname NOT LIKE '%_key'",
+        )
+    )
+    assert pg_columns == sqlite_columns
+    assert pg_indexes == sqlite_indexes
+    unique = await pg_rows(
+        pg_url,
+        "SELECT conrelid::regclass::text, pg_get_constraintdef(oid) FROM pg_constraint "
+        "WHERE contype = 'u' AND connamespace = 'public'::regnamespace ORDER BY 1",
+    )
+    assert unique == [
+        ("inbound_events", "UNIQUE (source, webhook_id)"),
+        ("outbound_messages", "UNIQUE (destination, idempotency_key)"),
+    ]
+
+
+async def test_durability_and_size_are_reported_from_the_server(
+    pg_url: str, clock: FakeClock
+) -> None:
+    """pragmas() reports synchronous_commit (on: a commit returns once its WAL is flushed),
+    and db_size_bytes() the database's size."""
+    async with opened(pg_url, clock, serve=True) as store:
+        assert await store.pragmas() == {"synchronous_commit": "on"}
+        assert await store.db_size_bytes() > 0
+        assert store.exclusive is False
+
+
+# ------------------------------------------------------------------ several stores, one database
+
+
+async def test_two_serving_stores_never_claim_the_same_message(
+    pg_url: str, clock: FakeClock
+) -> None:
+    """Two serving stores (two relays) claiming concurrently, many claims each, split every
+    due message between them without overlap, and no claim exceeds its limit."""
+    async with (
+        opened(pg_url, clock, serve=True) as first,
+        opened(pg_url, clock, serve=True) as second,
+    ):
+        ids = await seed(first, *(f"order-{n}" for n in range(200)))
+        claims = await asyncio.gather(
+            *(store.claim(DEST, 5, LEASE_S) for _ in range(30) for store in (first, second))
+        )
+        assert max(len(batch) for batch in claims) <= 5
+        claimed = [m.id for batch in claims for m in batch]
+        assert len(claimed) == len(set(claimed)) == 200
+        assert sorted(claimed) == sorted(ids)
+        from_first = {m.id for batch in claims[0::2] for m in batch}
+        from_second = {m.id for batch in claims[1::2] for m in batch}
+        assert from_first  # both took a share
+        assert from_second
+        assert (await second.stats(DEST)).counts[MessageStatus.INFLIGHT] == 200
+        # Each settles its own claims; the other's token is worthless to it.
+        mine = next(batch[0] for batch in claims[0::2] if batch)
+        assert await first.mark_delivered(mine, 200)
+        assert not await second.mark_delivered(mine, 200)
+
+
+async def test_a_commit_on_one_store_wakes_the_workers_of_another(
+    pg_url: str, clock: FakeClock
+) -> None:
+    """An enqueue committed by store A reaches store B's on_commit (LISTEN/NOTIFY) with the
+    destination, without B polling; a non-serving store listens to nothing."""
+    async with (
+        opened(pg_url, clock, serve=True) as writer,
+        opened(pg_url, clock, serve=True) as listener,
+        opened(pg_url, clock, serve=False) as operator,
+    ):
+        woken: list[set[str]] = []
+        unwoken: list[set[str]] = []
+        arrived = asyncio.Event()
+
+        def on_commit(destinations: set[str]) -> None:
+            woken.append(destinations)
+            arrived.set()
+
+        listener.on_commit = on_commit
+        operator.on_commit = unwoken.append
+
+        await writer.enqueue(draft("wh_1", "order-1"))
+        async with asyncio.timeout(5):
+            await arrived.wait()
+        assert woken == [{DEST}]
+
+        arrived.clear()
+        await writer.enqueue(draft("wh_2", status=EventStatus.IGNORED))
+        await writer.enqueue(draft("wh_3", "order-3"))
+        async with asyncio.timeout(5):
+            await arrived.wait()
+        # Notifications arrive in commit order: the ignored event's commit sent none.
+        assert woken == [{DEST}, {DEST}]
+        assert unwoken == []
+
+
+async def test_a_serving_open_requeues_only_expired_leases_of_other_relays(
+    pg_url: str, clock: FakeClock, config: Config, faurya: FakeFaurya, aiohttp_client: AiohttpClient
+) -> None:
+    """A relay starting on a shared database leaves another relay's live lease alone and takes
+    back only leases that ran out (logged), then delivers those; the live owner still acks."""
+    async with opened(pg_url, clock, serve=True) as other_relay:
+        await seed(other_relay, "expired", "live")
+        [expired] = await other_relay.claim(DEST, 1, 10)
+        [live] = await other_relay.claim(DEST, 1, 1000)
+        assert (live.idempotency_key, expired.idempotency_key) == (
+            "polar:order:live",
+            "polar:order:expired",
+        )
+        clock.advance(11)
+
+        with structlog.testing.capture_logs() as logs:
+            client = await aiohttp_client(
+                create_app(config, clock=clock, db_path=pg_url, poll_interval_s=0.05)
+            )
+            [call] = await faurya.wait_for(1)
+
+        store = client.app[STORE]
+        assert store.exclusive is False
+        assert [e["recovered"] for e in logs if e["event"] == "store_opened"] == [1]
+        assert [e["count"] for e in logs if e["event"] == "leases_recovered_at_startup"] == [1]
+        assert call.headers["idempotency-key"] == "polar:order:expired"
+        assert call.body == purchase("expired")
+        row = await store.get_message(live.id)
+        assert row is not None
+        assert (row.status, row.lease_until) == (MessageStatus.INFLIGHT, T0 + 1000)
+        assert await other_relay.mark_delivered(live, 200)  # its owner's lease held
+        assert len(faurya.received) == 1
+
+
+async def test_a_lost_database_connection_answers_503_and_turns_the_relay_unready(
+    pg_url: str, pg_server: str, config: Config, aiohttp_client: AiohttpClient
+) -> None:
+    """When the server drops the relay's connections (a PostgreSQL restart or failover), a
+    webhook is answered 503 with Retry-After (Polar retries it) and nothing is stored,
+    `/readyz` says not ready, and the failure is logged and counted. The relay does not
+    reconnect: it stays unready until restarted (docs/postgres.md)."""
+    client = await aiohttp_client(create_app(config, db_path=pg_url, poll_interval_s=0.05))
+    assert (await client.get("/readyz")).status == 200
+    name = pg_url.rsplit("/", 1)[1]
+    admin = await asyncpg.connect(pg_server)
+    try:
+        await admin.execute(
+            "SELECT pg_terminate_backend(pid) FROM pg_stat_activity WHERE datname = $1", name
+        )
+    finally:
+        await admin.close()
+    body = order_paid("3f9a1c2e-7b4d-4e8f-9a0b-1c2d3e4f5a6b")
+
+    with structlog.testing.capture_logs() as logs:
+        resp = await client.post("/webhooks/polar", data=body, headers=sign_headers(body))
+        ready = await client.get("/readyz")
+
+    assert (resp.status, resp.headers["Retry-After"]) == (503, "5")
+    failed = [e for e in logs if e["event"] == "webhook_store_failed"]
+    assert [e["event_type"] for e in failed] == ["order.paid"]
+    assert "connection" in failed[0]["error"]
+    assert (
+        client.app[METRICS].registry.get_sample_value(
+            "relay_webhooks_received_total",
+            {"source": "polar", "event_type": "order.paid", "outcome": "storage_error"},
+        )
+        == 1
+    )
+    assert client.app[METRICS].registry.get_sample_value("relay_ready") == 0
+    assert ready.status == 503
+    assert (await ready.json())["checks"]["store"].startswith("database not writable")
+    assert await pg_rows(pg_url, "SELECT count(*) FROM inbound_events") == [(0,)]
+
+
+# ------------------------------------------------------------------ relay migrate
+
+
+async def test_relay_migrate_prints_the_schema_version(pg_url: str, tmp_path: Path) -> None:
+    """`relay migrate --db URL` creates the schema and prints its version; run again it
+    changes nothing."""
+    for _ in range(2):
+        done = await relay_cli("migrate", "--db", pg_url, cwd=tmp_path)
+        assert (done.code, done.err) == (0, "")
+        assert done.out == f"schema at version {LATEST} ({pg_url})\n"
+    assert await pg_rows(pg_url, "SELECT version FROM relay_schema") == [(LATEST,)]
+
+
+@dataclass
+class SqliteOutbox:
+    """A SQLite outbox with a message in every state, as a stopped relay leaves it."""
+
+    path: Path
+    pending: set[str]  # keys still to deliver once moved (inflight ones included)
+
+
+async def build_sqlite_outbox(path: Path) -> SqliteOutbox:
+    clock = FakeClock(T0)
+    async with opened(str(path), clock, serve=True) as store:
+        for key in ("retrying", "inflight", "delivered", "dead", "new"):
+            await store.enqueue(draft(f"wh_{key}", key))
+        await store.enqueue(draft("wh_ignored", status=EventStatus.IGNORED))
+        retrying, inflight, delivered, dead = await store.claim(DEST, 4, LEASE_S)
+        clock.advance(5)
+        assert await store.mark_retry(
+            retrying, RetryLater(T0 + 60, "server_error", 500), "HTTP 500: oops"
+        )
+        assert await store.mark_delivered(delivered, 200)
+        assert await store.mark_dead(dead, Dead("client_error", 422), "HTTP 422")
+        await store.set_paused("faurya-eu", True)
+        assert inflight.idempotency_key == "polar:order:inflight"
+    # Closed with the inflight claim unsettled: its relay was killed.
+    return SqliteOutbox(path, {f"polar:order:{k}" for k in ("new", "retrying", "inflight")})
+
+
+async def test_migrate_from_sqlite_copies_everything_and_a_postgres_relay_delivers_the_rest(
+    pg_url: str,
+    tmp_path: Path,
+    config: Config,
+    faurya: FakeFaurya,
+    aiohttp_client: AiohttpClient,
+) -> None:
+    """`relay migrate --from-sqlite` copies every event and message with its id, key and body
+    bytes (inflight back to pending, attempt not counted) and the pause states; then a relay
+    on PostgreSQL delivers exactly the messages still pending, and new ids follow the old."""
+    outbox = await build_sqlite_outbox(tmp_path / "old.db")
+    clock = FakeClock(T0)
+    async with opened(str(outbox.path), clock, serve=False) as sqlite_store:
+        events = await sqlite_store.list_events(EventFilter())
+        messages = await sqlite_store.list_messages(limit=100)
+        paused = await sqlite_store.paused_overrides()
+
+    done = await relay_cli(
+        "migrate", "--from-sqlite", str(outbox.path), "--db", pg_url, cwd=tmp_path
+    )
+
+    assert (done.code, done.err) == (0, "")
+    assert done.out == (
+        "copied 6 events and 5 messages (3 still to deliver, 1 dead) into PostgreSQL; "
+        "now start the relays with storage.url\n"
+    )
+    expected = [
+        dataclasses.replace(m, status=MessageStatus.PENDING, lease_until=None, attempts=0)
+        if m.status is MessageStatus.INFLIGHT
+        else m
+        for m in messages
+    ]
+    async with opened(pg_url, clock, serve=False) as pg_store:
+        # Dataclass equality: every field, ids, keys and body bytes included.
+        assert await pg_store.list_events(EventFilter()) == events
+        assert await pg_store.list_messages(limit=100) == expected
+        assert await pg_store.paused_overrides() == paused == {"faurya-eu": True}
+        assert {
+            m.idempotency_key for m in await pg_store.list_messages(status=MessageStatus.PENDING)
+        } == outbox.pending
+        # The sequences moved past the copied ids: a new event never collides with an old one.
+        fresh = await pg_store.enqueue_now([draft("wh_after", "after")])
+    assert fresh[0].event_id is not None
+    assert fresh[0].event_id > max(e.id for e in events)
+    assert min(fresh[0].message_ids) > max(m.id for m in messages)
+
+    client = await aiohttp_client(create_app(config, db_path=pg_url, poll_interval_s=0.05))
+    delivered = await faurya.wait_for(len(outbox.pending) + 1)
+    store = client.app[STORE]
+
+    async def settled() -> bool:
+        counts = (await store.stats(DEST)).counts
+        return counts[MessageStatus.PENDING] + counts[MessageStatus.INFLIGHT] == 0
+
+    async with asyncio.timeout(10):
+        while not await settled():  # noqa: ASYNC110 - a deadline-bound poll of the database
+            await asyncio.sleep(0.02)
+    sent = {c.headers["idempotency-key"]: c.body for c in faurya.received}
+    assert len(faurya.received) == len(delivered) == 4
+    assert sent == {
+        **{m.idempotency_key: m.body for m in messages if m.idempotency_key in outbox.pending},
+        "polar:order:after": purchase("after"),
+    }
+    counts = (await store.stats(DEST)).counts
+    assert (counts[MessageStatus.DELIVERED], counts[MessageStatus.DEAD]) == (5, 1)
+
+
+async def test_migrate_refuses_while_a_relay_serves_the_sqlite_file(
+    pg_url: str, tmp_path: Path, faurya: FakeFaurya
+) -> None:
+    """While `relay serve` runs on the SQLite file, migrate refuses and touches nothing in
+    PostgreSQL; after a SIGTERM it copies."""
+    outbox = await build_sqlite_outbox(tmp_path / "relay.db")
+    relay = RelayProcess(
+        REPO / "relay.toml", outbox.path, process_env(**env(FAURYA_URL=faurya.url))
+    )
+    try:
+        await relay.start()
+        refused = await relay_cli(
+            "migrate", "--from-sqlite", str(outbox.path), "--db", pg_url, cwd=tmp_path
+        )
+        assert (refused.code, refused.out) == (1, "")
+        assert refused.err == (
+            f"relay: error: a relay is serving {outbox.path}: stop it first (SIGTERM), "
+            "then migrate\n"
+        )
+        assert not await table_exists(pg_url, "inbound_events")
+        assert await relay.signal(signal.SIGTERM) == 0
+    finally:
+        await relay.close()
+
+    done = await relay_cli(
+        "migrate", "--from-sqlite", str(outbox.path), "--db", pg_url, cwd=tmp_path
+    )
+    assert done.code == 0, done.err
+    # The relay delivered what was due before it stopped; the copy holds every event.
+    assert await pg_rows(pg_url, "SELECT count(*) FROM inbound_events") == [(6,)]
+
+
+async def test_migrate_refuses_a_postgresql_outbox_that_is_not_empty(
+    pg_url: str, tmp_path: Path
+) -> None:
+    """A second copy into the same database is refused: histories are never merged, and the
+    rows already there stay as they are."""
+    outbox = await build_sqlite_outbox(tmp_path / "relay.db")
+    argv = ("migrate", "--from-sqlite", str(outbox.path), "--db", pg_url)
+    assert (await relay_cli(*argv, cwd=tmp_path)).code == 0
+    before = await pg_rows(pg_url, "SELECT id, status, attempts FROM outbound_messages ORDER BY id")
+
+    again = await relay_cli(*argv, cwd=tmp_path)
+
+    assert (again.code, again.out) == (1, "")
+    assert again.err == (
+        "relay: error: the PostgreSQL outbox is not empty: refusing to merge histories\n"
+    )
+    assert await pg_rows(
+        pg_url, "SELECT id, status, attempts FROM outbound_messages ORDER BY id"
+    ) == (before)
+    assert await pg_rows(pg_url, "SELECT count(*) FROM inbound_events") == [(6,)]
+
+
+async def test_migrate_from_sqlite_needs_a_postgresql_target(tmp_path: Path) -> None:
+    """--from-sqlite with a SQLite --db is a usage error (exit 2) that names the fix."""
+    outbox = await build_sqlite_outbox(tmp_path / "relay.db")
+
+    done = await relay_cli(
+        "migrate", "--from-sqlite", str(outbox.path), "--db", str(tmp_path / "b.db"), cwd=tmp_path
+    )
+
+    assert (done.code, done.out) == (2, "")
+    assert done.err == (
+        "relay: config error: --from-sqlite copies INTO PostgreSQL: give --db "
+        "postgresql://... or set storage.url\n"
+    )
+    assert not (tmp_path / "b.db").exists()
+
+
+# ------------------------------------------------------------------ the password in the URL
+
+
+@pytest.mark.parametrize(
+    ("url", "shown"),
+    [
+        (
+            "postgresql://relay:s3cret-pw@db.internal:5432/relay",
+            "postgresql://relay:***@db.internal:5432/relay",
+        ),
+        ("postgres://relay:s3cr%40t:pw@db/relay", "postgres://relay:***@db/relay"),
+        (
+            "postgresql://relay:s3cret-pw@h1:5432,h2:5432/relay?sslmode=require",
+            "postgresql://relay:***@h1:5432,h2:5432/relay?sslmode=require",
+        ),
+        (
+            "postgresql://relay@db/relay?sslmode=require&password=s3cret-pw",
+            "postgresql://relay@db/relay?sslmode=require&password=***",
+        ),
+        ("postgresql://:s3cret-pw@db/relay", "postgresql://:***@db/relay"),
+        ("postgresql://relay@db/relay", "postgresql://relay@db/relay"),
+        ("postgresql:///relay?host=/run/postgresql", "postgresql:///relay?host=/run/postgresql"),
+    ],
+)
+def test_the_shown_url_never_holds_the_password(url: str, shown: str) -> None:
+    """_safe, through which every message and log line shows the URL, masks the password in
+    each place a PostgreSQL URL can carry one, and changes nothing else."""
+    assert _safe(url) == shown
+
+
+@pytest.fixture
+async def password_url(pg_server: str) -> AsyncIterator[str]:
+    """A database owned by a role of its own, as a URL with that role's password."""
+    role = f"relay_{uuid.uuid4().hex[:12]}"
+    url = await create_database(pg_server)
+    admin = await asyncpg.connect(pg_server)
+    try:
+        await admin.execute(f"CREATE ROLE {role} LOGIN PASSWORD '{PASSWORD}'")
+        await admin.execute(f'ALTER DATABASE "{url.rsplit("/", 1)[1]}" OWNER TO {role}')
+    finally:
+        await admin.close()
+    try:
+        yield url.replace("://postgres@", f"://{role}:{PASSWORD}@")
+    finally:
+        await drop_database(pg_server, url)
+        admin = await asyncpg.connect(pg_server)
+        try:
+            await admin.execute(f"DROP ROLE IF EXISTS {role}")
+        finally:
+            await admin.close()
+
+
+async def test_operator_commands_never_print_the_password(
+    password_url: str, tmp_path: Path
+) -> None:
+    """`relay migrate` and `relay outbox list` with a URL holding a password print it masked,
+    also in errors (an unknown database, nothing listening, a malformed URL)."""
+    masked = _safe(password_url)
+    assert PASSWORD not in masked
+
+    migrated = await relay_cli("migrate", "--db", password_url, cwd=tmp_path)
+    listed = await relay_cli("outbox", "list", "--db", password_url, cwd=tmp_path)
+    assert (migrated.code, migrated.out) == (0, f"schema at version {LATEST} ({masked})\n")
+    assert (listed.code, listed.out.splitlines()[-1]) == (0, "(0 shown)")
+    assert PASSWORD not in migrated.out + migrated.err + listed.out + listed.err
+    outbox = await build_sqlite_outbox(tmp_path / "relay.db")
+
+    unknown = password_url.rsplit("/", 1)[0] + "/no_such_database"
+    port = free_port()
+    closed = password_url.split("@")[0] + f"@127.0.0.1:{port}/relay"
+    malformed = password_url.split("@")[0] + "@127.0.0.1:notaport/relay"
+    failures = [
+        await relay_cli("outbox", "list", "--db", url, cwd=tmp_path)
+        for url in (unknown, closed, malformed)
+    ] + [
+        await relay_cli("migrate", "--from-sqlite", str(outbox.path), "--db", closed, cwd=tmp_path)
+    ]
+    for failed in failures:
+        assert failed.code == 1
+        assert failed.err.startswith("relay: error: ")
+        assert "Traceback" not in failed.err
+        assert PASSWORD not in failed.out + failed.err
+    assert f"cannot open database {_safe(unknown)}: " in failures[0].err
+    assert 'database "no_such_database" does not exist' in failures[0].err
+    assert f"cannot open database {_safe(closed)}: " in failures[1].err
+    assert f"cannot open database {_safe(malformed)}: " in failures[2].err
+    assert failures[3].err == "relay: error: cannot reach PostgreSQL: ConnectionRefusedError\n"
+
+
+async def test_a_serving_relay_never_logs_the_password(
+    password_url: str, tmp_path: Path, faurya: FakeFaurya
+) -> None:
+    """`relay serve --db URL` logs the store it opened with the password masked, and so does
+    its one-line error when the database cannot be reached."""
+    environ = process_env(**env(FAURYA_URL=faurya.url))
+    relay = relay_on(password_url, REPO / "relay.toml", environ)
+    try:
+        await relay.start()
+        opened_log = await relay.wait_log("store_opened")
+        assert opened_log["path"] == _safe(password_url)
+        assert await relay.signal(signal.SIGTERM) == 0
+    finally:
+        await relay.close()
+    assert relay.lines
+    assert not [line for line in relay.lines if PASSWORD in line]
+
+    closed = password_url.split("@")[0] + f"@127.0.0.1:{free_port()}/relay"
+    failing = relay_on(closed, REPO / "relay.toml", environ)
+    try:
+        await failing.launch()
+        assert await failing.wait(30) == 1
+    finally:
+        await failing.close()
+    assert failing.lines[-1].startswith(f"relay: error: cannot open database {_safe(closed)}: ")
+    assert not [line for line in failing.lines if PASSWORD in line]
