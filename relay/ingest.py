@@ -12,10 +12,10 @@ from __future__ import annotations
 
 import asyncio
 import json
-import secrets
 import sqlite3
 import time
 from collections.abc import Sequence
+from random import getrandbits
 from typing import Any
 
 import structlog
@@ -71,7 +71,11 @@ async def resolve_lookups(
 
 
 def _answer(http_status: int, **payload: Any) -> web.Response:
-    return web.json_response(payload, status=http_status)
+    return web.json_response(payload, status=http_status, dumps=_dumps)
+
+
+def _dumps(value: Any) -> str:
+    return codec.dumps(value).decode()
 
 
 class WebhookIngest:
@@ -101,7 +105,8 @@ class WebhookIngest:
         ).inc()
 
     async def handle(self, request: web.Request) -> web.Response:
-        request_id = request.headers.get("x-request-id", "")[:64] or secrets.token_hex(8)
+        # Not a secret, only unique enough to follow one webhook: no CSPRNG call per request.
+        request_id = request.headers.get("x-request-id", "")[:64] or f"{getrandbits(64):016x}"
         structlog.contextvars.bind_contextvars(request_id=request_id, source=self.source.name)
         try:
             return await self._handle(request)

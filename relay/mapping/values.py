@@ -149,38 +149,60 @@ def _type_name(value: Any) -> str:
 
 
 def _coerce(value: Any, kind: str, where: str) -> Any:
-    bad = MappingError(f"{where}: cannot make {kind} of {_type_name(value)} {_preview(value)}")
-    if kind == "string":
-        if isinstance(value, dict | list):
-            raise bad
-        return scalar_text(value)
-    if kind == "int":
-        if isinstance(value, bool):
-            raise bad
-        if isinstance(value, int):
-            return value
-        if isinstance(value, float) and value.is_integer():
-            return int(value)
-        if isinstance(value, str) and re.fullmatch(r"-?\d+", value.strip()):
-            return int(value.strip())
-        raise bad
-    if kind == "float":
-        if isinstance(value, bool):
-            raise bad
-        if isinstance(value, int | float):
-            return float(value)
-        if isinstance(value, str):
-            try:
-                return float(value.strip())
-            except ValueError:
-                raise bad from None
-        raise bad
-    # bool
+    coerced = _COERCIONS[kind](value)
+    if coerced is _CANNOT:
+        # Built only on failure: this runs for every typed field of every webhook.
+        raise MappingError(f"{where}: cannot make {kind} of {_type_name(value)} {_preview(value)}")
+    return coerced
+
+
+_CANNOT: Any = object()
+_INT_TEXT = re.compile(r"-?\d+")
+
+
+def _to_string(value: Any) -> Any:
+    return _CANNOT if isinstance(value, dict | list) else scalar_text(value)
+
+
+def _to_int(value: Any) -> Any:
+    if isinstance(value, bool):
+        return _CANNOT
+    if isinstance(value, int):
+        return value
+    if isinstance(value, float) and value.is_integer():
+        return int(value)
+    if isinstance(value, str) and _INT_TEXT.fullmatch(value.strip()):
+        return int(value.strip())
+    return _CANNOT
+
+
+def _to_float(value: Any) -> Any:
+    if isinstance(value, bool):
+        return _CANNOT
+    if isinstance(value, int | float):
+        return float(value)
+    if isinstance(value, str):
+        try:
+            return float(value.strip())
+        except ValueError:
+            return _CANNOT
+    return _CANNOT
+
+
+def _to_bool(value: Any) -> Any:
     if isinstance(value, bool):
         return value
     if isinstance(value, str) and value.strip().lower() in ("true", "false"):
         return value.strip().lower() == "true"
-    raise bad
+    return _CANNOT
+
+
+_COERCIONS: dict[str, Callable[[Any], Any]] = {
+    "string": _to_string,
+    "int": _to_int,
+    "float": _to_float,
+    "bool": _to_bool,
+}
 
 
 def _preview(value: Any) -> str:
