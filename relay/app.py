@@ -11,7 +11,8 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import dataclasses
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable, Coroutine
+from typing import Any
 
 import aiohttp
 from aiohttp import web
@@ -219,7 +220,14 @@ async def _retention_ctx(app: web.Application) -> AsyncIterator[None]:
                 log.error("retention_failed", error=f"{type(exc).__name__}: {exc}")
             await asyncio.sleep(app[CONFIG].retention.interval_s)
 
-    task = asyncio.create_task(loop(), name="retention")
+    async with _running(loop(), "retention"):
+        yield
+
+
+@contextlib.asynccontextmanager
+async def _running(coro: Coroutine[Any, Any, None], name: str) -> AsyncIterator[None]:
+    """A background loop for the life of the app, cancelled at shutdown."""
+    task = asyncio.create_task(coro, name=name)
     try:
         yield
     finally:
@@ -259,13 +267,8 @@ async def _reconcile_ctx(app: web.Application) -> AsyncIterator[None]:
                 pages=summary.pages,
             )
 
-    task = asyncio.create_task(loop(), name="reconcile")
-    try:
+    async with _running(loop(), "reconcile"):
         yield
-    finally:
-        task.cancel()
-        with contextlib.suppress(asyncio.CancelledError):
-            await task
 
 
 async def _healthz(request: web.Request) -> web.Response:

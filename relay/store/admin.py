@@ -114,23 +114,14 @@ class AdminQueries:
     async def retry_messages(self, ids: Iterable[int] = (), *, all_dead: bool = False) -> int:
         """Operator retry: dead (or pending) messages become due now with a fresh budget.
         Delivered and inflight ones are left alone: resending those is never a retry."""
-        now = self._clock.now()
-        ids = list(ids)
         if all_dead:
-            selector, params = "status = 'dead'", []
-        else:
-            if not ids:
-                return 0
-            selector = f"status IN ('dead', 'pending') AND id IN ({','.join('?' * len(ids))})"
-            params = ids
-        count = await self._exec(
-            "UPDATE outbound_messages SET status = 'pending', attempts = 0, next_attempt_at = ?, "
-            f"retry_from_at = ?, updated_at = ? WHERE {selector}",
-            (now, now, now, *params),
+            return await self.replay(MessageFilter(statuses=(MessageStatus.DEAD,)))
+        ids = tuple(ids)
+        if not ids:
+            return 0
+        return await self.replay(
+            MessageFilter(ids=ids, statuses=(MessageStatus.DEAD, MessageStatus.PENDING))
         )
-        if count:
-            self._notify(set())
-        return count
 
     # ------------------------------------------------------------ pause, retention, reprocess
 
