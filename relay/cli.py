@@ -407,6 +407,19 @@ def build_parser() -> argparse.ArgumentParser:
         help="messages by destination and status, and pause states",
     )
     q.set_defaults(func=_run_operator, func_name="stats")
+    q = outbox.add_parser(
+        "events",
+        parents=[common, with_db],
+        help="inbound webhooks, newest first, with what happened to each (e.g. --status "
+        "unmappable shows the reason nothing was sent)",
+    )
+    q.add_argument("--status", action="append", choices=[s.value for s in EventStatus])
+    q.add_argument("--event-type")
+    q.add_argument("--since", help="ISO date/time (UTC) or an age like 30m, 6h, 7d")
+    q.add_argument("--until", help="ISO date/time (UTC) or an age like 30m, 6h, 7d")
+    q.add_argument("--limit", type=int, default=100)
+    q.add_argument("--json", action="store_true", help="one JSON object per line")
+    q.set_defaults(func=_run_operator, func_name="events")
 
     p = sub.add_parser(
         "replay",

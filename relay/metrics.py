@@ -43,7 +43,8 @@ class Metrics:
         self.webhooks_received = Counter(
             "relay_webhooks_received_total",
             "Webhooks received, by outcome: accepted, duplicate, ignored, unmappable, "
-            "bad_signature, stale_timestamp, too_large, malformed, storage_error.",
+            "bad_signature, stale_timestamp, too_large, malformed, storage_error, forbidden, "
+            "https_required, timeout.",
             ["source", "event_type", "outcome"],
             registry=r,
         )

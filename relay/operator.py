@@ -12,6 +12,7 @@ import dataclasses
 import json
 import re
 import sys
+from collections.abc import Awaitable, Callable
 from datetime import UTC, datetime
 from typing import Any
 
@@ -232,6 +233,46 @@ async def _reprocess(store: Store, args: argparse.Namespace, ctx: Context) -> in
     return 0
 
 
+async def _events(store: Store, args: argparse.Namespace, ctx: Context) -> int:
+    now = SystemClock().now()
+    events = await store.list_events(
+        EventFilter(
+            statuses=tuple(EventStatus(s) for s in (args.status or ())),
+            event_type=args.event_type,
+            since=parse_time(args.since, now),
+            until=parse_time(args.until, now),
+        ),
+        limit=args.limit,
+        newest_first=True,
+    )
+    if args.json:
+        for e in events:
+            print(
+                json.dumps(
+                    {
+                        "id": e.id,
+                        "source": e.source,
+                        "webhook_id": e.webhook_id,
+                        "event_type": e.event_type,
+                        "received_at": e.received_at,
+                        "status": e.status.value,
+                        "reason": e.reason,
+                    }
+                )
+            )
+        return 0
+    print(f"{'ID':>6}  {'STATUS':<10}  {'EVENT':<16}  {'RECEIVED':<20}  WEBHOOK-ID / REASON")
+    for e in events:
+        print(
+            f"{e.id:>6}  {e.status.value:<10}  {e.event_type:<16}  "
+            f"{_when(e.received_at):<20}  {e.webhook_id}"
+        )
+        if e.reason:
+            print(f"{'':>6}  {e.reason}")
+    print(f"({len(events)} shown)")
+    return 0
+
+
 async def _pause(store: Store, args: argparse.Namespace, ctx: Context) -> int:
     paused = args.func_name == "pause"
     await store.set_paused(args.destination, paused)
@@ -250,7 +291,7 @@ async def _prune(store: Store, args: argparse.Namespace, ctx: Context) -> int:
     return 0
 
 
-_COMMANDS = {
+_COMMANDS: dict[str, Callable[[Store, argparse.Namespace, Context], Awaitable[int]]] = {
     "list": _list,
     "show": _show,
     "retry": _retry,
@@ -260,4 +301,5 @@ _COMMANDS = {
     "pause": _pause,
     "resume": _pause,
     "prune": _prune,
+    "events": _events,
 }

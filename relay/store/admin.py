@@ -183,7 +183,9 @@ class AdminQueries:
                     break
         return PruneResult(*totals)
 
-    async def list_events(self, selection: EventFilter, limit: int = 10_000) -> list[StoredEvent]:
+    async def list_events(
+        self, selection: EventFilter, limit: int = 10_000, *, newest_first: bool = False
+    ) -> list[StoredEvent]:
         where: list[str] = ["1 = 1"]
         params: list[Any] = []
         if selection.ids:
@@ -204,7 +206,8 @@ class AdminQueries:
             params.append(selection.until)
         rows = await self._fetch(
             "SELECT id, source, webhook_id, event_type, received_at, status, reason, body "
-            f"FROM inbound_events WHERE {' AND '.join(where)} ORDER BY id LIMIT ?",
+            f"FROM inbound_events WHERE {' AND '.join(where)} "
+            f"ORDER BY id {'DESC' if newest_first else ''} LIMIT ?",
             (*params, limit),
         )
         return [
