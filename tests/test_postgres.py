@@ -26,7 +26,7 @@ import pytest
 import structlog
 from pytest_aiohttp import AiohttpClient
 
-from relay.app import METRICS, STORE, create_app
+from relay.app import STORE, create_app
 from relay.config import Config
 from relay.models import (
     Dead,
@@ -337,13 +337,13 @@ async def test_a_serving_open_requeues_only_expired_leases_of_other_relays(
         assert len(faurya.received) == 1
 
 
-async def test_a_lost_database_connection_answers_503_and_turns_the_relay_unready(
+async def test_a_lost_database_connection_is_reconnected_without_losing_a_webhook(
     pg_url: str, pg_server: str, config: Config, aiohttp_client: AiohttpClient
 ) -> None:
-    """When the server drops the relay's connections (a PostgreSQL restart or failover), a
-    webhook is answered 503 with Retry-After (Polar retries it) and nothing is stored,
-    `/readyz` says not ready, and the failure is logged and counted. The relay does not
-    reconnect: it stays unready until restarted (docs/postgres.md)."""
+    """When the server drops the relay's connections (a PostgreSQL restart or failover), the
+    relay reconnects by itself: a webhook caught in the drop is answered 503 (Polar retries
+    it) with nothing stored, every later one is accepted, `/readyz` is ready again, and each
+    accepted webhook is stored exactly once."""
     client = await aiohttp_client(create_app(config, db_path=pg_url, poll_interval_s=0.05))
     assert (await client.get("/readyz")).status == 200
     name = pg_url.rsplit("/", 1)[1]
@@ -354,27 +354,20 @@ async def test_a_lost_database_connection_answers_503_and_turns_the_relay_unread
         )
     finally:
         await admin.close()
-    body = order_paid("3f9a1c2e-7b4d-4e8f-9a0b-1c2d3e4f5a6b")
 
-    with structlog.testing.capture_logs() as logs:
+    answers = []
+    for n in range(5):
+        body = order_paid(f"3f9a1c2e-7b4d-4e8f-9a0b-1c2d3e4f5a{n:02d}")
         resp = await client.post("/webhooks/polar", data=body, headers=sign_headers(body))
-        ready = await client.get("/readyz")
+        answers.append(resp.status)
+    ready = await client.get("/readyz")
 
-    assert (resp.status, resp.headers["Retry-After"]) == (503, "5")
-    failed = [e for e in logs if e["event"] == "webhook_store_failed"]
-    assert [e["event_type"] for e in failed] == ["order.paid"]
-    assert "connection" in failed[0]["error"]
-    assert (
-        client.app[METRICS].registry.get_sample_value(
-            "relay_webhooks_received_total",
-            {"source": "polar", "event_type": "order.paid", "outcome": "storage_error"},
-        )
-        == 1
-    )
-    assert client.app[METRICS].registry.get_sample_value("relay_ready") == 0
-    assert ready.status == 503
-    assert (await ready.json())["checks"]["store"].startswith("database not writable")
-    assert await pg_rows(pg_url, "SELECT count(*) FROM inbound_events") == [(0,)]
+    assert set(answers) <= {202, 503}, answers
+    assert answers[-1] == 202  # reconnected: no restart needed
+    assert ready.status == 200
+    accepted = answers.count(202)
+    assert await pg_rows(pg_url, "SELECT count(*) FROM inbound_events") == [(accepted,)]
+    assert await pg_rows(pg_url, "SELECT count(*) FROM outbound_messages") == [(accepted,)]
 
 
 # ------------------------------------------------------------------ relay migrate

@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import contextlib
 import re
-from collections.abc import Iterable, Sequence
+from collections.abc import Awaitable, Callable, Iterable, Sequence
 from importlib import resources
 from typing import Any
 
@@ -51,22 +51,50 @@ class _Cursor:
 
 
 class PgDb:
-    """An asyncpg connection with the aiosqlite calls the store uses."""
+    """An asyncpg connection with the aiosqlite calls the store uses. It reconnects after the
+    server dropped it (a PostgreSQL restart or failover), but never inside a transaction: a
+    statement after a lost BEGIN must fail, not run alone on a new connection."""
 
     dialect = "postgres"
 
-    def __init__(self, conn: asyncpg.Connection) -> None:
+    def __init__(
+        self, conn: asyncpg.Connection, connect: Callable[[], Awaitable[asyncpg.Connection]]
+    ) -> None:
         self._conn = conn
+        self._connect = connect
+        self._in_transaction = False
+
+    async def _live(self, starting: bool) -> asyncpg.Connection:
+        if self._conn.is_closed():
+            if self._in_transaction and not starting:
+                raise asyncpg.ConnectionDoesNotExistError(
+                    "the connection was lost inside a transaction"
+                )
+            self._conn = await self._connect()
+        return self._conn
 
     async def execute(self, sql: str, parameters: Sequence[Any] = ()) -> _Cursor:
-        if sql == "BEGIN IMMEDIATE":
+        starting = sql in ("BEGIN IMMEDIATE", "BEGIN")
+        if starting:
             sql = "BEGIN"  # PostgreSQL locks rows, not the database
-        status = await self._conn.execute(_numbered(sql), *parameters)
+        if sql in ("COMMIT", "ROLLBACK") and self._conn.is_closed():
+            self._in_transaction = False
+            if sql == "ROLLBACK":
+                return _Cursor(0)  # the server rolled it back when the connection died
+        conn = await self._live(starting)
+        try:
+            status = await conn.execute(_numbered(sql), *parameters)
+        finally:
+            if starting:
+                self._in_transaction = True
+            elif sql in ("COMMIT", "ROLLBACK"):
+                self._in_transaction = False
         match = _COUNT.search(status or "")
         return _Cursor(int(match.group(1)) if match and " " in status else -1)
 
     async def execute_fetchall(self, sql: str, parameters: Sequence[Any] = ()) -> list[Any]:
-        return list(await self._conn.fetch(_numbered(sql), *parameters))
+        conn = await self._live(False)
+        return list(await conn.fetch(_numbered(sql), *parameters))
 
     async def close(self) -> None:
         await self._conn.close()
@@ -142,7 +170,11 @@ class PgStore(Store):
                 with contextlib.suppress(Exception):
                     await conn.close()
             raise StorageError(f"cannot open database {_safe(url)}: {exc}") from None
-        reads, writes = PgDb(connections[0]), PgDb(connections[1])
+
+        async def reconnect() -> asyncpg.Connection:
+            return await asyncpg.connect(url, timeout=timeout_s, command_timeout=60)
+
+        reads, writes = PgDb(connections[0], reconnect), PgDb(connections[1], reconnect)
         listener = connections[2] if serve else None
         store = cls(url, reads, writes, listener, clock or SystemClock(), max_batch, serve)
         if listener is not None:
