@@ -72,6 +72,9 @@ async def dry_run(
     found: dict[str, dict[str, Any]] = {}
     notes = []
     if db is not None:
+        if "://" not in db and not Path(db).exists():
+            # A dry run must not create a database, nor take a typo for "no purchase seen".
+            raise ToolError(f"no database at {db}")
         store = await open_store(db)
         try:
             found = await resolve_lookups(store, routes, source, event)
