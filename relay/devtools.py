@@ -72,9 +72,6 @@ async def dry_run(
     found: dict[str, dict[str, Any]] = {}
     notes = []
     if db is not None:
-        if "://" not in db and not Path(db).exists():
-            # A dry run must not create a database, nor take a typo for "no purchase seen".
-            raise ToolError(f"no database at {db}")
         store = await open_store(db)
         try:
             found = await resolve_lookups(store, routes, source, event)
@@ -118,6 +115,9 @@ async def dry_run(
 
 def cmd_map(args: argparse.Namespace, config: Config) -> int:
     _, event = read_event(args.event)
+    if args.db and "://" not in args.db and not Path(args.db).exists():
+        # A dry run must not create a database, nor take a typo for "no purchase seen".
+        raise ToolError(f"no database at {args.db}")
     source = args.source or next(iter(config.sources))
     if source not in config.sources:
         raise ToolError(f"no source named {source!r}")
