@@ -266,6 +266,18 @@ async def test_map_with_an_unknown_route_exits_1() -> None:
     ]
 
 
+async def test_map_with_a_missing_db_refuses_and_creates_nothing(tmp_path: Path) -> None:
+    """`relay map --db` naming no file exits 1 instead of creating an empty database (a typo
+    would otherwise read as "the relay never saw this purchase")."""
+    missing = tmp_path / "typo.db"
+
+    result = await map_event_file(FIXTURES / "refund.created.json", "--db", str(missing))
+
+    assert result.code == 1
+    assert result.err.splitlines() == [f"relay: error: no database at {missing}"]
+    assert not missing.exists()
+
+
 async def test_map_of_a_refund_without_db_notes_that_lookups_find_nothing() -> None:
     """`relay map` of a refund without --db says lookups find nothing, and the refund falls
     back to Polar's order id with no attribution."""
