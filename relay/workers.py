@@ -14,7 +14,6 @@ a stop interrupts it). A message never leaves the outbox any other way.
 from __future__ import annotations
 
 import asyncio
-import collections
 import contextlib
 import random
 import sqlite3
@@ -67,12 +66,6 @@ class DestinationWorker:
         self.paused = destination.paused
         self.sleeping = False  # waiting for a wake-up (a commit, a finished attempt) or a timer
         self._refill_at = max(1, destination.concurrency // 4)
-        # Claimed ahead of a free slot, at most one attempt's duration early. Only when the
-        # lease covers that wait plus the attempt itself with a margin: a lease must never
-        # run out while its message is being sent.
-        self._ready: collections.deque[ClaimedMessage] = collections.deque()
-        covers_wait = destination.lease_s >= 2 * destination.timeout_s + 5
-        self._ahead = destination.concurrency if covers_wait else 0
         self._pause_checked_at = -1e18  # loop time of the last read of the pause override
 
     @property
@@ -138,21 +131,16 @@ class DestinationWorker:
         self._wake.set()
 
     async def _fill(self) -> bool:
-        """Start attempts in free slots, from messages claimed ahead, and claim ahead again in
-        chunks (a claim costs a commit) so the next messages are in hand when slots free.
-        True when the claim came back short (nothing more is due), else False."""
-        self._start_ready()
-        want = self.destination.concurrency + self._ahead - len(self._ready) - len(self._attempts)
-        if want <= 0 or ((self._attempts or self._ready) and want < self._refill_at):
+        """Claim as many due messages as there are free slots. True when slots remain free
+        (nothing more is due), False when the pool is full."""
+        free = self.destination.concurrency - len(self._attempts)
+        # Refill in chunks while attempts run (a claim is a write), one by one only when idle.
+        if free <= 0 or (self._attempts and free < self._refill_at):
             return False
-        claimed = await self._store.claim(self.destination.name, want, self.destination.lease_s)
-        self._ready.extend(claimed)
-        self._start_ready()
-        return len(claimed) < want
-
-    def _start_ready(self) -> None:
-        while self._ready and len(self._attempts) < self.destination.concurrency:
-            self._spawn(self._ready.popleft())
+        claimed = await self._store.claim(self.destination.name, free, self.destination.lease_s)
+        for msg in claimed:
+            self._spawn(msg)
+        return len(claimed) < free
 
     def _spawn(self, msg: ClaimedMessage) -> None:
         task = asyncio.create_task(self._attempt(msg), name=f"deliver-{msg.id}")
@@ -346,9 +334,6 @@ class DestinationWorker:
         if self._main is not None:
             with contextlib.suppress(asyncio.CancelledError):
                 await self._main
-        ready, self._ready = list(self._ready), collections.deque()
-        for msg in ready:  # claimed ahead, never started: back to pending, untried
-            self._background(self._release(msg))
         if self._attempts:
             _, late = await asyncio.wait(set(self._attempts), timeout=grace_s)
             for task in late:
