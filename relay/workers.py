@@ -1,11 +1,10 @@
 """Delivery workers: one pool per destination, draining the outbox.
 
-Owns: the claim loop (`concurrency` attempts at once, up to as many more claimed ahead so a
-freed slot starts at once), wake-ups (a commit wakes idle workers at once; otherwise they
-sleep until the next retry is due, at most `poll_interval_s`), the periodic return of expired
-leases, the bookkeeping write of each attempt (a tracked task, and shielded where a
-cancellation could reach it: stop() waits for every one), the optional payment check, and the
-graceful stop.
+Owns: the claim loop (`concurrency` attempts at once, refilled in chunks), wake-ups (a commit
+wakes idle workers at once; otherwise they sleep until the next retry is due, at most
+`poll_interval_s`), the periodic return of expired leases, the bookkeeping write of each
+attempt (a tracked task, shielded where a cancellation could reach it: stop() waits for every
+one), the optional payment check, and the graceful stop.
 
 Each attempt's outcome maps to exactly one store call: delivered, retry, dead (or release, when
 a stop interrupts it). A message never leaves the outbox any other way.
