@@ -186,29 +186,19 @@ class AdminQueries:
     async def list_events(
         self, selection: EventFilter, limit: int = 10_000, *, newest_first: bool = False
     ) -> list[StoredEvent]:
-        where: list[str] = ["1 = 1"]
-        params: list[Any] = []
-        if selection.ids:
-            where.append(f"id IN ({','.join('?' * len(selection.ids))})")
-            params += list(selection.ids)
-        if selection.statuses:
-            where.append(f"status IN ({','.join('?' * len(selection.statuses))})")
-            params += [s.value for s in selection.statuses]
-        for column, value in (("source", selection.source), ("event_type", selection.event_type)):
-            if value is not None:
-                where.append(f"{column} = ?")
-                params.append(value)
-        if selection.since is not None:
-            where.append("received_at >= ?")
-            params.append(selection.since)
-        if selection.until is not None:
-            where.append("received_at < ?")
-            params.append(selection.until)
+        where = (
+            _Where()
+            .one_of("id", selection.ids)
+            .one_of("status", [s.value for s in selection.statuses])
+            .equals("source", selection.source)
+            .equals("event_type", selection.event_type)
+            .between("received_at", selection.since, selection.until)
+        )
         rows = await self._fetch(
             "SELECT id, source, webhook_id, event_type, received_at, status, reason, body "
-            f"FROM inbound_events WHERE {' AND '.join(where)} "
+            f"FROM inbound_events WHERE {where.sql} "
             f"ORDER BY id {'DESC' if newest_first else ''} LIMIT ?",
-            (*params, limit),
+            (*where.params, limit),
         )
         return [
             StoredEvent(
@@ -285,28 +275,50 @@ class AdminQueries:
         return int(rows[0][0])
 
 
+class _Where:
+    """A WHERE clause built from optional filters: only "?" placeholders, values bound."""
+
+    def __init__(self) -> None:
+        self._parts: list[str] = ["1 = 1"]
+        self.params: list[Any] = []
+
+    @property
+    def sql(self) -> str:
+        return " AND ".join(self._parts)
+
+    def one_of(self, column: str, values: Sequence[Any]) -> _Where:
+        if values:
+            self._parts.append(f"{column} IN ({','.join('?' * len(values))})")
+            self.params += list(values)
+        return self
+
+    def equals(self, column: str, value: Any) -> _Where:
+        if value is not None:
+            self._parts.append(f"{column} = ?")
+            self.params.append(value)
+        return self
+
+    def between(self, column: str, since: float | None, until: float | None) -> _Where:
+        """since <= column < until, each bound only when given."""
+        if since is not None:
+            self._parts.append(f"{column} >= ?")
+            self.params.append(since)
+        if until is not None:
+            self._parts.append(f"{column} < ?")
+            self.params.append(until)
+        return self
+
+
 def _message_where(f: MessageFilter) -> tuple[str, list[Any]]:
-    where: list[str] = ["1 = 1"]
-    params: list[Any] = []
-    if f.ids:
-        where.append(f"m.id IN ({','.join('?' * len(f.ids))})")
-        params += list(f.ids)
-    if f.statuses:
-        where.append(f"m.status IN ({','.join('?' * len(f.statuses))})")
-        params += [s.value for s in f.statuses]
-    if f.destination is not None:
-        where.append("m.destination = ?")
-        params.append(f.destination)
-    if f.event_type is not None:
-        where.append("e.event_type = ?")
-        params.append(f.event_type)
-    if f.since is not None:
-        where.append("m.created_at >= ?")
-        params.append(f.since)
-    if f.until is not None:
-        where.append("m.created_at < ?")
-        params.append(f.until)
-    return " AND ".join(where), params
+    where = (
+        _Where()
+        .one_of("m.id", f.ids)
+        .one_of("m.status", [s.value for s in f.statuses])
+        .equals("m.destination", f.destination)
+        .equals("e.event_type", f.event_type)
+        .between("m.created_at", f.since, f.until)
+    )
+    return where.sql, where.params
 
 
 def _record(r: Any) -> MessageRecord:
