@@ -40,7 +40,7 @@ from relay.models import (
 )
 from relay.store import Store, open_store
 from relay.store import migrations as sqlite_migrations
-from relay.store.postgres import PgStore, _safe
+from relay.store.postgres import PgDb, PgStore, _safe
 from relay.store.postgres import migrations as postgres_migrations
 from tests.helpers import (
     REPO,
@@ -662,3 +662,30 @@ async def test_a_serving_relay_never_logs_the_password(
         await failing.close()
     assert failing.lines[-1].startswith(f"relay: error: cannot open database {_safe(closed)}: ")
     assert not [line for line in failing.lines if PASSWORD in line]
+
+
+async def test_a_commit_after_the_connection_died_fails_and_commits_nothing(
+    pg_url: str, pg_server: str
+) -> None:
+    """A COMMIT whose transaction died with its connection must fail (so the webhook gets a
+    503 and Polar retries), never reconnect and 'commit' an empty transaction as a success."""
+    store = await PgStore.open(pg_url)
+    await store.close()  # creates the schema
+    conn = await asyncpg.connect(pg_url)
+    db = PgDb(conn, lambda: asyncpg.connect(pg_url))
+    await db.execute("BEGIN IMMEDIATE")
+    await db.execute("INSERT INTO relay_meta (key, value) VALUES (?, ?)", ("lost", "x"))
+    admin = await asyncpg.connect(pg_server)
+    try:
+        await admin.execute("SELECT pg_terminate_backend($1)", conn.get_server_pid())
+    finally:
+        await admin.close()
+    async with asyncio.timeout(5):  # a condition with a deadline: asyncpg sees the EOF
+        while not conn.is_closed():  # noqa: ASYNC110
+            await asyncio.sleep(0.01)
+
+    with pytest.raises((asyncpg.PostgresError, asyncpg.InterfaceError)):
+        await db.execute("COMMIT")
+
+    assert await pg_rows(pg_url, "SELECT count(*) FROM relay_meta WHERE key = 'lost'") == [(0,)]
+    await db.close()

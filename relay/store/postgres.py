@@ -81,6 +81,11 @@ class PgDb:
             self._in_transaction = False
             if sql == "ROLLBACK":
                 return _Cursor(0)  # the server rolled it back when the connection died
+            # A COMMIT on a new connection would "succeed" with nothing in it: the batch's
+            # webhooks would get 202 for rows that died with the old connection.
+            raise asyncpg.ConnectionDoesNotExistError(
+                "the connection was lost before COMMIT: the transaction was rolled back"
+            )
         conn = await self._live(starting)
         try:
             status = await conn.execute(_numbered(sql), *parameters)
