@@ -18,7 +18,15 @@ from collections.abc import Sequence
 from typing import Any
 
 from relay import __version__, logs
-from relay.config import Config, RetentionConfig, Secret, load, load_offline, storage_path
+from relay.config import (
+    Config,
+    RetentionConfig,
+    Secret,
+    is_postgres_url,
+    load,
+    load_offline,
+    storage_path,
+)
 from relay.errors import ConfigError, RelayError
 from relay.mapping import ObjectRule, ValueRule, format_path
 from relay.models import EventStatus, MessageStatus
@@ -39,7 +47,7 @@ def load_config(args: argparse.Namespace) -> Config:
         server = dataclasses.replace(server, port=args.port)
     storage = config.storage
     if getattr(args, "db", None):
-        if args.db.startswith(("postgresql://", "postgres://")):
+        if is_postgres_url(args.db):
             storage = dataclasses.replace(storage, url=Secret(args.db))
         else:
             storage = dataclasses.replace(storage, path=args.db, url=None)
@@ -293,7 +301,7 @@ async def _migrate(args: argparse.Namespace) -> int:
     if args.from_sqlite:
         from relay.store.transfer import copy_sqlite_to_postgres
 
-        if not location.startswith(("postgresql://", "postgres://")):
+        if not is_postgres_url(location):
             raise ConfigError(
                 "--from-sqlite copies INTO PostgreSQL: give --db postgresql://... "
                 "or set storage.url"

@@ -28,7 +28,7 @@ from aiohttp import web
 
 from relay import __version__, logs
 from relay.app import create_app
-from relay.config import Config, load
+from relay.config import Config, is_postgres_url, load
 from relay.delivery import USER_AGENT
 from relay.errors import RelayError
 from relay.ingest import resolve_lookups
@@ -115,7 +115,7 @@ async def dry_run(
 
 def cmd_map(args: argparse.Namespace, config: Config) -> int:
     _, event = read_event(args.event)
-    if args.db and "://" not in args.db and not Path(args.db).exists():
+    if args.db and not is_postgres_url(args.db) and not Path(args.db).exists():
         # A dry run must not create a database, nor take a typo for "no purchase seen".
         raise ToolError(f"no database at {args.db}")
     source = args.source or next(iter(config.sources))

@@ -24,6 +24,11 @@ class SystemClock:
         return time.time()
 
 
+def is_postgres_url(location: str) -> bool:
+    """A storage location naming PostgreSQL; anything else is a SQLite file path."""
+    return location.startswith(("postgresql://", "postgres://"))
+
+
 class MessageStatus(StrEnum):
     """The states of an outbound message (see README, "Design")."""
 

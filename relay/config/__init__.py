@@ -29,6 +29,7 @@ from relay.config.model import (
     StorageConfig,
 )
 from relay.config.reader import interpolate
+from relay.models import is_postgres_url
 
 __all__ = [
     "DEFAULT_BODY_LIMIT_BYTES",
@@ -48,6 +49,7 @@ __all__ = [
     "SourceConfig",
     "StorageConfig",
     "interpolate",
+    "is_postgres_url",
     "load",
     "load_offline",
     "parse",

@@ -43,6 +43,7 @@ from relay.mapping import (
     parse_path,
 )
 from relay.mapping import Path as PathTuple
+from relay.models import is_postgres_url
 
 _SENSITIVE_HEADER = re.compile(r"key|token|secret|auth|password|cookie|signature", re.I)
 _NAME = re.compile(r"^[A-Za-z0-9_\-]+$")
@@ -155,7 +156,7 @@ def _storage_url(t: Table) -> Secret | None:
     value = t.get("url", str, "")
     if not value:
         return None
-    if not value.startswith(("postgresql://", "postgres://")):
+    if not is_postgres_url(value):
         t.problems.append(
             f"{t.path('url')}: must be a postgresql:// URL (or leave it out "
             "and set path for SQLite)"

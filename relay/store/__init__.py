@@ -4,7 +4,7 @@
 the hot-path statements), `outbox` (`Store`, what the relay calls), `admin` (operator queries).
 """
 
-from relay.models import Clock
+from relay.models import Clock, is_postgres_url
 from relay.store.outbox import Store
 from relay.store.schema import PRAGMAS, migrations
 from relay.store.writer import BatchStats
@@ -21,7 +21,7 @@ async def open_store(
     serve: bool = False,
 ) -> Store:
     """A SQLite file path, or a postgresql:// URL (several relays can share that one)."""
-    if location.startswith(("postgresql://", "postgres://")):
+    if is_postgres_url(location):
         from relay.store.postgres import PgStore
 
         return await PgStore.open(

@@ -32,10 +32,6 @@ _PLACEHOLDER = re.compile(r"\?")
 _COUNT = re.compile(r"(\d+)$")
 
 
-def is_url(location: str) -> bool:
-    return location.startswith(("postgresql://", "postgres://"))
-
-
 def _numbered(sql: str) -> str:
     """ "?" placeholders (the store's SQL) to asyncpg's $1, $2, ... (none sit in literals)."""
     counter = iter(range(1, 100_000))
