@@ -47,6 +47,11 @@ class PolarApiError(RelayError):
         self.status = status
         super().__init__(message)
 
+    @property
+    def transient(self) -> bool:
+        """Worth retrying later: no answer, or 408, 425, 429, 5xx."""
+        return self.status is None or self.status in (408, 425, 429) or self.status >= 500
+
 
 @dataclass(frozen=True, slots=True)
 class Page:
