@@ -322,3 +322,34 @@ def stored_form(body: bytes, config: Config) -> bytes:
 def shipped_redaction() -> Config:
     """The shipped relay.toml parsed with test env vars (for its log.redact)."""
     return parse(tomllib.loads((REPO / "relay.toml").read_text()), env())
+
+
+@dataclass(frozen=True)
+class Run:
+    """A finished command: exit code and decoded output."""
+
+    code: int
+    out: str
+    err: str
+
+
+async def run_command(
+    *argv: str, environ: dict[str, str] | None = None, timeout_s: float = 20
+) -> Run:
+    """Run a command to completion; without `environ`, no relay variable is set at all."""
+    proc = await asyncio.create_subprocess_exec(
+        *argv,
+        env=process_env() if environ is None else environ,
+        stdin=asyncio.subprocess.DEVNULL,
+        stdout=asyncio.subprocess.PIPE,
+        stderr=asyncio.subprocess.PIPE,
+    )
+    try:
+        async with asyncio.timeout(timeout_s):
+            out, err = await proc.communicate()
+    finally:
+        if proc.returncode is None:
+            proc.kill()
+            await proc.wait()
+    assert proc.returncode is not None
+    return Run(proc.returncode, out.decode(), err.decode())

@@ -34,9 +34,11 @@ from tests.helpers import (
     WRITE_KEY,
     FakeFaurya,
     RelayProcess,
+    Run,
     env,
     process_env,
     relay_command,
+    run_command,
     wait_until,
 )
 
@@ -45,31 +47,8 @@ pytestmark = pytest.mark.e2e
 CONFIG = REPO / "relay.toml"
 
 
-@dataclass(frozen=True)
-class Run:
-    code: int
-    out: str
-    err: str
-
-
 async def run(*argv: str, environ: dict[str, str] | None = None, timeout_s: float = 20) -> Run:
-    """Run a command to completion; without `environ`, no relay variable is set at all."""
-    proc = await asyncio.create_subprocess_exec(
-        *argv,
-        env=process_env() if environ is None else environ,
-        stdin=asyncio.subprocess.DEVNULL,
-        stdout=asyncio.subprocess.PIPE,
-        stderr=asyncio.subprocess.PIPE,
-    )
-    try:
-        async with asyncio.timeout(timeout_s):
-            out, err = await proc.communicate()
-    finally:
-        if proc.returncode is None:
-            proc.kill()
-            await proc.wait()
-    assert proc.returncode is not None
-    return Run(proc.returncode, out.decode(), err.decode())
+    return await run_command(*argv, environ=environ, timeout_s=timeout_s)
 
 
 async def relay(*args: str, environ: dict[str, str] | None = None) -> Run:

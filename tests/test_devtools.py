@@ -36,10 +36,12 @@ from tests.helpers import (
     WRITE_KEY,
     FakeFaurya,
     RelayProcess,
+    Run,
     env,
     fixture_body,
     process_env,
     relay_command,
+    run_command,
     shipped_config,
     sign_headers,
 )
@@ -53,32 +55,9 @@ PURCHASE = FIXTURES / "order.paid.purchase.json"
 PURCHASE_ORDER_ID = "b4c1f2e3-6d7a-4b8c-9e0f-1a2b3c4d5e6f"  # Polar's id in that fixture
 
 
-@dataclass(frozen=True)
-class Run:
-    code: int
-    out: str
-    err: str
-
-
 async def relay(*args: str, environ: dict[str, str] | None = None, timeout_s: float = 20) -> Run:
     """Run `relay ARGS` to completion; without `environ`, no relay variable is set at all."""
-    proc = await asyncio.create_subprocess_exec(
-        relay_command(),
-        *args,
-        env=process_env() if environ is None else environ,
-        stdin=asyncio.subprocess.DEVNULL,
-        stdout=asyncio.subprocess.PIPE,
-        stderr=asyncio.subprocess.PIPE,
-    )
-    try:
-        async with asyncio.timeout(timeout_s):
-            out, err = await proc.communicate()
-    finally:
-        if proc.returncode is None:
-            proc.kill()
-            await proc.wait()
-    assert proc.returncode is not None
-    return Run(proc.returncode, out.decode(), err.decode())
+    return await run_command(relay_command(), *args, environ=environ, timeout_s=timeout_s)
 
 
 def configured(**overrides: str) -> dict[str, str]:
