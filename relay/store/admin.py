@@ -21,7 +21,7 @@ from relay.models import (
     PruneResult,
     StoredEvent,
 )
-from relay.store.writer import Db, Writer
+from relay.store.writer import Db, Writer, insert_messages
 
 _MESSAGE_COLUMNS = (
     "m.id, m.event_id, m.route, m.destination, m.idempotency_key, m.status, m.attempts, "
@@ -227,33 +227,14 @@ class AdminQueries:
         now = self._clock.now()
 
         async def work(db: Db) -> EnqueueResult:
+            inserted = await insert_messages(db, [(event_id, m, None) for m in messages], now)
             ids, duplicates = [], []
             for m in messages:
-                rows = list(
-                    await db.execute_fetchall(
-                        "INSERT INTO outbound_messages (event_id, route, destination, "
-                        "idempotency_key, body, status, created_at, retry_from_at, "
-                        "next_attempt_at, updated_at, verify_ref) "
-                        "VALUES (?,?,?,?,?,'pending',?,?,?,?,?) "
-                        "ON CONFLICT (destination, idempotency_key) DO NOTHING RETURNING id",
-                        (
-                            event_id,
-                            m.route,
-                            m.destination,
-                            m.idempotency_key,
-                            m.body,
-                            now,
-                            now,
-                            now,
-                            now,
-                            m.verify_ref,
-                        ),
-                    )
-                )
-                if rows:
-                    ids.append(int(rows[0][0]))
-                else:
+                message_id = inserted.pop((m.destination, m.idempotency_key), None)
+                if message_id is None:
                     duplicates.append(m.idempotency_key)
+                else:
+                    ids.append(message_id)
             final_status, final_reason = status, reason
             if status is EventStatus.ROUTED and messages and not ids:
                 final_status = EventStatus.DUPLICATE

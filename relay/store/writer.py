@@ -31,6 +31,7 @@ from relay.models import (
     EventStatus,
     InboundDraft,
     IngestOutcome,
+    OutboundDraft,
 )
 
 T = TypeVar("T")
@@ -290,37 +291,16 @@ async def insert_drafts(db: Db, drafts: Sequence[InboundDraft], now: float) -> l
         inserted.update({(r[1], r[2]): int(r[0]) for r in rows})
     # Within one batch, the first of two equal webhook-ids wins (rows insert in order).
     event_ids = [inserted.pop((d.source, d.webhook_id), None) for d in drafts]
-    message_rows = [
-        (
-            event_id,
-            m.route,
-            m.destination,
-            m.idempotency_key,
-            m.body,
-            "pending",
-            now,
-            now,
-            now,
-            now,
-            d.request_id,
-            m.verify_ref,
-        )
-        for d, event_id in zip(drafts, event_ids, strict=True)
-        if event_id is not None
-        for m in d.messages
-    ]
-    new_messages: dict[tuple[str, str], int] = {}
-    for message_chunk in chunks(message_rows):
-        rows = await db.execute_fetchall(
-            "INSERT INTO outbound_messages (event_id, route, destination, idempotency_key, "
-            "body, status, created_at, retry_from_at, next_attempt_at, updated_at, "
-            "request_id, verify_ref) VALUES "
-            + ",".join(["(?,?,?,?,?,?,?,?,?,?,?,?)"] * len(message_chunk))
-            + " ON CONFLICT (destination, idempotency_key) DO NOTHING "
-            "RETURNING id, destination, idempotency_key",
-            [v for row in message_chunk for v in row],
-        )
-        new_messages.update({(r[1], r[2]): int(r[0]) for r in rows})
+    new_messages = await insert_messages(
+        db,
+        [
+            (event_id, m, d.request_id)
+            for d, event_id in zip(drafts, event_ids, strict=True)
+            if event_id is not None
+            for m in d.messages
+        ],
+        now,
+    )
     results, all_duplicate = [], []
     for d, event_id in zip(drafts, event_ids, strict=True):
         if event_id is None:
@@ -349,6 +329,44 @@ async def insert_drafts(db: Db, drafts: Sequence[InboundDraft], now: float) -> l
             all_duplicate,
         )
     return results
+
+
+async def insert_messages(
+    db: Db, messages: Sequence[tuple[int, OutboundDraft, str | None]], now: float
+) -> dict[tuple[str, str], int]:
+    """Insert (event id, message, request id) rows, due now; a key the destination already
+    has is skipped (ON CONFLICT: the database decides). Returns (destination, key) -> new id;
+    within one call, the first of two equal keys wins (rows insert in order)."""
+    rows = [
+        (
+            event_id,
+            m.route,
+            m.destination,
+            m.idempotency_key,
+            m.body,
+            "pending",
+            now,
+            now,
+            now,
+            now,
+            request_id,
+            m.verify_ref,
+        )
+        for event_id, m, request_id in messages
+    ]
+    new_messages: dict[tuple[str, str], int] = {}
+    for chunk in chunks(rows):
+        returned = await db.execute_fetchall(
+            "INSERT INTO outbound_messages (event_id, route, destination, idempotency_key, "
+            "body, status, created_at, retry_from_at, next_attempt_at, updated_at, "
+            "request_id, verify_ref) VALUES "
+            + ",".join(["(?,?,?,?,?,?,?,?,?,?,?,?)"] * len(chunk))
+            + " ON CONFLICT (destination, idempotency_key) DO NOTHING "
+            "RETURNING id, destination, idempotency_key",
+            [v for row in chunk for v in row],
+        )
+        new_messages.update({(r[1], r[2]): int(r[0]) for r in returned})
+    return new_messages
 
 
 async def claim(
