@@ -19,8 +19,9 @@ from aiohttp import web
 
 from relay.access import bearer_ok
 from relay.checkout import CheckoutEndpoint
-from relay.config import Config
-from relay.delivery import Redactor, Sender
+from relay.config import Config, DestinationConfig
+from relay.delivery import Attempts, Redactor, Sender
+from relay.delivery_process import ProcessSenders
 from relay.errors import StorageUnavailable
 from relay.ingest import WebhookIngest
 from relay.logs import get_logger
@@ -172,23 +173,42 @@ async def _store_ctx(app: web.Application) -> AsyncIterator[None]:
 
 async def _workers_ctx(app: web.Application) -> AsyncIterator[None]:
     config = app[CONFIG]
-    store = app[STORE]
+    destinations = list(config.destinations.values())
     redact = Redactor(secret_values(config))
-    connector = aiohttp.TCPConnector(limit=sum(d.concurrency for d in config.destinations.values()))
-    async with aiohttp.ClientSession(connector=connector) as session:
+    connector = aiohttp.TCPConnector(limit=sum(d.concurrency for d in destinations))
+    processes: ProcessSenders | None = None
+    async with contextlib.AsyncExitStack() as stack:
+        if config.server.delivery_processes:
+            processes = ProcessSenders(
+                destinations,
+                secret_values(config),
+                config.server.delivery_processes,
+                log_level=config.log.level,
+                log_format=config.log.format,
+            )
+            # Closed last: after the workers' graceful stop, which may still use them.
+            stack.push_async_callback(processes.close)
+            await processes.start()
+        session = await stack.enter_async_context(aiohttp.ClientSession(connector=connector))
+
+        def sender(dest: DestinationConfig) -> Attempts:
+            if processes is not None:
+                return processes.sender(dest)
+            return Sender(session, dest, redact)
+
         workers = Workers(
             DestinationWorker(
-                store,
-                Sender(session, dest, redact),
+                app[STORE],
+                sender(dest),
                 dest,
                 app[CLOCK],
                 app[METRICS],
                 poll_interval_s=app[POLL_INTERVAL_S],
                 polar=lambda: app.get(POLAR_API),
             )
-            for dest in config.destinations.values()
+            for dest in destinations
         )
-        store.on_commit = workers.notify
+        app[STORE].on_commit = workers.notify
         app[WORKERS] = workers
         workers.start()
         try:

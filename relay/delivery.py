@@ -11,8 +11,10 @@ import asyncio
 import time
 from collections.abc import Iterable
 from dataclasses import dataclass
+from typing import Protocol
 
 import aiohttp
+import yarl
 
 from relay import __version__
 from relay.config import DestinationConfig
@@ -73,6 +75,13 @@ async def _read_up_to(stream: aiohttp.StreamReader, size: int) -> bytes:
     return b"".join(chunks)
 
 
+class Attempts(Protocol):
+    """What a destination worker sends through: `Sender`, or a child process's
+    (`relay.delivery_process`)."""
+
+    async def send(self, msg: ClaimedMessage) -> AttemptResult: ...
+
+
 class Sender:
     """Sends messages to one destination."""
 
@@ -83,17 +92,21 @@ class Sender:
         self._destination = destination
         self._redact = redact
         self._timeout = aiohttp.ClientTimeout(total=destination.timeout_s)
+        self._url = yarl.URL(destination.url)  # parsed once, not per attempt
         self._base_headers = {h.name: h.text for h in destination.headers}
         self._base_headers.update({"content-type": "application/json", "user-agent": USER_AGENT})
 
     async def send(self, msg: ClaimedMessage) -> AttemptResult:
+        return await self.post(msg.idempotency_key, msg.body)
+
+    async def post(self, idempotency_key: str, body: bytes) -> AttemptResult:
         headers = dict(self._base_headers)
-        headers["idempotency-key"] = msg.idempotency_key
+        headers["idempotency-key"] = idempotency_key
         started = time.perf_counter()
         try:
             async with self._session.post(
-                self._destination.url,
-                data=msg.body,
+                self._url,
+                data=body,
                 headers=headers,
                 timeout=self._timeout,
                 allow_redirects=False,

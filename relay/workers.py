@@ -22,7 +22,7 @@ from typing import Any
 
 from relay import retry, revenue
 from relay.config import DestinationConfig
-from relay.delivery import AttemptResult, Sender
+from relay.delivery import AttemptResult, Attempts
 from relay.errors import StorageError
 from relay.logs import get_logger
 from relay.metrics import Metrics, status_class
@@ -40,7 +40,7 @@ class DestinationWorker:
     def __init__(
         self,
         store: Store,
-        sender: Sender,
+        sender: Attempts,
         destination: DestinationConfig,
         clock: Clock,
         metrics: Metrics,

@@ -64,7 +64,8 @@ def test_shipped_config_parses_with_the_documented_env() -> None:
         ("x-faurya-site-id", SITE_ID, SITE_ID),
         ("x-faurya-write-key", WRITE_KEY, "***"),
     ]
-    assert (faurya.timeout_s, faurya.concurrency, faurya.lease_s) == (10.0, 8, 60.0)
+    assert (faurya.timeout_s, faurya.concurrency, faurya.lease_s) == (10.0, 64, 60.0)
+    assert config.server.delivery_processes == 1
     assert faurya.retry == RetryPolicy(
         max_attempts=1000, base_s=1.0, cap_s=600.0, max_age_s=604800.0, jitter=0.5
     )

@@ -190,9 +190,9 @@ async def test_sigkill_with_undelivered_messages_loses_none(
     orders = new_orders(30)
     assert await send_orders(http, relay, orders) == [202] * 30
     await faurya.wait_for(30)
+    await relay.wait_log("delivery_retry_scheduled")
 
     assert await relay.signal(signal.SIGKILL) == -signal.SIGKILL
-    assert relay.logged("delivery_retry_scheduled")
     counts = message_counts(db_path)
     assert sum(counts.values()) == 30
     assert "delivered" not in counts

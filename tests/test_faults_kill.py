@@ -42,7 +42,8 @@ from tests.helpers import REPO, RelayProcess, env, order_paid, process_env, sign
 
 pytestmark = pytest.mark.e2e
 
-CONCURRENCY = 8  # destinations.faurya.concurrency in the shipped relay.toml
+CONCURRENCY = 8  # destinations.faurya.concurrency here (fault_config sets it): the fault
+# scenarios are sized for it (the shipped relay.toml has more)
 HANG_S = 30.0  # a hanging answer outlives any relay timeout; the relay's timeout ends it first
 SLOW_S = 0.3  # a slow 200, well inside the relay's timeout
 
@@ -66,6 +67,7 @@ def fault_config(
     text = _set(text, "timeout_s", timeout_s)
     text = _set(text, "base_s", base_s)
     text = _set(text, "cap_s", cap_s)
+    text = _set(text, "concurrency", CONCURRENCY)
     if lease_s is not None:
         text = re.sub(r"(?m)^(timeout_s = .*)$", rf"\g<1>\nlease_s = {lease_s:g}", text)
     path = tmp_path / "relay-faults.toml"

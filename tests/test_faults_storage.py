@@ -501,7 +501,8 @@ async def test_a_file_size_limit_answers_503_and_a_restart_serves_the_intact_dat
     config = tmp_path / "relay.toml"
     shipped = (REPO / "relay.toml").read_text()
     # Deliveries paused: only ingest and the readiness probe write.
-    config.write_text(shipped.replace("concurrency = 8\n", "concurrency = 8\npaused = true\n"))
+    marker = "[destinations.faurya]\n"
+    config.write_text(shipped.replace(marker, marker + "paused = true\n"))
     assert "paused = true" in config.read_text()
     environ = process_env(**env(FAURYA_URL=faurya.url))
     limited = RelayProcess(config, db_path, environ)

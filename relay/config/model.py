@@ -35,6 +35,8 @@ class ServerConfig:
     port: int = 8080
     max_body_bytes: int = DEFAULT_BODY_LIMIT_BYTES
     shutdown_grace_s: float = 10.0
+    # Child processes that make the delivery HTTP requests (0: the serving process does).
+    delivery_processes: int = 0
     # Slow clients: a connection must deliver its request headers within keepalive_timeout_s
     # (and idle keep-alive connections close after it), and its body within body_timeout_s.
     keepalive_timeout_s: float = 15.0

@@ -58,6 +58,7 @@ def read_server(t: Table) -> ServerConfig:
         port=t.get("port", int, d.port, between(0, 65535)),
         max_body_bytes=t.get("max_body_bytes", int, d.max_body_bytes, between(1024, 64 << 20)),
         shutdown_grace_s=t.get("shutdown_grace_s", float, d.shutdown_grace_s, between(0, 3600)),
+        delivery_processes=t.get("delivery_processes", int, d.delivery_processes, between(0, 16)),
         keepalive_timeout_s=t.get(
             "keepalive_timeout_s", float, d.keepalive_timeout_s, between(1, 3600)
         ),

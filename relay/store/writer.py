@@ -19,9 +19,11 @@ import json
 import secrets
 import sqlite3
 import time
-from collections.abc import Awaitable, Callable, Iterable, Sequence
+from collections.abc import Awaitable, Callable, Coroutine, Iterable, Sequence
 from dataclasses import dataclass, field
 from typing import Any, TypeVar
+
+import aiosqlite
 
 from relay.errors import StorageUnavailable
 from relay.models import (
@@ -86,6 +88,13 @@ class Writer:
         # (PostgreSQL: NOTIFY the other replicas).
         self.publish: Callable[[Db, set[str]], Awaitable[None]] | None = None
         self.last_error: str | None = None
+        # aiosqlite runs each statement on its connection's own thread. Its `_execute` runs any
+        # function there: the one way to run a whole transaction in one hand-off, so it is used
+        # though private (tests/test_store_writer.py fails if an aiosqlite upgrade removes it).
+        # PostgreSQL (asyncpg) has no thread: its statements are awaited one by one.
+        self._in_thread: Callable[[Callable[[], None]], Awaitable[None]] | None = (
+            db._execute if isinstance(db, aiosqlite.Connection) else None
+        )
         if serve:
             self._task = asyncio.create_task(self._loop(), name="store-writer")
 
@@ -214,7 +223,17 @@ class Writer:
             self.on_batch(stats)
 
     async def _transaction(self, jobs: list[_Job]) -> None:
-        db = self._db
+        if self._in_thread is not None:
+            # The whole transaction in one hand-off to the connection's thread, instead of one
+            # per statement. Each hand-off waits for a turn of the event loop to come back, and
+            # under load a turn is long: six of them per commit were most of a webhook's
+            # acknowledgement latency.
+            raw = self._db._conn
+            await self._in_thread(lambda: _drive(self._statements(_Immediate(raw), jobs)))
+        else:
+            await self._statements(self._db, jobs)
+
+    async def _statements(self, db: Db, jobs: list[_Job]) -> None:
         await db.execute("BEGIN IMMEDIATE")
         try:
             drafts = [job for job in jobs if job.draft is not None]
@@ -244,6 +263,46 @@ class Writer:
             with contextlib.suppress(sqlite3.Error, ValueError):
                 await db.execute("ROLLBACK")
             raise
+
+
+class _Done:
+    """What `_Immediate.execute` returns: the rowcount, and the awaitable close() of an
+    aiosqlite cursor."""
+
+    def __init__(self, rowcount: int) -> None:
+        self.rowcount = rowcount
+
+    async def close(self) -> None:
+        return None
+
+
+class _Immediate:
+    """The async statement interface of `Db` over a plain sqlite3 connection: each call runs
+    at once and never suspends, so a transaction written against `Db` runs to its end inside
+    one synchronous call (`_drive`), on the connection's thread."""
+
+    def __init__(self, conn: sqlite3.Connection) -> None:
+        self._conn = conn
+
+    async def execute(self, sql: str, params: Sequence[Any] = ()) -> _Done:
+        cursor = self._conn.execute(sql, params)
+        rowcount = cursor.rowcount
+        cursor.close()
+        return _Done(rowcount)
+
+    async def execute_fetchall(self, sql: str, params: Sequence[Any] = ()) -> list[Any]:
+        return self._conn.execute(sql, params).fetchall()
+
+
+def _drive(coro: Coroutine[Any, Any, T]) -> T:
+    """Run a coroutine that never suspends (its only awaits are `_Immediate` calls)."""
+    try:
+        coro.send(None)
+    except StopIteration as done:
+        result: T = done.value
+        return result
+    coro.close()
+    raise RuntimeError("a store transaction awaited something other than its statements")
 
 
 def _locked(exc: Exception) -> bool:

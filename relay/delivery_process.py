@@ -1,0 +1,319 @@
+"""Delivery attempts in child processes: aiohttp's client work off the serving event loop.
+
+Owns: the child processes (`python -m relay.delivery_process FD`), the framed protocol over a
+Unix socket pair, and `ProcessSenders`, which gives each destination worker the same
+`send(msg) -> AttemptResult` as `relay.delivery.Sender`. A child only sends: it holds no
+store and decides nothing, and each answer is an `AttemptResult` made by the same `Sender`
+code (timeout, snippet, redaction). The serving process keeps the claims, the retry policy,
+the acks, the metrics and the logs.
+
+Why: CPython runs one process on one core, and the HTTP client is about half of the serving
+loop's work per delivery. In a child it runs on another core, so a backlog drains faster and
+webhooks keep the serving loop's time (docs/performance.md has the measurements).
+
+Failure: a child that dies or stops answering fails its attempts as connection errors. They
+are retried later, with the same idempotency key, and the next send starts a new child. A child
+exits when its socket closes: when the relay stops, and when the relay is killed with -9 (the
+kernel closes the socket). Secrets reach a child through the socket, never argv or the
+environment.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import itertools
+import pickle
+import signal
+import socket
+import sys
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import aiohttp
+
+from relay.config import DestinationConfig
+from relay.delivery import AttemptResult, Redactor, Sender
+from relay.logs import configure, get_logger
+from relay.models import ClaimedMessage
+
+log = get_logger("relay.delivery_process")
+
+_LENGTH = 4  # bytes of the big-endian frame length
+# How long past the destination's own timeout a child may take to answer before it is
+# judged stuck, killed and replaced.
+_GRACE_S = 5.0
+
+
+class ProcessGone(Exception):
+    """The child process exited (or was killed) before it answered."""
+
+
+@dataclass(frozen=True, slots=True)
+class _Setup:
+    """The first frame a child reads: what it needs to build one Sender per destination."""
+
+    destinations: tuple[DestinationConfig, ...]
+    secret_values: tuple[str, ...]
+    log_level: str
+    log_format: str
+
+
+def _frame(obj: Any) -> bytes:
+    data = pickle.dumps(obj, protocol=pickle.HIGHEST_PROTOCOL)
+    return len(data).to_bytes(_LENGTH, "big") + data
+
+
+async def _read_frame(reader: asyncio.StreamReader) -> Any:
+    size = int.from_bytes(await reader.readexactly(_LENGTH), "big")
+    # Both ends are this package, over a socket pair only they hold: pickle is safe here.
+    return pickle.loads(await reader.readexactly(size))  # noqa: S301
+
+
+class _FrameWriter:
+    """Frames written in the same loop iteration go out in one write."""
+
+    def __init__(self, writer: asyncio.StreamWriter) -> None:
+        self._writer = writer
+        self._pending: list[bytes] = []
+
+    def send(self, obj: Any) -> None:
+        if not self._pending:
+            asyncio.get_running_loop().call_soon(self._flush)
+        self._pending.append(_frame(obj))
+
+    def _flush(self) -> None:
+        data, self._pending = b"".join(self._pending), []
+        if not self._writer.is_closing():
+            self._writer.write(data)
+
+
+# ---------------------------------------------------------------- the serving side
+
+
+class _Child:
+    """One running child process and the attempts waiting for its answers."""
+
+    def __init__(
+        self,
+        process: asyncio.subprocess.Process,
+        reader: asyncio.StreamReader,
+        writer: asyncio.StreamWriter,
+    ) -> None:
+        self.process = process
+        self._writer = writer
+        self._out = _FrameWriter(writer)
+        self._waiting: dict[int, asyncio.Future[AttemptResult]] = {}
+        self._seq = itertools.count()
+        self._reader_task = asyncio.create_task(self._read(reader), name="delivery-process-reader")
+
+    @property
+    def alive(self) -> bool:
+        return not self._reader_task.done()
+
+    async def send(self, destination: str, msg: ClaimedMessage) -> AttemptResult:
+        if not self.alive:
+            raise ProcessGone
+        seq = next(self._seq)
+        future: asyncio.Future[AttemptResult] = asyncio.get_running_loop().create_future()
+        self._waiting[seq] = future
+        try:
+            self._out.send((seq, destination, msg.idempotency_key, msg.body))
+            return await future
+        finally:
+            self._waiting.pop(seq, None)
+
+    async def _read(self, reader: asyncio.StreamReader) -> None:
+        try:
+            while True:
+                seq, status, error, retry_after, snippet, duration_s = await _read_frame(reader)
+                future = self._waiting.get(seq)
+                if future is not None and not future.done():
+                    future.set_result(
+                        AttemptResult(status, error, retry_after, snippet, duration_s)
+                    )
+        except (asyncio.IncompleteReadError, ConnectionError, pickle.UnpicklingError, ValueError):
+            pass  # gone: fail what waits (below)
+        finally:
+            for future in self._waiting.values():
+                if not future.done():
+                    future.set_exception(ProcessGone())
+            self._writer.close()
+
+    async def close(self, timeout_s: float) -> int | None:
+        """Close the socket (the child exits on EOF); kill it if it does not within
+        `timeout_s`. Returns its exit code."""
+        self._writer.close()
+        try:
+            async with asyncio.timeout(timeout_s):
+                await self.process.wait()
+        except TimeoutError:
+            self.kill()
+            await self.process.wait()
+        self._reader_task.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await self._reader_task
+        return self.process.returncode
+
+    def kill(self) -> None:
+        with contextlib.suppress(ProcessLookupError):
+            self.process.kill()
+
+
+class ProcessSenders:
+    """A pool of `count` children shared by every destination, started on `start()` and
+    replaced on the next send after one exits."""
+
+    def __init__(
+        self,
+        destinations: Sequence[DestinationConfig],
+        secret_values: Sequence[str],
+        count: int,
+        *,
+        log_level: str = "info",
+        log_format: str = "json",
+    ) -> None:
+        self._setup = _Setup(tuple(destinations), tuple(secret_values), log_level, log_format)
+        self._children: list[_Child | None] = [None] * count
+        self._locks = [asyncio.Lock() for _ in range(count)]
+        self._next = itertools.cycle(range(count))
+        self._closed = False
+        self.started = 0  # children started so far (a rising count means they keep dying)
+
+    async def start(self) -> None:
+        for slot in range(len(self._children)):
+            await self._child(slot)
+
+    def sender(self, destination: DestinationConfig) -> ProcessSender:
+        return ProcessSender(self, destination)
+
+    async def _child(self, slot: int) -> _Child:
+        child = self._children[slot]
+        if child is not None and child.alive:
+            return child
+        async with self._locks[slot]:
+            child = self._children[slot]
+            if child is not None and child.alive:
+                return child
+            if self._closed:
+                raise ProcessGone
+            if child is not None:
+                code = await child.close(timeout_s=1.0)
+                log.error("delivery_process_exited", slot=slot, exit_code=code)
+            child = await self._spawn()
+            self._children[slot] = child
+            self.started += 1
+            log.info("delivery_process_started", slot=slot, pid=child.process.pid)
+            return child
+
+    async def _spawn(self) -> _Child:
+        ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
+        try:
+            process = await asyncio.create_subprocess_exec(
+                sys.executable,
+                "-m",
+                "relay.delivery_process",
+                str(theirs.fileno()),
+                pass_fds=(theirs.fileno(),),
+                stdin=asyncio.subprocess.DEVNULL,
+            )
+        except BaseException:
+            ours.close()
+            raise
+        finally:
+            theirs.close()
+        reader, writer = await asyncio.open_unix_connection(sock=ours)
+        writer.write(_frame(self._setup))
+        return _Child(process, reader, writer)
+
+    async def send(self, destination: DestinationConfig, msg: ClaimedMessage) -> AttemptResult:
+        slot = next(self._next)
+        started = time.perf_counter()
+        child: _Child | None = None
+        try:
+            child = await self._child(slot)
+            async with asyncio.timeout(destination.timeout_s + _GRACE_S):
+                return await child.send(destination.name, msg)
+        except ProcessGone:
+            error = "connection error: the delivery process exited"
+        except TimeoutError:
+            # The child stopped answering (its own timeout would have answered by now).
+            error = "timeout: the delivery process did not answer"
+            if child is not None:
+                child.kill()
+        except OSError as exc:
+            error = f"connection error: could not start a delivery process ({exc.strerror})"
+        return AttemptResult(None, error, None, "", time.perf_counter() - started)
+
+    async def close(self, timeout_s: float = 5.0) -> None:
+        self._closed = True
+        for child in self._children:
+            if child is not None:
+                await child.close(timeout_s)
+
+
+class ProcessSender:
+    """`Sender`'s interface for one destination, sending through the pool's children."""
+
+    def __init__(self, pool: ProcessSenders, destination: DestinationConfig) -> None:
+        self._pool = pool
+        self._destination = destination
+
+    async def send(self, msg: ClaimedMessage) -> AttemptResult:
+        return await self._pool.send(self._destination, msg)
+
+
+# ---------------------------------------------------------------- the child
+
+
+async def _serve(fd: int) -> None:
+    reader, writer = await asyncio.open_unix_connection(sock=socket.socket(fileno=fd))
+    try:
+        setup: _Setup = await _read_frame(reader)
+    except (asyncio.IncompleteReadError, ConnectionError):
+        return
+    configure(setup.log_level, setup.log_format)
+    redact = Redactor(setup.secret_values)
+    out = _FrameWriter(writer)
+    tasks: set[asyncio.Task[None]] = set()
+    limit = sum(d.concurrency for d in setup.destinations)
+    async with aiohttp.ClientSession(connector=aiohttp.TCPConnector(limit=limit)) as session:
+        senders = {d.name: Sender(session, d, redact) for d in setup.destinations}
+
+        async def attempt(seq: int, destination: str, key: str, body: bytes) -> None:
+            r = await senders[destination].post(key, body)
+            out.send((seq, r.status, r.error, r.retry_after, r.snippet, r.duration_s))
+
+        while True:
+            try:
+                seq, destination, key, body = await _read_frame(reader)
+            except (asyncio.IncompleteReadError, ConnectionError):
+                break  # the relay closed the socket, or is gone
+            task = asyncio.create_task(attempt(seq, destination, key, body))
+            tasks.add(task)
+            task.add_done_callback(tasks.discard)
+        # Nobody is left to take the answers: the relay released these messages (or lost
+        # them with a -9), and they are sent again under the same idempotency key.
+        for task in tasks:
+            task.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)
+
+
+def main(argv: Sequence[str]) -> int:
+    # The relay stops its children by closing their socket, after its own graceful stop: a
+    # Ctrl-C or a SIGTERM sent to the whole process group must not cut attempts short first.
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
+    if len(argv) != 1 or not argv[0].isdigit():
+        print(
+            "usage: python -m relay.delivery_process FD (started by relay serve)", file=sys.stderr
+        )
+        return 2
+    asyncio.run(_serve(int(argv[0])))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main(sys.argv[1:]))
