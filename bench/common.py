@@ -110,20 +110,45 @@ def summarize_ms(values_s: Sequence[float]) -> dict[str, float]:
 CLOCK_TICKS = os.sysconf("SC_CLK_TCK")
 
 
-def cpu_seconds(pid: int) -> float:
-    """User + system CPU time of a process (all its threads), from /proc/<pid>/stat."""
+def process_tree(pid: int) -> list[int]:
+    """`pid` and its descendants: a server under test is all of its processes (the relay's
+    delivery processes do part of its work)."""
+    found, todo = [], [pid]
+    while todo:
+        current = todo.pop()
+        found.append(current)
+        with contextlib.suppress(OSError):
+            for task in Path(f"/proc/{current}/task").iterdir():
+                todo += [int(c) for c in (task / "children").read_text().split()]
+    return found
+
+
+def _own_cpu_seconds(pid: int) -> float:
     text = Path(f"/proc/{pid}/stat").read_text()
     fields = text[text.rindex(")") + 2 :].split()  # fields[0] is field 3 (state)
     return (int(fields[11]) + int(fields[12])) / CLOCK_TICKS
 
 
+def cpu_seconds(pid: int) -> float:
+    """User + system CPU time of a process and its descendants (all threads), from
+    /proc/<pid>/stat. A descendant that exits between two readings takes its time with it."""
+    total = 0.0
+    for member in process_tree(pid):
+        with contextlib.suppress(OSError):
+            total += _own_cpu_seconds(member)
+    return total
+
+
 def memory_kb(pid: int) -> dict[str, int]:
-    """VmRSS (resident now) and VmHWM (peak resident) in KiB, from /proc/<pid>/status."""
-    found = {}
-    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
-        name, _, value = line.partition(":")
-        if name in ("VmRSS", "VmHWM"):
-            found[name] = int(value.split()[0])
+    """VmRSS (resident now) and VmHWM (peak resident) in KiB, from /proc/<pid>/status, summed
+    over the process and its descendants."""
+    found = {"VmRSS": 0, "VmHWM": 0}
+    for member in process_tree(pid):
+        with contextlib.suppress(OSError):
+            for line in Path(f"/proc/{member}/status").read_text().splitlines():
+                name, _, value = line.partition(":")
+                if name in found:
+                    found[name] += int(value.split()[0])
     return found
 
 

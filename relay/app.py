@@ -185,6 +185,7 @@ async def _workers_ctx(app: web.Application) -> AsyncIterator[None]:
                 config.server.delivery_processes,
                 log_level=config.log.level,
                 log_format=config.log.format,
+                metrics=app[METRICS],
             )
             # Closed last: after the workers' graceful stop, which may still use them.
             stack.push_async_callback(processes.close)

@@ -37,6 +37,7 @@ import aiohttp
 from relay.config import DestinationConfig
 from relay.delivery import AttemptResult, Redactor, Sender
 from relay.logs import configure, get_logger
+from relay.metrics import Metrics
 from relay.models import ClaimedMessage
 
 log = get_logger("relay.delivery_process")
@@ -44,7 +45,7 @@ log = get_logger("relay.delivery_process")
 _LENGTH = 4  # bytes of the big-endian frame length
 # How long past the destination's own timeout a child may take to answer before it is
 # judged stuck, killed and replaced.
-_GRACE_S = 5.0
+ANSWER_GRACE_S = 5.0
 
 
 class ProcessGone(Exception):
@@ -174,8 +175,12 @@ class ProcessSenders:
         *,
         log_level: str = "info",
         log_format: str = "json",
+        metrics: Metrics | None = None,
+        answer_grace_s: float = ANSWER_GRACE_S,
     ) -> None:
         self._setup = _Setup(tuple(destinations), tuple(secret_values), log_level, log_format)
+        self._metrics = metrics
+        self._answer_grace_s = answer_grace_s
         self._children: list[_Child | None] = [None] * count
         self._locks = [asyncio.Lock() for _ in range(count)]
         self._next = itertools.cycle(range(count))
@@ -205,6 +210,8 @@ class ProcessSenders:
             child = await self._spawn()
             self._children[slot] = child
             self.started += 1
+            if self._metrics is not None:
+                self._metrics.delivery_processes_started.inc()
             log.info("delivery_process_started", slot=slot, pid=child.process.pid)
             return child
 
@@ -234,7 +241,7 @@ class ProcessSenders:
         child: _Child | None = None
         try:
             child = await self._child(slot)
-            async with asyncio.timeout(destination.timeout_s + _GRACE_S):
+            async with asyncio.timeout(destination.timeout_s + self._answer_grace_s):
                 return await child.send(destination.name, msg)
         except ProcessGone:
             error = "connection error: the delivery process exited"

@@ -93,6 +93,12 @@ class Metrics:
             ["destination", "status_class"],
             registry=r,
         )
+        self.delivery_processes_started = Counter(
+            "relay_delivery_processes_started_total",
+            "Delivery child processes started ([server] delivery_processes). More than the "
+            "configured count means children died and were replaced.",
+            registry=r,
+        )
         self.delivery_duration = Histogram(
             "relay_delivery_duration_seconds",
             "Duration of one delivery attempt (request and the start of the answer).",

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import inspect
 import shutil
 import sqlite3
 import subprocess
@@ -20,6 +21,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, TypeVar
 
+import aiosqlite
 import pytest
 from hypothesis import settings
 from hypothesis import strategies as st
@@ -48,6 +50,8 @@ from relay.models import (
     RetryLater,
 )
 from relay.store import BatchStats, Store
+from relay.store.schema import connect, migrate
+from relay.store.writer import Writer, claim
 from tests.helpers import REPO, FakeClock
 
 T0 = 1_700_000_000.0
@@ -529,6 +533,38 @@ async def test_a_failing_webhook_in_a_batch_fails_alone_and_leaves_nothing(
         IngestOutcome.ACCEPTED
     )
     assert [(b.size, b.ok) for b in batches] == [(2, False), (1, True), (1, False), (1, True)]
+
+
+def test_aiosqlite_still_runs_a_function_on_its_connection_thread() -> None:
+    """The writer runs each transaction in one hand-off through aiosqlite's private
+    Connection._execute (relay/store/writer.py says why): an aiosqlite upgrade that drops it
+    must fail here, not silently fall back to a slower path."""
+    assert inspect.iscoroutinefunction(getattr(aiosqlite.Connection, "_execute", None))
+
+
+async def test_a_write_that_awaits_anything_but_its_statements_fails_alone(
+    db_path: Path, clock: FakeClock
+) -> None:
+    """A transaction runs to its end in one synchronous call on the database thread: a write
+    job that would suspend on anything else fails, rolled back, with a clear error, and the
+    writer goes on with the next job."""
+    db = await connect(str(db_path), busy_timeout_ms=1000)
+    await migrate(db)
+    writer = Writer(db, clock, max_batch=8, serve=True)
+    try:
+
+        async def strays(conn: Any) -> None:
+            await conn.execute("UPDATE outbound_messages SET status = 'dead'")
+            await asyncio.sleep(0)
+
+        with pytest.raises(StorageUnavailable, match="awaited something other than its"):
+            await writer.run(strays)
+        assert not (await db.execute_fetchall("SELECT 1 FROM outbound_messages"))
+        assert await writer.run(lambda conn: claim(conn, DEST, 1, LEASE_S, T0)) == []
+        assert writer.last_error is None
+    finally:
+        await writer.close()
+        await db.close()
 
 
 # ------------------------------------------------------------------ claims

@@ -90,7 +90,7 @@ class Writer:
         self.last_error: str | None = None
         # aiosqlite runs each statement on its connection's own thread. Its `_execute` runs any
         # function there: the one way to run a whole transaction in one hand-off, so it is used
-        # though private (tests/test_store_writer.py fails if an aiosqlite upgrade removes it).
+        # though private (tests/test_store.py fails if an aiosqlite upgrade removes it).
         # PostgreSQL (asyncpg) has no thread: its statements are awaited one by one.
         self._in_thread: Callable[[Callable[[], None]], Awaitable[None]] | None = (
             db._execute if isinstance(db, aiosqlite.Connection) else None
