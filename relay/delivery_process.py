@@ -108,11 +108,14 @@ class _Child:
         self._out = _FrameWriter(writer)
         self._waiting: dict[int, asyncio.Future[AttemptResult]] = {}
         self._seq = itertools.count()
+        self._killed = False
         self._reader_task = asyncio.create_task(self._read(reader), name="delivery-process-reader")
 
     @property
     def alive(self) -> bool:
-        return not self._reader_task.done()
+        # A child we killed is dead at once, before its socket's end is read: a send in
+        # between must start its replacement, not fail on it.
+        return not self._killed and not self._reader_task.done()
 
     async def send(self, destination: str, msg: ClaimedMessage) -> AttemptResult:
         if not self.alive:
@@ -159,6 +162,7 @@ class _Child:
         return self.process.returncode
 
     def kill(self) -> None:
+        self._killed = True
         with contextlib.suppress(ProcessLookupError):
             self.process.kill()
 
@@ -256,9 +260,13 @@ class ProcessSenders:
 
     async def close(self, timeout_s: float = 5.0) -> None:
         self._closed = True
-        for child in self._children:
-            if child is not None:
-                await child.close(timeout_s)
+        for slot, lock in enumerate(self._locks):
+            # Under the slot's lock: a replacement being started now is closed too, and none
+            # starts after this (`_child` checks `_closed` under the same lock).
+            async with lock:
+                child = self._children[slot]
+                if child is not None:
+                    await child.close(timeout_s)
 
 
 class ProcessSender:

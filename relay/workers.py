@@ -66,6 +66,12 @@ class DestinationWorker:
         self.sleeping = False  # waiting for a wake-up (a commit, a finished attempt) or a timer
         self._refill_at = max(1, destination.concurrency // 4)
         self._pause_checked_at = -1e18  # loop time of the last read of the pause override
+        # Label children bound once: .labels() takes a lock and a lookup, per delivery.
+        name = destination.name
+        self._duration = metrics.delivery_duration.labels(name)
+        self._outcomes = {
+            o: metrics.deliveries.labels(name, o) for o in ("delivered", "retry", "dead")
+        }
 
     @property
     def running(self) -> bool:
@@ -240,7 +246,7 @@ class DestinationWorker:
     async def _record(self, msg: ClaimedMessage, result: AttemptResult, outcome: Outcome) -> None:
         name = self.destination.name
         m = self._metrics
-        m.delivery_duration.labels(name).observe(result.duration_s)
+        self._duration.observe(result.duration_s)
         m.delivery_attempts.labels(name, status_class(result.status, result.error)).inc()
         detail = result.error or (f"HTTP {result.status}: {result.snippet}".strip())
         fields = {
@@ -255,13 +261,13 @@ class DestinationWorker:
         try:
             if isinstance(outcome, Delivered):
                 changed = await self._store.mark_delivered(msg, outcome.status)
-                m.deliveries.labels(name, "delivered").inc()
+                self._outcomes["delivered"].inc()
                 log.info("delivery_succeeded", **fields)
                 if changed:
                     self._count_revenue(msg, fields)
             elif isinstance(outcome, RetryLater):
                 changed = await self._store.mark_retry(msg, outcome, detail[:1000])
-                m.deliveries.labels(name, "retry").inc()
+                self._outcomes["retry"].inc()
                 if outcome.retry_after_s is not None:
                     # What we actually wait, not what was asked (it is clamped).
                     m.retry_after_wait.labels(name).inc(outcome.at - self._clock.now())
@@ -277,7 +283,7 @@ class DestinationWorker:
                 changed = await self._store.mark_dead(
                     msg, outcome, f"{outcome.reason}; {detail}"[:1000]
                 )
-                m.deliveries.labels(name, "dead").inc()
+                self._outcomes["dead"].inc()
                 log.error(
                     "delivery_dead_lettered",
                     **fields,

@@ -1,0 +1,622 @@
+"""relay.delivery_process: delivery attempts made by child processes, against a fake Faurya.
+
+Everything is real: the children are `python -m relay.delivery_process FD` processes, the fake
+Faurya is an aiohttp server on loopback, and kills, stops and signals are real signals. A
+child's pid comes from the pool's `delivery_process_started` log event; whether it still runs
+is read from /proc (a zombie has exited). Nothing sleeps to synchronise: every wait is a
+condition with a deadline.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import signal
+import sys
+import time
+import uuid
+from collections.abc import AsyncIterator, Iterator, MutableMapping
+from pathlib import Path
+from typing import Any, Protocol
+
+import aiohttp
+import pytest
+import structlog
+from aiohttp import web
+from multidict import CIMultiDict
+from pytest_aiohttp import AiohttpServer
+
+from relay.config import DestinationConfig, Header, Secret, parse
+from relay.delivery import AttemptResult, Redactor, Sender
+from relay.delivery_process import ProcessSenders
+from relay.metrics import Metrics
+from relay.models import ClaimedMessage
+from tests import test_e2e
+from tests.helpers import (
+    LEGACY_SECRET,
+    SITE_ID,
+    STANDARD_SECRET,
+    WRITE_KEY,
+    FakeFaurya,
+    env,
+    order_paid,
+    run_command,
+    sign_headers,
+    wait_until,
+)
+from tests.test_config import problems, shipped_raw
+from tests.test_delivery import closed_port
+from tests.test_e2e import MakeRelay, Switchboard
+
+# test_e2e's fixtures, made this module's by name (an import of them would read as unused).
+http = test_e2e.http
+make_relay = test_e2e.make_relay
+switchboard = test_e2e.switchboard
+
+LogList = list[MutableMapping[str, Any]]
+SECRETS = (LEGACY_SECRET, STANDARD_SECRET, STANDARD_SECRET.removeprefix("whsec_"), WRITE_KEY)
+EXITED = "connection error: the delivery process exited"
+NO_ANSWER = "timeout: the delivery process did not answer"
+STARTED = "relay_delivery_processes_started_total"
+# Tests that need a timeout use small ones: the child judged stuck after 0.5 + 0.2 s.
+TIMEOUT_S = 0.5
+GRACE_S = 0.2
+# A body whose exact bytes must arrive: non-ASCII, no trailing newline, not re-encoded.
+BODY = '{"amount": 1999, "currency": "EUR", "note": "café ☕"}'.encode()
+
+
+# ---------------------------------------------------------------- helpers and fixtures
+
+
+def destination(
+    url: str, name: str = "faurya", *, timeout_s: float = 5.0, concurrency: int = 8
+) -> DestinationConfig:
+    """A destination as relay.toml makes it: the site id in clear, the write key a Secret."""
+    return DestinationConfig(
+        name=name,
+        url=url,
+        headers=(
+            Header("x-faurya-site-id", SITE_ID),
+            Header("x-faurya-write-key", Secret(WRITE_KEY)),
+        ),
+        timeout_s=timeout_s,
+        concurrency=concurrency,
+    )
+
+
+def claimed(key: str = "polar:order:1", body: bytes = BODY, dest: str = "faurya") -> ClaimedMessage:
+    now = time.time()
+    return ClaimedMessage(
+        id=1,
+        destination=dest,
+        idempotency_key=key,
+        body=body,
+        attempt=1,
+        created_at=now,
+        retry_from_at=now,
+        lease_token="lease-1",
+    )
+
+
+def running(pid: int) -> bool:
+    """The process exists and has not exited (a zombie has: it only waits to be reaped)."""
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+    except (FileNotFoundError, ProcessLookupError):
+        return False
+    return stat.rsplit(")", 1)[1].split()[0] != "Z"
+
+
+def command_line(pid: int) -> list[bytes]:
+    return Path(f"/proc/{pid}/cmdline").read_bytes().split(b"\0")
+
+
+def state(pid: int) -> str:
+    """The process state letter from /proc (R, S, T for stopped, Z...), "" when gone."""
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
+    except (FileNotFoundError, ProcessLookupError):
+        return ""
+
+
+async def gone(pid: int, timeout_s: float = 5.0) -> None:
+    async def exited() -> bool:
+        return not running(pid)
+
+    await wait_until(exited, timeout_s)
+
+
+def logged(logs: LogList, event: str) -> LogList:
+    return [entry for entry in logs if entry["event"] == event]
+
+
+def started_pids(logs: LogList) -> list[int]:
+    return [int(entry["pid"]) for entry in logged(logs, "delivery_process_started")]
+
+
+def exit_codes(pool: ProcessSenders) -> list[int | None]:
+    """The exit code of each of the pool's current children (no public accessor: a child
+    closed by the pool leaves its code only on its asyncio Process)."""
+    return [c.process.returncode for c in pool._children if c is not None]
+
+
+def started_metric(metrics: Metrics) -> float | None:
+    return metrics.registry.get_sample_value(STARTED)
+
+
+@pytest.fixture(autouse=True)
+def logs(_plain_logs: None) -> Iterator[LogList]:
+    """The serving side's log events; none may hold a secret value."""
+    with structlog.testing.capture_logs() as captured:
+        yield captured
+    assert [entry for entry in captured if any(s in repr(entry) for s in SECRETS)] == []
+
+
+@pytest.fixture
+def metrics() -> Metrics:
+    return Metrics()
+
+
+class MakePool(Protocol):
+    def __call__(
+        self, *destinations: DestinationConfig, count: int = 1, answer_grace_s: float = 5.0
+    ) -> ProcessSenders: ...
+
+
+@pytest.fixture
+async def make_pool(metrics: Metrics) -> AsyncIterator[MakePool]:
+    """Builds pools that share `metrics`; teardown closes each (killing what does not exit)."""
+    made: list[ProcessSenders] = []
+
+    def make(
+        *destinations: DestinationConfig, count: int = 1, answer_grace_s: float = 5.0
+    ) -> ProcessSenders:
+        pool = ProcessSenders(
+            destinations,
+            SECRETS,
+            count,
+            log_level="debug",
+            log_format="json",
+            metrics=metrics,
+            answer_grace_s=answer_grace_s,
+        )
+        made.append(pool)
+        return pool
+
+    yield make
+    for pool in made:
+        await pool.close(timeout_s=1.0)
+
+
+async def child_pid(pool: ProcessSenders, logs: LogList) -> int:
+    """Start the pool's only child; its pid, from the `delivery_process_started` event."""
+    await pool.start()
+    [pid] = started_pids(logs)
+    assert running(pid)
+    return pid
+
+
+# ---------------------------------------------------------------- delivered
+
+
+async def test_a_child_posts_the_exact_body_key_and_headers(
+    make_pool: MakePool, faurya: FakeFaurya, logs: LogList, metrics: Metrics
+) -> None:
+    """Through a pool of one, Faurya gets the stored body bytes, the idempotency key, the
+    destination's headers and the relay's content type; the answer comes back as the
+    in-process Sender's AttemptResult. No secret is on the child's command line."""
+    pool = make_pool(destination(f"{faurya.url}/api/revenue"), count=1)
+    pid = await child_pid(pool, logs)
+
+    result = await pool.sender(destination(f"{faurya.url}/api/revenue")).send(
+        claimed("polar:order:c0ffee")
+    )
+
+    assert (result.status, result.error, result.retry_after) == (200, None, None)
+    assert result.snippet == '{"ok": true}'
+    assert result.duration_s > 0
+    [call] = faurya.received
+    assert call.body == BODY
+    headers = CIMultiDict(call.headers)
+    assert headers["idempotency-key"] == "polar:order:c0ffee"
+    assert headers["x-faurya-write-key"] == WRITE_KEY
+    assert headers["x-faurya-site-id"] == SITE_ID
+    assert headers["content-type"] == "application/json"
+    assert headers["user-agent"].startswith("faurya-relay/")
+    cmdline = command_line(pid)
+    assert cmdline[1:3] == [b"-m", b"relay.delivery_process"]
+    assert not any(s.encode() in b" ".join(cmdline) for s in SECRETS)
+    assert pool.started == 1
+    assert started_metric(metrics) == 1
+    assert logged(logs, "delivery_process_exited") == []
+
+
+async def test_two_destinations_share_one_child(
+    make_pool: MakePool, faurya: FakeFaurya, aiohttp_server: AiohttpServer, logs: LogList
+) -> None:
+    """One child sends for two destinations with different URLs, each to its own URL."""
+    other = FakeFaurya()
+    other.url = str((await aiohttp_server(other.app())).make_url("")).rstrip("/")
+    first = destination(f"{faurya.url}/api/revenue", "faurya")
+    second = destination(f"{other.url}/api/revenue?via=second", "second")
+    pool = make_pool(first, second, count=1)
+
+    a = await pool.sender(first).send(claimed("key-a", b'{"to":"a"}'))
+    b = await pool.sender(second).send(claimed("key-b", b'{"to":"b"}', dest="second"))
+
+    assert (a.status, a.error, b.status, b.error) == (200, None, 200, None)
+    assert [(c.headers["idempotency-key"], c.body) for c in faurya.received] == [
+        ("key-a", b'{"to":"a"}')
+    ]
+    assert [(c.headers["idempotency-key"], c.body) for c in other.received] == [
+        ("key-b", b'{"to":"b"}')
+    ]
+    assert pool.started == 1
+    assert len(started_pids(logs)) == 1
+
+
+async def test_concurrent_answers_reach_their_own_attempt(
+    make_pool: MakePool, faurya: FakeFaurya
+) -> None:
+    """Twenty attempts at once through two children, answered in reverse order: each caller
+    gets the answer to its own request."""
+    count = 20
+    arrived = asyncio.Event()
+
+    async def answer(request: web.Request, n: int) -> web.Response:
+        key = request.headers["idempotency-key"]
+        if len(faurya.received) == count:
+            arrived.set()
+        await arrived.wait()  # all twenty are in flight at once
+        await asyncio.sleep((count - int(key)) * 0.005)  # the last key answers first
+        return web.Response(status=200 + int(key) % 4, text=f"answer to {key}")
+
+    faurya.script = answer
+    dest = destination(f"{faurya.url}/api/revenue", concurrency=count)
+    pool = make_pool(dest, count=2)
+    sender = pool.sender(dest)
+
+    results = await asyncio.gather(*(sender.send(claimed(str(i))) for i in range(count)))
+
+    assert [(r.status, r.snippet) for r in results] == [
+        (200 + i % 4, f"answer to {i}") for i in range(count)
+    ]
+    assert pool.started == 2
+
+
+# ---------------------------------------------------------------- Faurya's failures
+
+
+async def test_a_secret_echoed_by_faurya_is_masked_in_the_snippet(
+    make_pool: MakePool, faurya: FakeFaurya
+) -> None:
+    """A 500 whose body echoes the write key comes back with the key replaced by ***: the
+    child redacts with the secret values it was given over the socket."""
+
+    async def echo(request: web.Request, n: int) -> web.Response:
+        return web.Response(status=500, text=f"bad key {request.headers['x-faurya-write-key']}!")
+
+    faurya.script = echo
+    dest = destination(f"{faurya.url}/api/revenue")
+    pool = make_pool(dest)
+
+    result = await pool.sender(dest).send(claimed())
+
+    assert (result.status, result.error) == (500, None)
+    assert result.snippet == "bad key ***!"
+    assert WRITE_KEY not in result.snippet
+
+
+async def in_process(dest: DestinationConfig, msg: ClaimedMessage) -> AttemptResult:
+    """The same attempt made by the in-process Sender, for comparison."""
+    async with aiohttp.ClientSession() as session:
+        return await Sender(session, dest, Redactor(SECRETS)).send(msg)
+
+
+async def test_a_closed_port_is_a_connection_error_like_in_process(
+    make_pool: MakePool, logs: LogList, metrics: Metrics
+) -> None:
+    """Connection refused: no status, and the same "connection error: ..." text the in-process
+    Sender gives. The child lives on."""
+    dest = destination(f"http://127.0.0.1:{closed_port()}/api/revenue")
+    pool = make_pool(dest)
+
+    result = await pool.sender(dest).send(claimed())
+    expected = await in_process(dest, claimed())
+
+    assert result.status is None
+    assert result.error is not None
+    assert result.error.startswith("connection error: ClientConnectorError")
+    assert (result.status, result.error, result.snippet) == (
+        expected.status,
+        expected.error,
+        expected.snippet,
+    )
+    assert pool.started == 1
+    assert started_metric(metrics) == 1
+    assert logged(logs, "delivery_process_exited") == []
+
+
+async def test_a_hanging_faurya_is_a_timeout_like_in_process(
+    make_pool: MakePool, faurya: FakeFaurya, switchboard: Switchboard
+) -> None:
+    """Faurya holds the request past the destination's timeout: the child's own timeout
+    answers "timeout" (not the pool's did-not-answer), after about timeout_s."""
+    switchboard.holding = True
+    dest = destination(f"{faurya.url}/api/revenue", timeout_s=TIMEOUT_S)
+    pool = make_pool(dest, answer_grace_s=2.0)
+    await pool.start()
+
+    started = time.perf_counter()
+    result = await pool.sender(dest).send(claimed())
+    took = time.perf_counter() - started
+    expected = await in_process(dest, claimed())
+
+    assert (result.status, result.error, result.snippet) == (None, "timeout", "")
+    assert (expected.status, expected.error) == (None, "timeout")
+    assert TIMEOUT_S <= took < TIMEOUT_S + 2.0
+    assert pool.started == 1
+
+
+# ---------------------------------------------------------------- a child's failures
+
+
+async def test_a_killed_child_fails_its_attempt_and_is_replaced(
+    make_pool: MakePool,
+    faurya: FakeFaurya,
+    switchboard: Switchboard,
+    logs: LogList,
+    metrics: Metrics,
+) -> None:
+    """SIGKILL while Faurya holds the child's request: the waiting send returns the
+    exited error at once; the next send starts a new child and is delivered."""
+    switchboard.holding = True
+    dest = destination(f"{faurya.url}/api/revenue")
+    pool = make_pool(dest)
+    pid = await child_pid(pool, logs)
+    sender = pool.sender(dest)
+
+    pending = asyncio.create_task(sender.send(claimed("held")))
+    await faurya.wait_for(1, timeout_s=5)
+    os.kill(pid, signal.SIGKILL)
+    async with asyncio.timeout(5):  # not Faurya's answer: it holds the request until teardown
+        result = await pending
+
+    assert (result.status, result.error, result.retry_after, result.snippet) == (
+        None,
+        EXITED,
+        None,
+        "",
+    )
+    switchboard.holding = False
+    again = await sender.send(claimed("held"))
+
+    assert (again.status, again.error) == (200, None)
+    assert [c.headers["idempotency-key"] for c in faurya.received] == ["held", "held"]
+    assert pool.started == 2
+    assert started_metric(metrics) == 2
+    [exited] = logged(logs, "delivery_process_exited")
+    assert (exited["slot"], exited["exit_code"], exited["log_level"]) == (0, -9, "error")
+    first, second = started_pids(logs)
+    assert first == pid
+    assert second != pid
+    assert running(second)
+    assert not running(pid)
+
+
+async def test_a_stopped_child_times_out_is_killed_and_replaced(
+    make_pool: MakePool, faurya: FakeFaurya, logs: LogList, metrics: Metrics
+) -> None:
+    """A child that stops answering (SIGSTOP) fails the attempt with the did-not-answer
+    timeout after timeout_s + answer_grace_s, is killed, and the next send works."""
+    dest = destination(f"{faurya.url}/api/revenue", timeout_s=TIMEOUT_S)
+    pool = make_pool(dest, answer_grace_s=GRACE_S)
+    pid = await child_pid(pool, logs)
+    sender = pool.sender(dest)
+    os.kill(pid, signal.SIGSTOP)
+
+    async def stopped() -> bool:
+        return state(pid) == "T"
+
+    await wait_until(stopped, timeout_s=5)
+    started = time.perf_counter()
+    result = await sender.send(claimed("stuck"))
+    took = time.perf_counter() - started
+
+    assert (result.status, result.error, result.snippet) == (None, NO_ANSWER, "")
+    assert TIMEOUT_S + GRACE_S <= took < TIMEOUT_S + GRACE_S + 1.0
+    assert TIMEOUT_S + GRACE_S <= result.duration_s < TIMEOUT_S + GRACE_S + 1.0
+    assert faurya.received == []  # the stopped child never sent it
+    await gone(pid)
+
+    again = await sender.send(claimed("stuck"))
+
+    assert (again.status, again.error) == (200, None)
+    assert [c.headers["idempotency-key"] for c in faurya.received] == ["stuck"]
+    assert pool.started == 2
+    assert started_metric(metrics) == 2
+    [exited] = logged(logs, "delivery_process_exited")
+    assert exited["exit_code"] == -signal.SIGKILL
+    assert len(started_pids(logs)) == 2
+
+
+async def test_the_next_send_right_after_a_timeout_gets_a_new_child(
+    make_pool: MakePool, faurya: FakeFaurya, logs: LogList, metrics: Metrics
+) -> None:
+    """The send right after a did-not-answer timeout, without waiting for anything, goes to a
+    new child: the killed one is not used again."""
+    dest = destination(f"{faurya.url}/api/revenue", timeout_s=TIMEOUT_S)
+    pool = make_pool(dest, answer_grace_s=GRACE_S)
+    pid = await child_pid(pool, logs)
+    sender = pool.sender(dest)
+    os.kill(pid, signal.SIGSTOP)
+
+    first = await sender.send(claimed("stuck"))
+    again = await sender.send(claimed("stuck"))
+
+    assert first.error == NO_ANSWER
+    assert (again.status, again.error) == (200, None)
+    assert pool.started == 2
+    assert started_metric(metrics) == 2
+    await gone(pid)
+
+
+# ---------------------------------------------------------------- stopping
+
+
+async def test_close_ends_the_children_and_later_sends_fail(
+    make_pool: MakePool, faurya: FakeFaurya, logs: LogList, metrics: Metrics
+) -> None:
+    """close() closes each child's socket: the children exit 0 by themselves. A send after
+    close fails with the exited error and starts no new child."""
+    dest = destination(f"{faurya.url}/api/revenue")
+    pool = make_pool(dest, count=2)
+    await pool.start()
+    pids = started_pids(logs)
+    assert len(pids) == 2
+    assert all(running(pid) for pid in pids)
+    assert (await pool.sender(dest).send(claimed())).status == 200
+
+    async with asyncio.timeout(5):
+        await pool.close()
+
+    assert exit_codes(pool) == [0, 0]
+    for pid in pids:
+        await gone(pid)
+    after = await pool.sender(dest).send(claimed("after-close"))
+    assert (after.status, after.error) == (None, EXITED)
+    assert pool.started == 2
+    assert started_metric(metrics) == 2
+    assert len(started_pids(logs)) == 2
+    assert logged(logs, "delivery_process_exited") == []
+    assert [c.headers["idempotency-key"] for c in faurya.received] == ["polar:order:1"]
+
+
+async def test_close_does_not_wait_for_a_held_request(
+    make_pool: MakePool, faurya: FakeFaurya, switchboard: Switchboard, logs: LogList
+) -> None:
+    """An attempt still waiting for Faurya when the pool closes fails with the exited error
+    (it is retried later under the same key); the child exits 0 without Faurya's answer."""
+    switchboard.holding = True
+    dest = destination(f"{faurya.url}/api/revenue")
+    pool = make_pool(dest)
+    pid = await child_pid(pool, logs)
+    pending = asyncio.create_task(pool.sender(dest).send(claimed("held")))
+    await faurya.wait_for(1, timeout_s=5)
+
+    async with asyncio.timeout(3):
+        await pool.close()
+        result = await pending
+
+    assert (result.status, result.error) == (None, EXITED)
+    assert exit_codes(pool) == [0]
+    await gone(pid)
+
+
+async def test_a_child_ignores_sigint_and_sigterm(
+    make_pool: MakePool, faurya: FakeFaurya, logs: LogList, metrics: Metrics
+) -> None:
+    """SIGINT and SIGTERM (a Ctrl-C or a `kill` of the whole process group) leave the child
+    running and answering; it exits 0 once the pool closes its socket."""
+    dest = destination(f"{faurya.url}/api/revenue")
+    pool = make_pool(dest)
+    pid = await child_pid(pool, logs)
+    sender = pool.sender(dest)
+    assert (await sender.send(claimed("before"))).status == 200  # its handlers are set
+
+    os.kill(pid, signal.SIGINT)
+    os.kill(pid, signal.SIGTERM)
+    # Pending signals are delivered before the child returns from its next read of the
+    # socket: had they killed it, this send would fail with the exited error.
+    after = await sender.send(claimed("after"))
+
+    assert (after.status, after.error) == (200, None)
+    assert running(pid)
+    assert pool.started == 1
+    assert started_metric(metrics) == 1
+    assert logged(logs, "delivery_process_exited") == []
+    async with asyncio.timeout(5):
+        await pool.close()
+    assert exit_codes(pool) == [0]
+    await gone(pid)
+
+
+async def test_the_child_command_without_a_socket_is_a_usage_error() -> None:
+    """`python -m relay.delivery_process` is started by relay serve with a socket fd; by hand,
+    without one, it says so and exits 2."""
+    run = await run_command(sys.executable, "-m", "relay.delivery_process", timeout_s=10)
+
+    assert run.code == 2
+    assert "usage: python -m relay.delivery_process FD" in run.err
+
+
+# ---------------------------------------------------------------- relay serve
+
+
+def serving_child(relay_events: list[dict[str, Any]]) -> int:
+    [started] = [e for e in relay_events if e.get("event") == "delivery_process_started"]
+    pid = int(started["pid"])
+    assert running(pid)
+    return pid
+
+
+@pytest.mark.e2e
+async def test_relay_serve_delivers_through_its_child_and_leaves_no_orphan(
+    make_relay: MakeRelay, faurya: FakeFaurya, http: aiohttp.ClientSession
+) -> None:
+    """The shipped relay.toml (delivery_processes = 1): a signed order.paid reaches Faurya
+    through the child. SIGKILL of the relay: the child exits on its own (its socket closed).
+    SIGTERM: the relay exits 0 and its child is gone."""
+    relay = await make_relay().start()
+    pid = serving_child(relay.events)
+    order = str(uuid.uuid4())
+    body = order_paid(order)
+
+    async with http.post(
+        f"{relay.url}/webhooks/polar", data=body, headers=sign_headers(body)
+    ) as resp:
+        assert resp.status == 202
+    [call] = await faurya.wait_for(1)
+    assert call.headers["idempotency-key"] == f"polar:order:{order}"
+    await relay.wait_log("delivery_succeeded")
+    assert running(pid)
+
+    # The child holds the relay's stderr too: the relay's output ends only when both exited.
+    assert await relay.signal(signal.SIGKILL, timeout_s=10) == -signal.SIGKILL
+    await gone(pid)
+
+    restarted = await make_relay().start()
+    second = serving_child(restarted.events)
+    assert second != pid
+    assert await restarted.signal(signal.SIGTERM, timeout_s=10) == 0
+    assert restarted.logged("relay_stopped")
+    await gone(second)
+
+
+# ---------------------------------------------------------------- configuration
+
+
+def test_delivery_processes_defaults_to_none() -> None:
+    """Without the key the serving process makes the requests itself (0 children)."""
+    raw = shipped_raw()
+    del raw["server"]["delivery_processes"]
+    assert parse(raw, env()).server.delivery_processes == 0
+
+
+@pytest.mark.parametrize(
+    ("value", "problem"),
+    [
+        (17, "must be between 0 and 16"),
+        (-1, "must be between 0 and 16"),
+        (1.5, "must be an integer"),
+        (True, "must be an integer"),
+    ],
+)
+def test_bad_delivery_processes_is_a_config_error(value: Any, problem: str) -> None:
+    raw = shipped_raw((("server", "delivery_processes"), value))
+    assert problems(raw) == [f"server.delivery_processes: {problem}"]
+
+
+def test_zero_delivery_processes_is_accepted() -> None:
+    raw = shipped_raw((("server", "delivery_processes"), 0))
+    assert parse(raw, env()).server.delivery_processes == 0
