@@ -28,7 +28,7 @@ from pytest_aiohttp import AiohttpServer
 
 from relay.config import DestinationConfig, Header, Secret, parse
 from relay.delivery import AttemptResult, Redactor, Sender
-from relay.delivery_process import ProcessSenders
+from relay.delivery_process import NICENESS, ProcessSenders
 from relay.metrics import Metrics
 from relay.models import ClaimedMessage
 from tests import test_e2e
@@ -229,6 +229,52 @@ async def test_a_child_posts_the_exact_body_key_and_headers(
     assert pool.started == 1
     assert started_metric(metrics) == 1
     assert logged(logs, "delivery_process_exited") == []
+
+
+async def test_a_child_runs_at_a_lower_cpu_priority(make_pool: MakePool, logs: LogList) -> None:
+    """A child's nice value is the relay's plus NICENESS: on a contended core, the serving
+    process (webhooks waiting for their 202) runs first."""
+    pool = make_pool(destination("http://127.0.0.1:9/api/revenue"), count=1)
+    pid = await child_pid(pool, logs)
+
+    def nice(of: int) -> int:
+        return int(Path(f"/proc/{of}/stat").read_text().rsplit(")", 1)[1].split()[16])
+
+    assert nice(pid) == min(19, nice(os.getpid()) + NICENESS)
+
+
+async def test_a_child_that_cannot_start_is_logged_and_its_sends_fail_for_a_retry(
+    metrics: Metrics, logs: LogList
+) -> None:
+    """A child that exits before saying it is ready (here: an interpreter that is `false`)
+    fails the pool's start only in the log: the relay keeps serving, and each send fails as a
+    connection error (the message is retried) after trying to start a child again."""
+    pool = ProcessSenders(
+        [destination("http://127.0.0.1:9/api/revenue")],
+        SECRETS,
+        1,
+        metrics=metrics,
+        python="/bin/false",
+    )
+    try:
+        await pool.start()
+        [failed] = logged(logs, "delivery_process_start_failed")
+        # `false` exits 1; asyncio's child watcher reports 255 when the exit outran it.
+        assert failed["exit_code"] in (1, 255)
+
+        result = await pool.sender(destination("http://127.0.0.1:9/api/revenue")).send(
+            claimed("polar:order:1")
+        )
+
+        assert (result.status, result.error) == (
+            None,
+            "connection error: the delivery process exited",
+        )
+        assert len(logged(logs, "delivery_process_start_failed")) == 2
+        assert pool.started == 0
+        assert started_metric(metrics) in (None, 0.0)
+    finally:
+        await pool.close(timeout_s=1.0)
 
 
 async def test_two_destinations_share_one_child(

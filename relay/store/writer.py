@@ -315,6 +315,16 @@ def _locked(exc: Exception) -> bool:
 # ---------------------------------------------------------------- hot-path statements
 
 
+def _is_postgres(db: Db) -> bool:
+    return getattr(db, "dialect", "") == "postgres"
+
+
+def _by_key(db: Db) -> str:
+    """A prefix for a `status = ...` term that must not pick the index (SQLite's unary plus,
+    which PostgreSQL's planner does not need and its text type does not take)."""
+    return "" if _is_postgres(db) else "+"
+
+
 def chunks(rows: Sequence[T]) -> Iterable[Sequence[T]]:
     for start in range(0, len(rows), ROWS_PER_STATEMENT):
         yield rows[start : start + ROWS_PER_STATEMENT]
@@ -439,12 +449,15 @@ async def claim(
     # PostgreSQL runs the subquery once (an InitPlan, "= ANY(ARRAY(...))"): as "IN (...)" the
     # planner may rescan it for each row, every rescan skipping the rows this UPDATE already
     # took, and one claim then leased more than `limit` messages.
-    postgres = getattr(db, "dialect", "") == "postgres"
+    # SQLite: "+status" keeps the planner off the status index for the outer UPDATE. With it,
+    # SQLite walked every pending row to find the few chosen ids: 11 ms per claim on a 100,000
+    # backlog instead of 0.2 ms by primary key.
+    postgres = _is_postgres(db)
     chosen, skip_locked = ("= ANY(ARRAY(", " FOR UPDATE SKIP LOCKED)") if postgres else ("IN (", "")
     rows = await db.execute_fetchall(
         "UPDATE outbound_messages SET status = 'inflight', lease_until = ?, lease_token = ?, "
         "attempts = attempts + 1, updated_at = ? "
-        f"WHERE status = 'pending' AND id {chosen}SELECT id FROM outbound_messages "
+        f"WHERE {_by_key(db)}status = 'pending' AND id {chosen}SELECT id FROM outbound_messages "
         "WHERE destination = ? AND status = 'pending' AND next_attempt_at <= ? "
         f"ORDER BY next_attempt_at, id LIMIT ?{skip_locked}) "
         "RETURNING id, destination, idempotency_key, body, attempts, created_at, "
@@ -481,13 +494,20 @@ async def mark_delivered(
     changed: set[int] = set()
     for status, messages in by_status.items():
         for chunk in chunks(messages):
+            marks = ",".join(["?"] * len(chunk))
+            # Found by primary key (the ids), then checked against the lease tokens.
             rows = await db.execute_fetchall(
                 "UPDATE outbound_messages SET status = 'delivered', delivered_at = ?, "
                 "last_status = ?, last_error = NULL, lease_until = NULL, lease_token = NULL, "
-                "updated_at = ? WHERE status = 'inflight' AND (id || ':' || lease_token) IN ("
-                + ",".join(["?"] * len(chunk))
-                + ") RETURNING id",
-                [now, status, now, *(f"{m.id}:{m.lease_token}" for m in chunk)],
+                f"updated_at = ? WHERE id IN ({marks}) AND {_by_key(db)}status = 'inflight' "
+                f"AND (id || ':' || lease_token) IN ({marks}) RETURNING id",
+                [
+                    now,
+                    status,
+                    now,
+                    *(m.id for m in chunk),
+                    *(f"{m.id}:{m.lease_token}" for m in chunk),
+                ],
             )
             changed.update(int(r[0]) for r in rows)
     return changed
