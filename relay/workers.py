@@ -31,6 +31,8 @@ from relay.polar_api import PolarApi, PolarApiError, is_paid
 from relay.store import Store
 
 log = get_logger("relay.workers")
+# How long after the last commit of new messages a worker keeps to its smaller pool.
+RECEIVING_WINDOW_S = 1.0
 _STORE_ERRORS = (StorageError, sqlite3.Error, ValueError)
 
 
@@ -64,7 +66,7 @@ class DestinationWorker:
         self._stopping = False
         self.paused = destination.paused
         self.sleeping = False  # waiting for a wake-up (a commit, a finished attempt) or a timer
-        self._refill_at = max(1, destination.concurrency // 4)
+        self._received_at = -1e18  # loop time of the last commit that brought messages
         self._pause_checked_at = -1e18  # loop time of the last read of the pause override
         # Label children bound once: .labels() takes a lock and a lookup, per delivery.
         name = destination.name
@@ -135,12 +137,32 @@ class DestinationWorker:
     def wake(self) -> None:
         self._wake.set()
 
+    def received(self) -> None:
+        """New messages were committed (webhooks are arriving): wake up, and hold back to
+        `concurrency_while_receiving` for RECEIVING_WINDOW_S."""
+        self._received_at = asyncio.get_running_loop().time()
+        self._wake.set()
+
+    @property
+    def limit(self) -> int:
+        """Attempts allowed in flight now. A full pool finishing at once is a burst of
+        bookkeeping on the serving loop (acks, logs, the next claim): while webhooks arrive,
+        a smaller pool keeps their acknowledgements fast; a backlog with nothing arriving
+        drains with the whole pool."""
+        d = self.destination
+        if d.concurrency_while_receiving and (
+            asyncio.get_running_loop().time() - self._received_at < RECEIVING_WINDOW_S
+        ):
+            return d.concurrency_while_receiving
+        return d.concurrency
+
     async def _fill(self) -> bool:
         """Claim as many due messages as there are free slots. True when slots remain free
         (nothing more is due), False when the pool is full."""
-        free = self.destination.concurrency - len(self._attempts)
+        limit = self.limit
+        free = limit - len(self._attempts)
         # Refill in chunks while attempts run (a claim is a write), one by one only when idle.
-        if free <= 0 or (self._attempts and free < self._refill_at):
+        if free <= 0 or (self._attempts and free < max(1, limit // 4)):
             return False
         claimed = await self._store.claim(self.destination.name, free, self.destination.lease_s)
         for msg in claimed:
@@ -366,7 +388,7 @@ class Workers:
         """Called after a commit: wake the named destinations (all of them for an empty set)."""
         for name, worker in self.by_destination.items():
             if not destinations or name in destinations:
-                worker.wake()
+                worker.received()
 
     def start(self) -> None:
         for worker in self.by_destination.values():

@@ -66,6 +66,7 @@ def test_shipped_config_parses_with_the_documented_env() -> None:
     ]
     assert (faurya.timeout_s, faurya.concurrency, faurya.lease_s) == (10.0, 64, 60.0)
     assert config.server.delivery_processes == 1
+    assert faurya.concurrency_while_receiving == 16
     assert faurya.retry == RetryPolicy(
         max_attempts=1000, base_s=1.0, cap_s=600.0, max_age_s=604800.0, jitter=0.5
     )
@@ -576,3 +577,21 @@ def test_shipped_config_redacts_customer_pii() -> None:
     config = parse(shipped_raw(), env())
     assert ("data", "customer", "email") in config.log.redact
     assert ("data", "billing_address") in config.log.redact
+
+
+def test_concurrency_while_receiving_defaults_to_the_whole_pool() -> None:
+    raw = shipped_raw((("destinations", "faurya", "concurrency_while_receiving"), DELETE))
+    assert parse(raw, env()).destinations["faurya"].concurrency_while_receiving == 0
+
+
+@pytest.mark.parametrize(
+    ("value", "problem"),
+    [
+        (65, "must be at most concurrency (64)"),
+        (0, "must be between 1 and 1000"),
+        ("many", "must be an integer"),
+    ],
+)
+def test_concurrency_while_receiving_is_checked(value: Any, problem: str) -> None:
+    raw = shipped_raw((("destinations", "faurya", "concurrency_while_receiving"), value))
+    assert problems(raw) == [f"destinations.faurya.concurrency_while_receiving: {problem}"]

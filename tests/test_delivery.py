@@ -30,6 +30,7 @@ from pytest_aiohttp import AiohttpClient
 from relay.app import METRICS, STORE, WORKERS, create_app
 from relay.config import Config
 from relay.models import MessageRecord, MessageStatus
+from relay.workers import RECEIVING_WINDOW_S
 from tests.helpers import (
     LEGACY_SECRET,
     SITE_ID,
@@ -308,6 +309,36 @@ async def test_timeout_schedules_a_retry(
     assert deliveries(relay, "retry") == 1
     [entry] = logged(logs, "delivery_retry_scheduled")
     assert (entry["message_id"], entry["reason"], entry["status"]) == (message.id, "timeout", None)
+
+
+async def test_while_webhooks_arrive_the_pool_holds_back_to_concurrency_while_receiving(
+    start: StartRelay, config: Config, faurya: FakeFaurya, gate: asyncio.Event
+) -> None:
+    """While webhooks arrive, at most `concurrency_while_receiving` attempts run at once; once
+    none has arrived for RECEIVING_WINDOW_S, the whole pool works the backlog."""
+
+    async def hang(request: web.Request, n: int) -> web.Response:
+        await gate.wait()
+        return web.Response(status=200)
+
+    faurya.script = hang
+    relay = await start(
+        with_faurya(config, concurrency=6, concurrency_while_receiving=2),
+        real_clock=True,
+        poll_interval_s=0.05,
+    )
+    worker = relay.app[WORKERS].by_destination["faurya"]
+    for _ in range(6):
+        await post_order(relay)
+    received_at = time.monotonic()
+
+    await faurya.wait_for(2)
+    assert worker.limit == 2
+    assert len(faurya.received) == 2  # the other four wait in the outbox
+
+    await faurya.wait_for(6, timeout_s=RECEIVING_WINDOW_S + 5)
+    assert time.monotonic() - received_at >= RECEIVING_WINDOW_S
+    assert worker.limit == 6
 
 
 def closed_port() -> int:

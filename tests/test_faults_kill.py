@@ -68,6 +68,7 @@ def fault_config(
     text = _set(text, "base_s", base_s)
     text = _set(text, "cap_s", cap_s)
     text = _set(text, "concurrency", CONCURRENCY)
+    text = _set(text, "concurrency_while_receiving", CONCURRENCY)
     if lease_s is not None:
         text = re.sub(r"(?m)^(timeout_s = .*)$", rf"\g<1>\nlease_s = {lease_s:g}", text)
     path = tmp_path / "relay-faults.toml"

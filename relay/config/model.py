@@ -139,6 +139,9 @@ class DestinationConfig:
     headers: tuple[Header, ...] = ()
     timeout_s: float = 10.0
     concurrency: int = 8
+    # Attempts in flight while webhooks are arriving (0: `concurrency`). Lower, it keeps a
+    # backlog's drain from crowding out the webhooks waiting for their 202.
+    concurrency_while_receiving: int = 0
     lease_s: float = 60.0
     paused: bool = False
     retry: RetryPolicy = RetryPolicy()

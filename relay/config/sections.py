@@ -290,12 +290,21 @@ def read_destination(name: str, t: Table) -> DestinationConfig:
         t.problems.append(
             f"{t.path('lease_s')}: must be at least timeout_s + 5 ({timeout_s + 5:g})"
         )
+    before = len(t.problems)
+    concurrency = t.get("concurrency", int, d.concurrency, between(1, 1000))
+    concurrency_ok = len(t.problems) == before  # else `concurrency` is only the default
+    receiving = t.get("concurrency_while_receiving", int, 0, between(1, 1000))
+    if concurrency_ok and isinstance(receiving, int) and receiving > concurrency:
+        t.problems.append(
+            f"{t.path('concurrency_while_receiving')}: must be at most concurrency ({concurrency})"
+        )
     s = DestinationConfig(
         name=name,
         url=url or "",
         headers=_headers(t.sub("headers")),
         timeout_s=timeout_s,
-        concurrency=t.get("concurrency", int, d.concurrency, between(1, 1000)),
+        concurrency=concurrency,
+        concurrency_while_receiving=receiving or 0,
         lease_s=lease_s,
         paused=t.get("paused", bool, d.paused),
         retry=_retry(t.sub("retry")),
