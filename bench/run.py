@@ -23,6 +23,7 @@ import argparse
 import contextlib
 import functools
 import hashlib
+import hmac
 import json
 import math
 import os
@@ -65,7 +66,7 @@ from bench.common import (  # noqa: E402
     run_child,
     summarize_ms,
 )
-from tests.helpers import process_env, relay_command  # noqa: E402
+from tests.helpers import fixture_body, process_env, relay_command  # noqa: E402
 
 PY = sys.executable
 CONCURRENCIES = (16, 64, 256)
@@ -836,6 +837,24 @@ def source_digest() -> str:
     return digest.hexdigest()[:16]
 
 
+def speed_check(rounds: int = 2000) -> float:
+    """Microseconds of one fixed unit of single-threaded Python work (HMAC-SHA256 and a JSON
+    round trip of the order.paid fixture, the relay's own kind of work). The machine is a VM
+    whose speed drifts with its host's load: the same code measured 0.61 and 0.94 ms of CPU
+    per webhook an hour apart. Taken at the start and after each server, this tells a slow
+    machine from a slow relay."""
+    body = fixture_body("order.paid.purchase.json")
+    key = b"k" * 32
+    best = math.inf
+    for _ in range(3):  # the best of three: a preempted attempt is not the machine's speed
+        started = time.perf_counter()
+        for _ in range(rounds):
+            hmac.new(key, body, hashlib.sha256).digest()
+            json.dumps(json.loads(body))
+        best = min(best, (time.perf_counter() - started) / rounds * 1e6)
+    return best
+
+
 def environment() -> dict[str, Any]:
     def git(*args: str) -> str:
         with contextlib.suppress(OSError, subprocess.SubprocessError):
@@ -890,6 +909,10 @@ def markdown(
         f"{env['git_commit']}{dirty}, source digest {env['relay_source_sha256']}.",
         f"The relay ran with {config}: WAL, synchronous=FULL, every 202 after an fsync. "
         "The load generator and the fake Faurya ran on the same 2 cores.",
+        "Speed check (µs per fixed unit of Python work, lower is faster; see "
+        "docs/performance.md): "
+        + ", ".join(f"{k} {v:.0f}" for k, v in meta["speed_check_us"].items())
+        + ".",
         f"Other processes on the machine used up to {busiest:.2f} cores during a kept "
         f"measurement; {retried} disturbed measurement(s) were taken again "
         "(`phases` in the JSON).",
@@ -938,11 +961,15 @@ def main() -> int:
     results: dict[str, Any] = {}
     print(f"Faurya Relay benchmark, {settings.mode} run; work directory {workdir}", flush=True)
     bench = Bench(settings, workdir, group, args.faurya_concurrency)
+    speed: dict[str, float] = {"start": speed_check()}
     try:
         bench.start_faurya()
         results["trivial"] = bench.baseline("trivial")
+        speed["after (a)"] = speed_check()
         results["inline"] = bench.baseline("inline")
+        speed["after (b)"] = speed_check()
         results["relay"] = bench.relay()
+        speed["after (c)"] = speed_check()
     except BenchError as exc:
         print(f"benchmark failed: {exc}", file=sys.stderr)
         return 1
@@ -959,6 +986,7 @@ def main() -> int:
         "settings": asdict(settings),
         "faurya_concurrency": args.faurya_concurrency,
         "environment": environment(),
+        "speed_check_us": speed,
         "workdir_kept": str(workdir) if args.keep else None,
     }
     rows, checks = build_table(results)
