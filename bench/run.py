@@ -225,6 +225,13 @@ class Bench:
             )
             if not found:
                 raise BenchError("relay.toml sets no destination concurrency to change")
+            # The smaller pool while webhooks arrive cannot exceed the pool.
+            text = re.sub(
+                r"(?m)^concurrency_while_receiving = (\d+)",
+                lambda m: f"concurrency_while_receiving = {min(int(m[1]), concurrency)}",
+                text,
+                count=1,
+            )
         self.config = workdir / "relay.toml"
         self.config.write_text(text)
         self.paused_config = workdir / "relay-paused.toml"
