@@ -323,7 +323,12 @@ async def _serve(fd: int) -> None:
         writer.write(_frame(_READY))
 
         async def attempt(seq: int, destination: str, key: str, body: bytes) -> None:
-            r = await senders[destination].post(key, body)
+            started = time.perf_counter()
+            try:
+                r = await senders[destination].post(key, body)
+            except Exception as exc:  # a bug here must cost a retry, not a stuck slot
+                error = f"connection error: delivery process failed ({type(exc).__name__})"
+                r = AttemptResult(None, error, None, "", time.perf_counter() - started)
             out.send((seq, r.status, r.error, r.retry_after, r.snippet, r.duration_s))
 
         while True:

@@ -359,6 +359,30 @@ async def in_process(dest: DestinationConfig, msg: ClaimedMessage) -> AttemptRes
         return await Sender(session, dest, Redactor(SECRETS)).send(msg)
 
 
+async def test_a_failure_inside_the_child_is_answered_not_left_hanging(
+    make_pool: MakePool, faurya: FakeFaurya, logs: LogList
+) -> None:
+    """An attempt that fails inside the child for a reason of the child's own (here: a
+    destination it was not set up with) is answered at once as a connection error, to be
+    retried; the slot is not held until the answer deadline, and the child lives on."""
+    pool = make_pool(destination(f"{faurya.url}/api/revenue"), count=1, answer_grace_s=30.0)
+    await child_pid(pool, logs)
+    unknown = destination(f"{faurya.url}/api/revenue", "elsewhere", timeout_s=30.0)
+
+    started = time.monotonic()
+    result = await pool.send(unknown, claimed())
+
+    assert time.monotonic() - started < 10  # far inside timeout_s + answer_grace_s (60 s)
+    assert (result.status, result.error) == (
+        None,
+        "connection error: delivery process failed (KeyError)",
+    )
+    ok = await pool.sender(destination(f"{faurya.url}/api/revenue")).send(claimed())
+    assert ok.status == 200
+    assert pool.started == 1
+    assert len(faurya.received) == 1  # only the good one reached Faurya
+
+
 async def test_a_closed_port_is_a_connection_error_like_in_process(
     make_pool: MakePool, logs: LogList, metrics: Metrics
 ) -> None:
