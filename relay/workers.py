@@ -1,6 +1,7 @@
 """Delivery workers: one pool per destination, draining the outbox.
 
-Owns: the claim loop (`concurrency` attempts at once, refilled in chunks), wake-ups (a commit
+Owns: the claim loop (`concurrency` attempts at once, `concurrency_while_receiving` while
+webhooks arrive, refilled in chunks), wake-ups (a commit
 wakes idle workers at once; otherwise they sleep until the next retry is due, at most
 `poll_interval_s`), the periodic return of expired leases, the bookkeeping write of each
 attempt (a tracked task, shielded where a cancellation could reach it: stop() waits for every
