@@ -1,9 +1,9 @@
 """Delivery workers: one pool per destination, draining the outbox.
 
 Owns: the claim loop (`concurrency` attempts at once, `concurrency_while_receiving` while
-webhooks arrive, refilled in chunks), wake-ups (a commit
-wakes idle workers at once; otherwise they sleep until the next retry is due, at most
-`poll_interval_s`), the periodic return of expired leases, the bookkeeping write of each
+webhooks arrive, refilled in chunks), wake-ups (a commit wakes idle workers at once; otherwise
+they sleep until the next retry is due, at most `poll_interval_s`), the periodic return of
+expired leases, the bookkeeping write of each
 attempt (a tracked task, shielded where a cancellation could reach it: stop() waits for every
 one), the optional payment check, and the graceful stop.
 
