@@ -3,9 +3,9 @@
 Owns: the claim loop (`concurrency` attempts at once, `concurrency_while_receiving` while
 webhooks arrive, refilled in chunks), wake-ups (a commit wakes idle workers at once; otherwise
 they sleep until the next retry is due, at most `poll_interval_s`), the periodic return of
-expired leases, the bookkeeping write of each
-attempt (a tracked task, shielded where a cancellation could reach it: stop() waits for every
-one), the optional payment check, and the graceful stop.
+expired leases, the bookkeeping write of each attempt (a tracked task, shielded where a
+cancellation could reach it: stop() waits for every one), the optional payment check, and the
+graceful stop.
 
 Each attempt's outcome maps to exactly one store call: delivered, retry, dead (or release, when
 a stop interrupts it). A message never leaves the outbox any other way.
