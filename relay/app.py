@@ -189,7 +189,7 @@ async def _workers_ctx(app: web.Application) -> AsyncIterator[None]:
             )
             # Closed last: after the workers' graceful stop, which may still use them.
             stack.push_async_callback(processes.close)
-            await processes.start()
+            processes.start_soon()
         session = await stack.enter_async_context(aiohttp.ClientSession(connector=connector))
 
         def sender(dest: DestinationConfig) -> Attempts:

@@ -197,6 +197,7 @@ class ProcessSenders:
         self._locks = [asyncio.Lock() for _ in range(count)]
         self._next = itertools.cycle(range(count))
         self._closed = False
+        self._starting: asyncio.Task[None] | None = None
         self.started = 0  # children started so far (a rising count means they keep dying)
 
     async def start(self) -> None:
@@ -205,6 +206,12 @@ class ProcessSenders:
         for slot in range(len(self._children)):
             with contextlib.suppress(ProcessGone):
                 await self._child(slot)
+
+    def start_soon(self) -> None:
+        """`start()` in the background: a child takes a moment to import and say it is ready,
+        and the relay need not wait for that to take webhooks. A send meanwhile waits for its
+        slot's child (the slot's lock is held while it starts)."""
+        self._starting = asyncio.create_task(self.start(), name="delivery-processes-start")
 
     def sender(self, destination: DestinationConfig) -> ProcessSender:
         return ProcessSender(self, destination)
@@ -246,14 +253,24 @@ class ProcessSenders:
             raise
         finally:
             theirs.close()
-        reader, writer = await asyncio.open_unix_connection(sock=ours)
-        writer.write(_frame(self._setup))
-        # The child says it is ready once it has read the setup and can send: a child that
-        # cannot start (a broken environment) is seen here, not at its first delivery.
-        hello = None
-        with contextlib.suppress(TimeoutError, EOFError, ConnectionError, *_BAD_FRAME):
-            async with asyncio.timeout(START_TIMEOUT_S):
-                hello = await _read_frame(reader)
+        writer: asyncio.StreamWriter | None = None
+        try:
+            reader, writer = await asyncio.open_unix_connection(sock=ours)
+            writer.write(_frame(self._setup))
+            # The child says it is ready once it has read the setup and can send: a child
+            # that cannot start (a broken environment) is seen here, not at its first delivery.
+            hello = None
+            with contextlib.suppress(TimeoutError, EOFError, ConnectionError, *_BAD_FRAME):
+                async with asyncio.timeout(START_TIMEOUT_S):
+                    hello = await _read_frame(reader)
+        except BaseException:  # cancelled (the relay is stopping): leave no child behind
+            if writer is not None:
+                writer.close()
+            else:
+                ours.close()
+            with contextlib.suppress(ProcessLookupError):
+                process.kill()
+            raise
         if hello != _READY:
             writer.close()
             with contextlib.suppress(ProcessLookupError):
@@ -284,6 +301,11 @@ class ProcessSenders:
 
     async def close(self, timeout_s: float = 5.0) -> None:
         self._closed = True
+        if self._starting is not None:
+            # A child still starting is killed by _spawn on the way out (see there).
+            self._starting.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._starting
         for slot, lock in enumerate(self._locks):
             # Under the slot's lock: a replacement being started now is closed too, and none
             # starts after this (`_child` checks `_closed` under the same lock).

@@ -38,6 +38,7 @@ from tests.helpers import (
     STANDARD_SECRET,
     WRITE_KEY,
     FakeFaurya,
+    RelayProcess,
     env,
     order_paid,
     run_command,
@@ -562,6 +563,44 @@ async def test_close_ends_the_children_and_later_sends_fail(
     assert [c.headers["idempotency-key"] for c in faurya.received] == ["polar:order:1"]
 
 
+def starting_children() -> list[int]:
+    """Live processes of ours running relay.delivery_process (from /proc: ppid and argv)."""
+    found = []
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit():
+            continue
+        try:
+            ppid = int((entry / "stat").read_text().rsplit(")", 1)[1].split()[1])
+            argv = (entry / "cmdline").read_bytes()
+        except (OSError, IndexError, ValueError):
+            continue
+        if ppid == os.getpid() and b"relay.delivery_process" in argv and running(int(entry.name)):
+            found.append(int(entry.name))
+    return found
+
+
+async def test_closing_while_a_child_starts_leaves_no_child_behind(
+    metrics: Metrics, logs: LogList
+) -> None:
+    """The relay starts its children in the background (start_soon) and may stop before
+    one said it was ready: closing then kills the half-started child."""
+    pool = ProcessSenders(
+        [destination("http://127.0.0.1:9/api/revenue")], SECRETS, 1, metrics=metrics
+    )
+    pool.start_soon()
+
+    async def spawned() -> bool:
+        return bool(starting_children())
+
+    await wait_until(spawned, timeout_s=10)
+    await pool.close(timeout_s=1.0)
+
+    async def none_left() -> bool:
+        return not starting_children()
+
+    await wait_until(none_left, timeout_s=10)
+
+
 async def test_close_does_not_wait_for_a_held_request(
     make_pool: MakePool, faurya: FakeFaurya, switchboard: Switchboard, logs: LogList
 ) -> None:
@@ -623,8 +662,11 @@ async def test_the_child_command_without_a_socket_is_a_usage_error() -> None:
 # ---------------------------------------------------------------- relay serve
 
 
-def serving_child(relay_events: list[dict[str, Any]]) -> int:
-    [started] = [e for e in relay_events if e.get("event") == "delivery_process_started"]
+async def serving_child(relay: RelayProcess) -> int:
+    """The pid of the relay's child. It starts beside the relay's own start-up (so webhooks
+    are taken at once), and may report after relay_listening."""
+    started = await relay.wait_log("delivery_process_started")
+    assert len(relay.logged("delivery_process_started")) == 1
     pid = int(started["pid"])
     assert running(pid)
     return pid
@@ -638,7 +680,7 @@ async def test_relay_serve_delivers_through_its_child_and_leaves_no_orphan(
     through the child. SIGKILL of the relay: the child exits on its own (its socket closed).
     SIGTERM: the relay exits 0 and its child is gone."""
     relay = await make_relay().start()
-    pid = serving_child(relay.events)
+    pid = await serving_child(relay)
     order = str(uuid.uuid4())
     body = order_paid(order)
 
@@ -656,7 +698,7 @@ async def test_relay_serve_delivers_through_its_child_and_leaves_no_orphan(
     await gone(pid)
 
     restarted = await make_relay().start()
-    second = serving_child(restarted.events)
+    second = await serving_child(restarted)
     assert second != pid
     assert await restarted.signal(signal.SIGTERM, timeout_s=10) == 0
     assert restarted.logged("relay_stopped")
