@@ -190,6 +190,7 @@ async def _workers_ctx(app: web.Application) -> AsyncIterator[None]:
             # Closed last: after the workers' graceful stop, which may still use them.
             stack.push_async_callback(processes.close)
             processes.start_soon()
+            app[METRICS].watch_children(processes.pids)
         session = await stack.enter_async_context(aiohttp.ClientSession(connector=connector))
 
         def sender(dest: DestinationConfig) -> Attempts:

@@ -213,6 +213,14 @@ class ProcessSenders:
         slot's child (the slot's lock is held while it starts)."""
         self._starting = asyncio.create_task(self.start(), name="delivery-processes-start")
 
+    def pids(self) -> list[tuple[int, int]]:
+        """(slot, pid) of each child now running."""
+        return [
+            (slot, child.process.pid)
+            for slot, child in enumerate(self._children)
+            if child is not None and child.alive
+        ]
+
     def sender(self, destination: DestinationConfig) -> ProcessSender:
         return ProcessSender(self, destination)
 

@@ -7,7 +7,10 @@ and outcomes are fixed sets. No ids, no free text, no secrets.
 
 from __future__ import annotations
 
+import os
 import re
+from collections.abc import Callable, Iterable, Iterator
+from pathlib import Path
 
 from prometheus_client import (
     CollectorRegistry,
@@ -17,7 +20,9 @@ from prometheus_client import (
     ProcessCollector,
     generate_latest,
 )
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
 from prometheus_client.exposition import CONTENT_TYPE_LATEST
+from prometheus_client.registry import Collector
 
 _EVENT_TYPE = re.compile(r"^[a-z][a-z0-9_]{0,40}(\.[a-z][a-z0-9_]{0,40}){0,2}$")
 CONTENT_TYPE = CONTENT_TYPE_LATEST
@@ -184,6 +189,40 @@ class Metrics:
 
     def render(self) -> bytes:
         return generate_latest(self.registry)
+
+    def watch_children(self, pids: Callable[[], Iterable[tuple[int, int]]]) -> None:
+        """Export CPU and memory of the delivery child processes, read from /proc at scrape
+        time (`process_*` covers only this process). `pids` gives (slot, pid) pairs."""
+        self.registry.register(_ChildProcesses(pids))
+
+
+class _ChildProcesses(Collector):
+    def __init__(self, pids: Callable[[], Iterable[tuple[int, int]]]) -> None:
+        self._pids = pids
+        self._ticks_per_s = os.sysconf("SC_CLK_TCK")
+        self._page_bytes = os.sysconf("SC_PAGE_SIZE")
+
+    def collect(self) -> Iterator[Metric]:
+        cpu = CounterMetricFamily(
+            "relay_delivery_process_cpu_seconds",
+            "User and system CPU time of each delivery child process.",
+            labels=["slot"],
+        )
+        memory = GaugeMetricFamily(
+            "relay_delivery_process_resident_memory_bytes",
+            "Resident memory of each delivery child process.",
+            labels=["slot"],
+        )
+        for slot, pid in self._pids():
+            try:
+                stat = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+                pages = int(Path(f"/proc/{pid}/statm").read_text().split()[1])
+            except (OSError, IndexError, ValueError):
+                continue  # exited meanwhile, or no /proc (not Linux)
+            cpu.add_metric([str(slot)], (int(stat[11]) + int(stat[12])) / self._ticks_per_s)
+            memory.add_metric([str(slot)], pages * self._page_bytes)
+        yield cpu
+        yield memory
 
 
 def status_class(status: int | None, error: str | None) -> str:

@@ -68,6 +68,7 @@ class DestinationWorker:
         self.paused = destination.paused
         self.sleeping = False  # waiting for a wake-up (a commit, a finished attempt) or a timer
         self._received_at = -1e18  # loop time of the last commit that brought messages
+        self.receiving_window_s = RECEIVING_WINDOW_S
         self._pause_checked_at = -1e18  # loop time of the last read of the pause override
         # Label children bound once: .labels() takes a lock and a lookup, per delivery.
         name = destination.name
@@ -140,7 +141,7 @@ class DestinationWorker:
 
     def received(self) -> None:
         """New messages were committed (webhooks are arriving): wake up, and hold back to
-        `concurrency_while_receiving` for RECEIVING_WINDOW_S."""
+        `concurrency_while_receiving` for `receiving_window_s`."""
         self._received_at = asyncio.get_running_loop().time()
         self._wake.set()
 
@@ -152,7 +153,7 @@ class DestinationWorker:
         drains with the whole pool."""
         d = self.destination
         if d.concurrency_while_receiving and (
-            asyncio.get_running_loop().time() - self._received_at < RECEIVING_WINDOW_S
+            asyncio.get_running_loop().time() - self._received_at < self.receiving_window_s
         ):
             return d.concurrency_while_receiving
         return d.concurrency

@@ -24,8 +24,10 @@ import pytest
 import structlog
 from aiohttp import web
 from multidict import CIMultiDict
-from pytest_aiohttp import AiohttpServer
+from prometheus_client.parser import text_string_to_metric_families
+from pytest_aiohttp import AiohttpClient, AiohttpServer
 
+from relay.app import create_app
 from relay.config import DestinationConfig, Header, Secret, parse
 from relay.delivery import AttemptResult, Redactor, Sender
 from relay.delivery_process import NICENESS, ProcessSenders
@@ -42,6 +44,7 @@ from tests.helpers import (
     env,
     order_paid,
     run_command,
+    shipped_config,
     sign_headers,
     wait_until,
 )
@@ -703,6 +706,30 @@ async def test_relay_serve_delivers_through_its_child_and_leaves_no_orphan(
     assert await restarted.signal(signal.SIGTERM, timeout_s=10) == 0
     assert restarted.logged("relay_stopped")
     await gone(second)
+
+
+async def test_metrics_show_each_childs_cpu_and_memory(
+    aiohttp_client: AiohttpClient, faurya: FakeFaurya, db_path: Path
+) -> None:
+    """/metrics of a relay with a delivery child has the child's CPU time and resident
+    memory, by slot, read from /proc at scrape time (process_* is the serving process's)."""
+    client = await aiohttp_client(create_app(shipped_config(faurya.url, db_path)))
+    samples: dict[str, float] = {}
+
+    async def child_measured() -> bool:
+        text = await (await client.get("/metrics")).text()
+        samples.clear()
+        for family in text_string_to_metric_families(text):
+            for sample in family.samples:
+                if sample.name.startswith("relay_delivery_process_") and sample.labels == {
+                    "slot": "0"
+                }:
+                    samples[sample.name] = sample.value
+        return len(samples) == 2
+
+    await wait_until(child_measured, timeout_s=10)
+    assert samples["relay_delivery_process_resident_memory_bytes"] > 5 * 1024 * 1024
+    assert samples["relay_delivery_process_cpu_seconds_total"] > 0
 
 
 # ---------------------------------------------------------------- configuration
