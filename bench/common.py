@@ -244,12 +244,8 @@ class Service:
             try:
                 proc.wait(timeout=timeout_s)
             except subprocess.TimeoutExpired:
-                with contextlib.suppress(ProcessLookupError):
-                    proc.kill()
-                proc.wait(timeout=10)
-        for handle in self._files:
-            handle.close()
-        self._files = []
+                self.kill()
+        self._close_files()
 
     def kill(self) -> None:
         """SIGKILL and reap (teardown, and relays whose database is thrown away anyway)."""
@@ -258,6 +254,9 @@ class Service:
             with contextlib.suppress(ProcessLookupError):
                 proc.kill()
             proc.wait(timeout=10)
+        self._close_files()
+
+    def _close_files(self) -> None:
         for handle in self._files:
             handle.close()
         self._files = []

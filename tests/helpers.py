@@ -334,11 +334,15 @@ class Run:
 
 
 async def run_command(
-    *argv: str, environ: dict[str, str] | None = None, timeout_s: float = 20
+    *argv: str,
+    environ: dict[str, str] | None = None,
+    timeout_s: float = 20,
+    cwd: Path | None = None,
 ) -> Run:
     """Run a command to completion; without `environ`, no relay variable is set at all."""
     proc = await asyncio.create_subprocess_exec(
         *argv,
+        cwd=cwd,
         env=process_env() if environ is None else environ,
         stdin=asyncio.subprocess.DEVNULL,
         stdout=asyncio.subprocess.PIPE,

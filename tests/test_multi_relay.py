@@ -176,6 +176,30 @@ async def keys_by_status(url: str) -> dict[str, set[str]]:
     return out
 
 
+async def send_more_then_drain(
+    polar: Polar, pg_url: str, more: int, send_s: float, *, deliver_s: float
+) -> set[str]:
+    """Let Polar get `more` webhooks acknowledged, stop it, and await every acknowledged key
+    delivered (or `deliver_s`: the caller's assertions then say what is missing). Returns the
+    acknowledged keys."""
+    acked_before = len(polar.acked)
+
+    async def kept_sending() -> bool:
+        return len(polar.acked) >= acked_before + more
+
+    await wait_until(kept_sending, timeout_s=send_s)
+    await polar.finish()
+    acked: set[str] = polar.acked_keys
+
+    async def all_delivered() -> bool:
+        by_status = await keys_by_status(pg_url)
+        return set(by_status) == {"delivered"} and acked <= by_status["delivered"]
+
+    with contextlib.suppress(TimeoutError):
+        await wait_until(all_delivered, timeout_s=deliver_s)
+    return acked
+
+
 async def test_three_relays_lose_nothing_when_one_is_killed(
     pg_url: str, tmp_path: Path, aiohttp_server: AiohttpServer, http: aiohttp.ClientSession
 ) -> None:
@@ -221,21 +245,7 @@ async def test_three_relays_lose_nothing_when_one_is_killed(
         # but not yet recorded when it died.
         caught = open_at_kill | {k for k in inflight_in_db if sites_so_far.get(k) == {victim_site}}
 
-        acked_at_kill = len(polar.acked)
-
-        async def kept_sending() -> bool:
-            return len(polar.acked) >= acked_at_kill + 40
-
-        await wait_until(kept_sending, timeout_s=15)
-        await polar.finish()
-        acked = polar.acked_keys
-
-        async def all_delivered() -> bool:
-            by_status = await keys_by_status(pg_url)
-            return set(by_status) == {"delivered"} and acked <= by_status["delivered"]
-
-        with contextlib.suppress(TimeoutError):  # the assertions below say what is missing
-            await wait_until(all_delivered, timeout_s=LEASE_S * 3)
+        acked = await send_more_then_drain(polar, pg_url, 40, 15, deliver_s=LEASE_S * 3)
         delivered_in_s = time.monotonic() - killed_at
         for relay in survivors:
             assert await relay.signal(signal.SIGTERM) == 0
@@ -331,21 +341,7 @@ async def test_moving_a_running_sqlite_relay_to_postgresql_loses_nothing(
         flaky = False
         await asyncio.gather(*(relay.start() for relay in pg_relays))
         polar.relays[:] = pg_relays
-        acked_at_move = len(polar.acked)
-
-        async def kept_sending() -> bool:
-            return len(polar.acked) >= acked_at_move + 30
-
-        await wait_until(kept_sending, timeout_s=20)
-        await polar.finish()
-        acked = polar.acked_keys
-
-        async def all_delivered() -> bool:
-            by_status = await keys_by_status(pg_url)
-            return set(by_status) == {"delivered"} and acked <= by_status["delivered"]
-
-        with contextlib.suppress(TimeoutError):  # the assertions below say what is missing
-            await wait_until(all_delivered, timeout_s=15)
+        acked = await send_more_then_drain(polar, pg_url, 30, 20, deliver_s=15)
         for relay in pg_relays:
             assert await relay.signal(signal.SIGTERM) == 0
     finally:

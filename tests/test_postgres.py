@@ -47,10 +47,12 @@ from tests.helpers import (
     FakeClock,
     FakeFaurya,
     RelayProcess,
+    Run,
     env,
     order_paid,
     process_env,
     relay_command,
+    run_command,
     sign_headers,
 )
 from tests.pg import create_database, drop_database, free_port, pg_rows, relay_on
@@ -108,33 +110,9 @@ async def opened(location: str, clock: FakeClock, *, serve: bool) -> AsyncIterat
         await store.close()
 
 
-@dataclass(frozen=True)
-class Run:
-    code: int
-    out: str
-    err: str
-
-
 async def relay_cli(*args: str, cwd: Path) -> Run:
     """The installed `relay` command, to completion (no relay variable in its environment)."""
-    proc = await asyncio.create_subprocess_exec(
-        relay_command(),
-        *args,
-        cwd=cwd,
-        env=process_env(),
-        stdin=asyncio.subprocess.DEVNULL,
-        stdout=asyncio.subprocess.PIPE,
-        stderr=asyncio.subprocess.PIPE,
-    )
-    try:
-        async with asyncio.timeout(30):
-            out, err = await proc.communicate()
-    finally:
-        if proc.returncode is None:
-            proc.kill()
-            await proc.wait()
-    assert proc.returncode is not None
-    return Run(proc.returncode, out.decode(), err.decode())
+    return await run_command(relay_command(), *args, cwd=cwd, timeout_s=30)
 
 
 async def table_exists(url: str, table: str) -> bool:

@@ -7,7 +7,6 @@ pointed at the fake, and `relay reconcile` as a subprocess for the command-line 
 
 from __future__ import annotations
 
-import asyncio
 import dataclasses
 import json
 import time
@@ -39,6 +38,7 @@ from tests.helpers import (
     order_paid,
     process_env,
     relay_command,
+    run_command,
     shipped_config,
     sign_headers,
     wait_until,
@@ -418,26 +418,11 @@ def cli_env(polar: FakePolar, faurya: FakeFaurya, **extra: str) -> dict[str, str
 
 async def relay_reconcile(environ: dict[str, str], *args: str) -> tuple[int, str, str]:
     """`relay reconcile` to completion, awaited (the fake Polar answers on this loop)."""
-    proc = await asyncio.create_subprocess_exec(
-        relay_command(),
-        "reconcile",
-        "--config",
-        str(REPO / "relay.toml"),
-        *args,
-        env=environ,
-        stdin=asyncio.subprocess.DEVNULL,
-        stdout=asyncio.subprocess.PIPE,
-        stderr=asyncio.subprocess.PIPE,
+    config = str(REPO / "relay.toml")
+    done = await run_command(
+        relay_command(), "reconcile", "--config", config, *args, environ=environ, timeout_s=30
     )
-    try:
-        async with asyncio.timeout(30):
-            out, err = await proc.communicate()
-    finally:
-        if proc.returncode is None:
-            proc.kill()
-            await proc.wait()
-    assert proc.returncode is not None
-    return proc.returncode, out.decode(), err.decode()
+    return done.code, done.out, done.err
 
 
 async def messages_in(db: Path) -> dict[str, MessageRecord]:

@@ -1,5 +1,8 @@
 """The contract of relay.store: the SQLite outbox, against real database files in tmp_path.
 
+What both backends must do alike is in tests/test_store_contract.py (which runs on SQLite
+too); this file keeps what is SQLite's own, and checks made on the file itself.
+
 The store neither logs nor owns metrics: it reports through `on_batch` / `on_commit` and
 `last_write_error`, and those hooks are what its failure paths assert here (the app-level
 log events and metrics built on them are tested with the app).
@@ -599,20 +602,6 @@ async def test_claim_leases_only_due_pending_messages(store: Store, clock: FakeC
     assert (again.id, again.attempt) == (first, 2)
 
 
-async def test_claim_respects_the_limit_and_takes_the_earliest_due_first(
-    store: Store, clock: FakeClock
-) -> None:
-    """claim orders by next_attempt_at, then id, and never returns more than the limit."""
-    clock.t = T0 + 100
-    [late] = await seed(store, "late")
-    clock.t = T0
-    early_a, early_b = await seed(store, "early-a", "early-b")
-    clock.t = T0 + 200
-
-    assert [m.id for m in await store.claim(DEST, 2, LEASE_S)] == [early_a, early_b]
-    assert [m.id for m in await store.claim(DEST, 2, LEASE_S)] == [late]
-
-
 async def test_concurrent_claims_never_share_a_message(
     store: Store, db_path: Path, clock: FakeClock
 ) -> None:
@@ -693,24 +682,6 @@ async def test_a_throttled_retry_gives_the_attempt_back(store: Store) -> None:
     )
 
 
-async def test_mark_dead_stops_delivery_for_good(store: Store, clock: FakeClock) -> None:
-    """A dead-lettered message records why and is never claimed again."""
-    await seed(store, "k1")
-    msg = await claim_one(store)
-
-    assert await store.mark_dead(msg, Dead("client_error", 422), "client_error; HTTP 422")
-
-    row = await record(store, msg.id)
-    assert (row.status, row.last_status, row.last_error, row.lease_until) == (
-        MessageStatus.DEAD,
-        422,
-        "client_error; HTTP 422",
-        None,
-    )
-    clock.advance(86_400)
-    assert await store.claim(DEST, 10, LEASE_S) == []
-
-
 async def test_an_ack_with_a_lost_lease_changes_nothing(store: Store, clock: FakeClock) -> None:
     """Once a lease expired and the message was claimed again, the old token's acks are no-ops."""
     await seed(store, "k1")
@@ -731,24 +702,6 @@ async def test_an_ack_with_a_lost_lease_changes_nothing(store: Store, clock: Fak
     assert before.status is MessageStatus.INFLIGHT
     assert await store.mark_delivered(current, 200)  # the live lease still acks
     assert not await store.mark_delivered(current, 200)  # ... exactly once
-
-
-async def test_release_hands_the_message_back_untried(store: Store, clock: FakeClock) -> None:
-    """release makes a claimed message pending and due now, with its attempt given back."""
-    await seed(store, "k1")
-    msg = await claim_one(store)
-    clock.advance(5)
-
-    assert await store.release(msg)
-
-    row = await record(store, msg.id)
-    assert (row.status, row.next_attempt_at, row.attempts, row.lease_until) == (
-        MessageStatus.PENDING,
-        T0 + 5,
-        0,
-        None,
-    )
-    assert (await claim_one(store)).attempt == 1
 
 
 # ------------------------------------------------------------------ leases and operator retry
@@ -826,36 +779,6 @@ async def test_retry_all_dead_revives_every_dead_message(store: Store, clock: Fa
 
 
 # ------------------------------------------------------------------ reading the outbox
-
-
-async def test_stats_counts_by_status_and_dates_the_oldest_backlog(
-    store: Store, clock: FakeClock
-) -> None:
-    """stats counts each status and gives the oldest created_at not yet delivered or dead."""
-    assert (await store.stats(DEST)).counts == dict.fromkeys(MessageStatus, 0)
-    assert (await store.stats(DEST)).oldest_pending_created_at is None
-
-    await seed(store, "delivered", "dead")  # created at T0, settled below
-    clock.advance(10)
-    await seed(store, "inflight")  # created at T0 + 10
-    clock.advance(10)
-    await seed(store, "pending-1", "pending-2")
-    await seed(store, "elsewhere", destination=OTHER)
-    delivered, dead, inflight = await store.claim(DEST, 3, LEASE_S)
-    assert await store.mark_delivered(delivered, 200)
-    assert await store.mark_dead(dead, Dead("client_error", 400), "HTTP 400")
-
-    stats = await store.stats(DEST)
-
-    assert stats.counts == {
-        MessageStatus.PENDING: 2,
-        MessageStatus.INFLIGHT: 1,
-        MessageStatus.DELIVERED: 1,
-        MessageStatus.DEAD: 1,
-    }
-    assert stats.oldest_pending_created_at == T0 + 10  # the inflight one is still backlog
-    assert await store.release(inflight)
-    assert (await store.stats(OTHER)).oldest_pending_created_at == T0 + 20
 
 
 async def test_list_messages_filters_by_status_and_destination(store: Store) -> None:
