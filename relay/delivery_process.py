@@ -37,6 +37,7 @@ import aiohttp
 
 from relay.config import DestinationConfig
 from relay.delivery import AttemptResult, Redactor, Sender
+from relay.errors import RelayError
 from relay.logs import configure, get_logger
 from relay.metrics import Metrics
 from relay.models import ClaimedMessage
@@ -54,7 +55,7 @@ _BAD_FRAME = (pickle.UnpicklingError, ValueError, TypeError)
 NICENESS = 10  # added to a child's nice value: the serving process wins a contended core
 
 
-class ProcessGone(Exception):
+class ProcessGone(RelayError):
     """The child process exited (or was killed) before it answered."""
 
 
@@ -256,6 +257,10 @@ class ProcessSenders:
                 pass_fds=(theirs.fileno(),),
                 stdin=asyncio.subprocess.DEVNULL,
             )
+        except OSError as exc:  # no interpreter, no fork: like a child that exits at once
+            ours.close()
+            log.error("delivery_process_start_failed", error=exc.strerror or type(exc).__name__)
+            raise ProcessGone from None
         except BaseException:
             ours.close()
             raise
@@ -303,8 +308,6 @@ class ProcessSenders:
             error = "timeout: the delivery process did not answer"
             if child is not None:
                 child.kill()
-        except OSError as exc:
-            error = f"connection error: could not start a delivery process ({exc.strerror})"
         return AttemptResult(None, error, None, "", time.perf_counter() - started)
 
     async def close(self, timeout_s: float = 5.0) -> None:

@@ -281,6 +281,31 @@ async def test_a_child_that_cannot_start_is_logged_and_its_sends_fail_for_a_retr
         await pool.close(timeout_s=1.0)
 
 
+async def test_a_child_that_cannot_even_be_spawned_is_logged_and_close_still_works(
+    metrics: Metrics, logs: LogList
+) -> None:
+    """No interpreter at the configured path: starting in the background logs it (no stray
+    task error), sends fail as retryable connection errors, and closing the pool is clean."""
+    pool = ProcessSenders(
+        [destination("http://127.0.0.1:9/api/revenue")],
+        SECRETS,
+        1,
+        metrics=metrics,
+        python="/nonexistent/python",
+    )
+    pool.start_soon()
+
+    async def logged_failure() -> bool:
+        return bool(logged(logs, "delivery_process_start_failed"))
+
+    await wait_until(logged_failure, timeout_s=5)
+    assert logged(logs, "delivery_process_start_failed")[0]["error"] == "No such file or directory"
+    result = await pool.sender(destination("http://127.0.0.1:9/api/revenue")).send(claimed())
+    assert (result.status, result.error) == (None, "connection error: the delivery process exited")
+    await pool.close(timeout_s=1.0)
+    assert pool.started == 0
+
+
 async def test_two_destinations_share_one_child(
     make_pool: MakePool, faurya: FakeFaurya, aiohttp_server: AiohttpServer, logs: LogList
 ) -> None:
