@@ -145,7 +145,7 @@ def _bound(runner: Any) -> tuple[str, int]:
 
 def cmd_serve(args: argparse.Namespace) -> int:
     config = load_config(args)
-    logs.configure(config.log.level, config.log.format)
+    logs.configure(config.log.level, config.log.format, cache=True)
     asyncio.run(serve(config))
     return 0
 

@@ -351,7 +351,7 @@ async def _serve(fd: int) -> None:
         setup: _Setup = await _read_frame(reader)
     except (asyncio.IncompleteReadError, ConnectionError):
         return
-    configure(setup.log_level, setup.log_format)
+    configure(setup.log_level, setup.log_format, cache=True)
     redact = Redactor(setup.secret_values)
     out = _FrameWriter(writer)
     tasks: set[asyncio.Task[None]] = set()

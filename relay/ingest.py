@@ -37,6 +37,8 @@ log = get_logger("relay.ingest")
 # Stored with the raw body for debugging and replay. Not stored: anything else a proxy may
 # add (cookies, authorization). The signature is harmless to keep: it is useless without the
 # secret and stale after the tolerance.
+MAX_CACHED_EVENT_TYPES = 256
+
 STORED_HEADERS = (
     "webhook-id",
     "webhook-timestamp",
@@ -93,11 +95,23 @@ class WebhookIngest:
         self._server = config.server
         self._redact = config.log.redact
         self._routes = [r for r in config.routes if r.source == source.name]
+        # event type -> the routes whose `events` take it: mapping then looks at one or two
+        # routes, not all of them. Types come from verified webhooks, but the size is capped
+        # anyway.
+        self._routes_by_type: dict[str, list[Route]] = {}
         self._store_getter = store_getter
         self._metrics = metrics
         self._clock = clock
         self._max_body_bytes = config.server.max_body_bytes
         self._verifier = Verifier(source.secrets, source.tolerance_s, clock)
+
+    def _routes_for(self, event_type: str) -> list[Route]:
+        routes = self._routes_by_type.get(event_type)
+        if routes is None:
+            routes = [r for r in self._routes if r.takes(event_type)]
+            if len(self._routes_by_type) < MAX_CACHED_EVENT_TYPES:
+                self._routes_by_type[event_type] = routes
+        return routes
 
     def _count(self, event_type: str | None, outcome: str) -> None:
         self._metrics.webhooks_received.labels(
@@ -207,13 +221,14 @@ class WebhookIngest:
         event_type: str = event["type"]
 
         store: Store | None = self._store_getter()
+        routes = self._routes_for(event_type)
         try:
             if store is None:
                 raise StorageUnavailable("the store is not open")
-            found = await resolve_lookups(store, self._routes, self.source.name, event)
+            found = await resolve_lookups(store, routes, self.source.name, event)
         except (StorageUnavailable, sqlite3.Error) as exc:
             return self._store_failed(event_type, str(exc))
-        mapped = map_event(self._routes, self.source.name, event, found)
+        mapped = map_event(routes, self.source.name, event, found)
         draft = InboundDraft(
             source=self.source.name,
             webhook_id=webhook_id,

@@ -22,7 +22,11 @@ _LEVELS = {
 }
 
 
-def configure(level: str = "info", fmt: str = "auto", stream: Any = None) -> None:
+def configure(
+    level: str = "info", fmt: str = "auto", stream: Any = None, *, cache: bool = False
+) -> None:
+    """cache: resolve each module's logger once (a serving relay, a few us per log line);
+    not in tests, where structlog.testing.capture_logs() must reach every logger."""
     stream = stream or sys.stderr
     use_json = fmt == "json" or (fmt == "auto" and not stream.isatty())
     renderer: Any = (
@@ -40,8 +44,7 @@ def configure(level: str = "info", fmt: str = "auto", stream: Any = None) -> Non
         ],
         wrapper_class=structlog.make_filtering_bound_logger(_LEVELS[level]),
         logger_factory=structlog.PrintLoggerFactory(stream),
-        # Not cached, so structlog.testing.capture_logs() sees every logger in tests.
-        cache_logger_on_first_use=False,
+        cache_logger_on_first_use=cache,
     )
 
 

@@ -23,6 +23,7 @@ from relay.mapping import (
     compile_value,
     encode,
     map_event,
+    redact,
 )
 from relay.models import EventStatus, OutboundDraft
 from tests.helpers import REPO, env, fixture_body, order_paid
@@ -510,6 +511,75 @@ def test_unencodable_body_is_unmappable_not_a_crash() -> None:
     assert result.messages == ()
     assert result.reason is not None
     assert result.reason.startswith("cannot encode body: ")
+
+
+@pytest.mark.parametrize("value", [float("nan"), float("inf"), -float("inf")])
+def test_encode_refuses_non_finite_numbers_anywhere(value: float) -> None:
+    """JSON has no NaN or infinity: encode refuses them at any depth (ValueError, which
+    map_event turns into UNMAPPABLE) rather than writing null."""
+    for body in ({"a": value}, {"a": {"b": [1, value]}}, [value]):
+        with pytest.raises(ValueError, match="not JSON compliant"):
+            encode(body)
+
+
+def test_encode_is_compact_utf8_in_configured_order() -> None:
+    body = {"z": "é€", "a": [1, 2.5, None, True], "big": 2**70, "m": {"k": "v"}}
+    assert encode(body) == json.dumps(body, separators=(",", ":"), ensure_ascii=False).encode()
+
+
+REDACT_EVENT: dict[str, Any] = {
+    "type": "order.paid",
+    "data": {
+        "id": "ord_1",
+        "customer": {"email": "a@example.com", "name": "Ann", "id": "cus_1"},
+        "user": None,
+        "billing_name": None,
+        "items": [{"email": "x@example.com", "sku": "s"}, "text"],
+        "note": "plain",
+    },
+}
+
+
+@pytest.mark.parametrize(
+    ("paths", "expected_data"),
+    [
+        (
+            [("data", "customer", "email"), ("data", "customer", "name")],
+            {"customer": {"email": "[redacted]", "name": "[redacted]", "id": "cus_1"}},
+        ),
+        ([("data", "customer"), ("data", "customer", "email")], {"customer": "[redacted]"}),
+        ([("data", "customer", "email"), ("data", "customer")], {"customer": "[redacted]"}),
+        ([("data", "billing_name")], {"billing_name": "[redacted]"}),  # null is redacted too
+        ([("data", "user", "email")], {}),  # through a null: nothing to redact
+        ([("data", "note", "x")], {}),  # through a string
+        ([("data", "absent", "x"), ("data", "absent2")], {}),
+        (
+            [("data", "items", 0, "email"), ("data", "items", 1, "email")],
+            {"items": [{"email": "[redacted]", "sku": "s"}, "text"]},
+        ),
+        ([("data", "items", 5), ("data", "items", "email"), ("data", 0)], {}),
+    ],
+    ids=[
+        "siblings",
+        "parent first",
+        "parent last",
+        "null",
+        "null parent",
+        "string parent",
+        "absent",
+        "list index",
+        "bad index or key",
+    ],
+)
+def test_redact_replaces_each_present_path_and_copies(
+    paths: list[tuple[str | int, ...]], expected_data: dict[str, Any]
+) -> None:
+    """redact replaces what each path names (absent or unreachable paths are skipped) and
+    leaves the event it was given untouched."""
+    original = copy.deepcopy(REDACT_EVENT)
+    out = redact(REDACT_EVENT, paths)
+    assert original == REDACT_EVENT
+    assert out == {**original, "data": {**original["data"], **expected_data}}
 
 
 def test_fan_out_to_two_routes() -> None:

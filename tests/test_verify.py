@@ -339,3 +339,23 @@ def test_header_patterns_match_the_whole_value(name: str, value: str) -> None:
     hdrs = headers()
     hdrs[name] = value
     assert "malformed" in rejection(verifier(LEGACY_SECRET), BODY, hdrs).reason
+
+
+def test_zero_padded_timestamp_verifies_as_the_library_signs_it() -> None:
+    """The library signs the timestamp as an integer; a zero-padded header still verifies
+    (the signed text is rebuilt from the number, not copied from the header)."""
+    hdrs = headers() | {"webhook-timestamp": f"00{NOW}"}
+    assert verifier(LEGACY_SECRET).verify(BODY, hdrs) == "msg_1"
+
+
+@pytest.mark.parametrize("first", ["standard", "legacy"])
+def test_the_second_scheme_of_a_secret_is_tried_when_the_first_fails(first: str) -> None:
+    """A whsec_ secret tries its standard key first (what Polar signs with today), then the
+    legacy one; the order is a speed-up only: both schemes verify, with either listed first."""
+    v = (
+        verifier(STANDARD_SECRET, OTHER_STANDARD)
+        if first == "standard"
+        else verifier(OTHER_STANDARD, STANDARD_SECRET)
+    )
+    for scheme in ("standard", "legacy"):
+        assert v.verify(BODY, headers(STANDARD_SECRET, scheme)) == "msg_1"
