@@ -20,7 +20,7 @@ from aiohttp import web
 from relay.access import bearer_ok
 from relay.checkout import CheckoutEndpoint
 from relay.config import Config, DestinationConfig
-from relay.delivery import Attempts, Redactor, Sender
+from relay.delivery import Attempts, Redactor, Sender, client_session
 from relay.delivery_process import ProcessSenders
 from relay.errors import StorageUnavailable
 from relay.ingest import WebhookIngest
@@ -175,7 +175,6 @@ async def _workers_ctx(app: web.Application) -> AsyncIterator[None]:
     config = app[CONFIG]
     destinations = list(config.destinations.values())
     redact = Redactor(secret_values(config))
-    connector = aiohttp.TCPConnector(limit=sum(d.concurrency for d in destinations))
     processes: ProcessSenders | None = None
     async with contextlib.AsyncExitStack() as stack:
         if config.server.delivery_processes:
@@ -191,7 +190,9 @@ async def _workers_ctx(app: web.Application) -> AsyncIterator[None]:
             stack.push_async_callback(processes.close)
             processes.start_soon()
             app[METRICS].watch_children(processes.pids)
-        session = await stack.enter_async_context(aiohttp.ClientSession(connector=connector))
+        session = await stack.enter_async_context(
+            client_session(sum(d.concurrency for d in destinations))
+        )
 
         def sender(dest: DestinationConfig) -> Attempts:
             if processes is not None:

@@ -33,10 +33,8 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
-import aiohttp
-
 from relay.config import DestinationConfig
-from relay.delivery import AttemptResult, Redactor, Sender
+from relay.delivery import AttemptResult, Redactor, Sender, client_session
 from relay.errors import RelayError
 from relay.logs import configure, get_logger
 from relay.metrics import Metrics
@@ -356,7 +354,7 @@ async def _serve(fd: int) -> None:
     out = _FrameWriter(writer)
     tasks: set[asyncio.Task[None]] = set()
     limit = sum(d.concurrency for d in setup.destinations)
-    async with aiohttp.ClientSession(connector=aiohttp.TCPConnector(limit=limit)) as session:
+    async with client_session(limit) as session:
         senders = {d.name: Sender(session, d, redact) for d in setup.destinations}
         writer.write(_frame(_READY))
 

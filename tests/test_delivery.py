@@ -189,6 +189,30 @@ async def test_2xx_and_409_mark_the_message_delivered(
     assert (entry["message_id"], entry["status"], entry["attempt"]) == (message.id, status, 1)
 
 
+@pytest.mark.parametrize("processes", [0, 1], ids=["in process", "delivery child"])
+async def test_a_cookie_from_faurya_is_never_sent_back(
+    start: StartRelay, faurya: FakeFaurya, config: Config, processes: int
+) -> None:
+    """The delivery client keeps no cookies: a Set-Cookie from the receiver does not ride
+    along on later messages (which may carry other orders' data)."""
+
+    async def answer(request: web.Request, n: int) -> web.Response:
+        response = web.json_response({"ok": True})
+        response.set_cookie("session", f"s{n}", path="/")
+        return response
+
+    faurya.script = answer
+    server = dataclasses.replace(config.server, delivery_processes=processes)
+    # By name: aiohttp's default jar ignores cookies from a bare IP address.
+    by_name = config.destinations["faurya"].url.replace("127.0.0.1", "localhost")
+    relay = await start(dataclasses.replace(with_faurya(config, url=by_name), server=server))
+    for _ in range(2):
+        message = await post_order(relay)
+        assert (await settled(relay, message.id)).status is MessageStatus.DELIVERED
+    _, second = faurya.received
+    assert "cookie" not in CIMultiDict(second.headers)
+
+
 # ---------------------------------------------------------------- retried
 
 
