@@ -158,6 +158,12 @@ class DestinationWorker:
             return d.concurrency_while_receiving
         return d.concurrency
 
+    @property
+    def idle(self) -> bool:
+        """No attempt in flight and no bookkeeping write pending. A message's metrics and log
+        lines come just after its commit: the store shows it settled a moment before they do."""
+        return not self._attempts and not self._writes
+
     async def _fill(self) -> bool:
         """Claim as many due messages as there are free slots. True when slots remain free
         (nothing more is due), False when the pool is full."""
@@ -399,6 +405,10 @@ class Workers:
     @property
     def running(self) -> bool:
         return all(w.running for w in self.by_destination.values())
+
+    @property
+    def idle(self) -> bool:
+        return all(w.idle for w in self.by_destination.values())
 
     async def stop(self, grace_s: float) -> None:
         await asyncio.gather(*(w.stop(grace_s) for w in self.by_destination.values()))

@@ -16,9 +16,11 @@ from pathlib import Path
 from typing import Any
 
 from aiohttp import web
+from aiohttp.test_utils import TestClient
 from standardwebhooks.webhooks import Webhook
 
 from relay.config import Config, parse
+from relay.models import MessageRecord, MessageStatus
 
 FIXTURES = Path(__file__).parent / "fixtures" / "polar"
 REPO = Path(__file__).parent.parent
@@ -357,3 +359,30 @@ async def run_command(
             await proc.wait()
     assert proc.returncode is not None
     return Run(proc.returncode, out.decode(), err.decode())
+
+
+async def settled(
+    relay: TestClient[web.Request, web.Application], message_id: int
+) -> MessageRecord:
+    """Run every due attempt, then await the message's bookkeeping: out of INFLIGHT in the
+    store, and the workers idle, so that the metrics and log lines of its outcome (which
+    follow the commit) are there too. The background loop may hold the attempt instead of
+    run_until_idle."""
+    from relay.app import STORE, WORKERS
+
+    await relay.app[WORKERS].run_until_idle()
+    store = relay.app[STORE]
+    record: MessageRecord | None = None
+
+    async def done() -> bool:
+        nonlocal record
+        record = await store.get_message(message_id)
+        return (
+            record is not None
+            and record.status is not MessageStatus.INFLIGHT
+            and relay.app[WORKERS].idle
+        )
+
+    await wait_until(done, timeout_s=5)
+    assert record is not None
+    return record

@@ -39,6 +39,7 @@ from tests.helpers import (
     FakeClock,
     FakeFaurya,
     order_paid,
+    settled,
     shipped_config,
     sign_headers,
     wait_until,
@@ -113,23 +114,6 @@ async def post_order(relay: Client, order_id: str | None = None) -> MessageRecor
     key = f"polar:order:{order_id}"
     [message] = [m for m in await relay.app[STORE].list_messages() if m.idempotency_key == key]
     return message
-
-
-async def settled(relay: Client, message_id: int) -> MessageRecord:
-    """Run every due attempt, then await the message's bookkeeping (the background loop may
-    hold the attempt instead of run_until_idle)."""
-    await relay.app[WORKERS].run_until_idle()
-    store = relay.app[STORE]
-    record: MessageRecord | None = None
-
-    async def not_inflight() -> bool:
-        nonlocal record
-        record = await store.get_message(message_id)
-        return record is not None and record.status is not MessageStatus.INFLIGHT
-
-    await wait_until(not_inflight, timeout_s=5)
-    assert record is not None
-    return record
 
 
 def metric(relay: Client, name: str, **labels: str) -> float:

@@ -20,7 +20,7 @@ from aiohttp import web
 from aiohttp.test_utils import TestClient
 from pytest_aiohttp import AiohttpClient, AiohttpServer
 
-from relay.app import METRICS, STORE, WORKERS, create_app
+from relay.app import METRICS, STORE, create_app
 from relay.config import Config, parse
 from relay.errors import ConfigError
 from relay.models import MessageRecord, MessageStatus
@@ -31,8 +31,8 @@ from tests.helpers import (
     env,
     fixture_body,
     order_paid,
+    settled,
     sign_headers,
-    wait_until,
 )
 from tests.polar_fake import TOKEN, FakePolar, serve
 
@@ -90,22 +90,6 @@ async def post_order(relay: Client, order_id: str) -> MessageRecord:
         if m.idempotency_key == f"polar:order:{order_id}"
     ]
     return message
-
-
-async def settled(relay: Client, message_id: int) -> MessageRecord:
-    """Run every due attempt, then await the message's bookkeeping."""
-    await relay.app[WORKERS].run_until_idle()
-    store = relay.app[STORE]
-    record: MessageRecord | None = None
-
-    async def not_inflight() -> bool:
-        nonlocal record
-        record = await store.get_message(message_id)
-        return record is not None and record.status is not MessageStatus.INFLIGHT
-
-    await wait_until(not_inflight, timeout_s=5)
-    assert record is not None
-    return record
 
 
 def metric(relay: Client, name: str, **labels: str) -> float:
