@@ -54,6 +54,8 @@ async def resolve_lookups(
 ) -> dict[str, dict[str, Any]]:
     """Read from the store what the selected routes' lookups name: route -> name -> body.
     A lookup with nothing stored (or an unreadable body) is simply absent."""
+    if not any(r.lookups for r in routes):
+        return {}  # the usual case, decided without evaluating any route's conditions
     wanted = {r.name: r.lookup_keys(event) for r in select(routes, source, event) if r.lookups}
     if not wanted:
         return {}
@@ -99,6 +101,10 @@ class WebhookIngest:
         # routes, not all of them. Types come from verified webhooks, but the size is capped
         # anyway.
         self._routes_by_type: dict[str, list[Route]] = {}
+        # Metric children bound once: .labels() takes a lock and a lookup, per webhook.
+        self._received: dict[tuple[str, str], Any] = {}
+        self._enqueued: dict[tuple[str, str], Any] = {}
+        self._duration = metrics.ingest_duration.labels(source.name)
         self._store_getter = store_getter
         self._metrics = metrics
         self._clock = clock
@@ -114,9 +120,13 @@ class WebhookIngest:
         return routes
 
     def _count(self, event_type: str | None, outcome: str) -> None:
-        self._metrics.webhooks_received.labels(
-            self.source.name, event_type_label(event_type), outcome
-        ).inc()
+        key = (event_type_label(event_type), outcome)
+        counter = self._received.get(key)
+        if counter is None:  # as bounded as the metric's own label sets
+            counter = self._received[key] = self._metrics.webhooks_received.labels(
+                self.source.name, *key
+            )
+        counter.inc()
 
     async def handle(self, request: web.Request) -> web.Response:
         # Not a secret, only unique enough to follow one webhook: no CSPRNG call per request.
@@ -255,12 +265,14 @@ class WebhookIngest:
         if mapped.status is EventStatus.UNMAPPABLE and result.outcome is IngestOutcome.ACCEPTED:
             outcome = "unmappable"
         self._count(event_type, outcome)
-        self._metrics.ingest_duration.labels(self.source.name).observe(
-            time.perf_counter() - started
-        )
+        self._duration.observe(time.perf_counter() - started)
         for message in mapped.messages:
             if message.idempotency_key not in result.duplicate_keys:
-                self._metrics.messages_enqueued.labels(message.route, message.destination).inc()
+                key = (message.route, message.destination)
+                enqueued = self._enqueued.get(key)
+                if enqueued is None:
+                    enqueued = self._enqueued[key] = self._metrics.messages_enqueued.labels(*key)
+                enqueued.inc()
         fields: dict[str, Any] = {
             "event_type": event_type,
             "outcome": outcome,
