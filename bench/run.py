@@ -1,6 +1,6 @@
 """The benchmark of issue 7, in one command:
 
-    .venv/bin/python bench/run.py            # full run, 4.5-6.5 minutes on 2 cores
+    .venv/bin/python bench/run.py            # full run, 5.5-7.5 minutes on 2 cores
     .venv/bin/python bench/run.py --quick    # smaller counts, about 2 minutes
     .venv/bin/python bench/run.py --faurya-concurrency 32   # another delivery concurrency
 
@@ -80,6 +80,10 @@ NOISE_LIMIT = 0.25  # cores used by other processes above which a measurement is
 MAX_ATTEMPTS = 3  # per measurement
 QUIET_WAIT_S = 10.0  # before a repeated measurement, wait this long at most for quiet
 DRAIN_WARMUP = 200  # of the drain backlog, sent first (connections, warm-up), not timed
+# The ack tail at 1000/s from one 10 s run moved between 11 and 56 ms for the same relay within
+# minutes on the 2-vCPU VM (a short stall of the VM is a queue at 1000/s): the table shows the
+# run with the median p99 of three, each on a fresh server; the JSON keeps all three.
+OPEN_ACK_RUNS = 3
 HISTORY_ROUNDS = 2  # alternating empty / full-history rounds for the "no slowdown" comparison
 
 T = TypeVar("T")
@@ -403,6 +407,14 @@ class Bench:
 
         return self.acct.phase(f"open loop, {rate:.0f}/s for {seconds:.0f} s", once)
 
+    def open_ack(self, start: Callable[[], tuple[Service, str]], **kw: Any) -> dict[str, Any]:
+        """The open loop at ACK_RATE, OPEN_ACK_RUNS times: the run with the median p99, with
+        every run's summary under "runs"."""
+        runs = [self.open_loop(start, ACK_RATE, self.s.open_s, **kw) for _ in range(OPEN_ACK_RUNS)]
+        median = sorted(runs, key=lambda r: r["latency_ms"]["p99"])[len(runs) // 2]
+        keep = ("accepted_per_s", "latency_ms", "server_cpu_s", "other_processes_cores")
+        return {**median, "runs": [{k: r.get(k) for k in keep} for r in runs]}
+
     def end_to_end(self, load: dict[str, Any]) -> dict[str, Any]:
         """Join the load generator's send times with the fake Faurya's arrival times."""
         sends: dict[str, list[float]] = load.pop("sends")
@@ -436,7 +448,7 @@ class Bench:
 
         # Neither baseline deduplicates, so a pool of 2,000 signed webhooks is reused.
         out: dict[str, Any] = {"closed": self.closed_levels(start, distinct=2000)}
-        out["open_ack"] = self.open_loop(start, ACK_RATE, self.s.open_s, distinct=2000)
+        out["open_ack"] = self.open_ack(start, distinct=2000)
         if kind == "inline":
             out["open_e2e"] = self.open_loop(start, E2E_RATE, self.s.e2e_s, record_sends=True)
         return out
@@ -454,7 +466,7 @@ class Bench:
 
         out: dict[str, Any] = {}
         out["open_e2e"] = self.open_loop(start, E2E_RATE, self.s.e2e_s, record_sends=True)
-        out["open_ack"] = self.open_loop(start, ACK_RATE, self.s.open_s)
+        out["open_ack"] = self.open_ack(start)
         out["closed"] = self.closed_levels(start, distinct=None)
         out["rss"] = self.rss_backlog()
         out["history"] = self.history()
@@ -692,11 +704,14 @@ def build_table(r: dict[str, Any]) -> tuple[list[Row], dict[str, bool]]:
     rate = f"{ACK_RATE:.0f}/s"
     noise = relay["open_ack"]["other_processes_cores"]
     a, b, x = (s["open_ack"]["accepted_per_s"] for s in servers)
-    add(f"answered 202/s at {rate} offered (open loop)", a, b, x, 0, noise=noise)
+    median = f"median of {OPEN_ACK_RUNS} runs" if OPEN_ACK_RUNS > 1 else "one run"
+    add(f"answered 202/s at {rate} offered (open loop, {median})", a, b, x, 0, noise=noise)
     for q in ("p50", "p99", "max"):
         a, b, x = (s["open_ack"]["latency_ms"][q] for s in servers)
         target, ok = ("<= 25 ms", x <= 25.0) if q == "p99" else ("", None)
         add(f"ack latency {q} ms at {rate} offered", a, b, x, 1, target, ok, noise)
+    a, b, x = (max(r["latency_ms"]["p99"] for r in s["open_ack"]["runs"]) for s in servers)
+    add(f"ack latency p99 ms at {rate} offered, worst run", a, b, x, 1, noise=noise)
     e2e_rate = f"{E2E_RATE:.0f}/s"
     ie, re_ = inline["open_e2e"]["e2e"], relay["open_e2e"]["e2e"]
     noise = relay["open_e2e"]["other_processes_cores"]
