@@ -34,11 +34,12 @@ from relay.verify import Verifier
 
 log = get_logger("relay.ingest")
 
+# Distinct event types whose routes are remembered (WebhookIngest._routes_for).
+MAX_CACHED_EVENT_TYPES = 256
+
 # Stored with the raw body for debugging and replay. Not stored: anything else a proxy may
 # add (cookies, authorization). The signature is harmless to keep: it is useless without the
 # secret and stale after the tolerance.
-MAX_CACHED_EVENT_TYPES = 256
-
 STORED_HEADERS = (
     "webhook-id",
     "webhook-timestamp",

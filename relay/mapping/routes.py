@@ -104,8 +104,8 @@ REDACTED = "[redacted]"
 def redact(event: dict[str, Any], paths: Sequence[Path]) -> dict[str, Any]:
     """A copy of `event` with the value at each path replaced by "[redacted]" (paths that are
     absent are skipped). Only the containers on those paths are copied, each once."""
-    copy: dict[str, Any] = _redacted(event, _tree(tuple(paths)))
-    return copy
+    out: dict[str, Any] = _redacted(event, _tree(tuple(paths)))
+    return out
 
 
 _Tree: TypeAlias = dict[PathPart, "_Tree | None"]  # None: redact the value here
@@ -117,15 +117,13 @@ def _tree(paths: tuple[Path, ...]) -> _Tree:
     the same for every webhook: built once)."""
     root: _Tree = {}
     for path in paths:
-        node: _Tree | None = root
+        node = root
         for part in path[:-1]:
-            assert node is not None
             child = node.setdefault(part, {})
             if child is None:  # a shorter path redacts this whole value already
                 break
             node = child
         else:
-            assert node is not None
             node[path[-1]] = None  # the whole value, whatever longer paths asked for inside
     return root
 
