@@ -513,6 +513,22 @@ def test_unencodable_body_is_unmappable_not_a_crash() -> None:
     assert result.reason.startswith("cannot encode body: ")
 
 
+@pytest.mark.parametrize(
+    "const",
+    [datetime.datetime(1979, 5, 27, 7, 32, tzinfo=datetime.UTC), datetime.date(1979, 5, 27)],
+    ids=["datetime", "date"],
+)
+def test_a_toml_date_in_a_const_makes_the_event_unmappable(const: Any) -> None:
+    """TOML has dates, JSON has none: a body with one is UNMAPPABLE (as with the standard
+    library's encoder), not sent with the date turned into text."""
+    route = make_route(body={"amount": {"path": "data.amount"}, "when": {"const": const}})
+    result = map_event([route], "polar", EVENT)
+    assert result.status is EventStatus.UNMAPPABLE
+    assert result.reason is not None
+    assert result.reason.startswith("cannot encode body: ")
+    assert "not JSON serializable" in result.reason
+
+
 @pytest.mark.parametrize("value", [float("nan"), float("inf"), -float("inf")])
 def test_encode_refuses_non_finite_numbers_anywhere(value: float) -> None:
     """JSON has no NaN or infinity: encode refuses them at any depth (ValueError, which
