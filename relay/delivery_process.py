@@ -197,7 +197,7 @@ class ProcessSenders:
         self._next = itertools.cycle(range(count))
         self._closed = False
         self._starting: asyncio.Task[None] | None = None
-        self._abandoned: asyncio.subprocess.Process | None = None  # killed mid-start
+        self._abandoned: list[asyncio.subprocess.Process] = []  # killed mid-start
         self.started = 0  # children started so far (a rising count means they keep dying)
 
     async def start(self) -> None:
@@ -282,7 +282,7 @@ class ProcessSenders:
                 ours.close()
             with contextlib.suppress(ProcessLookupError):
                 process.kill()
-            self._abandoned = process  # reaped by close(): a cancelled task cannot wait
+            self._abandoned.append(process)  # reaped by close(): a cancelled task cannot wait
             raise
         if hello != _READY:
             writer.close()
@@ -317,9 +317,8 @@ class ProcessSenders:
             self._starting.cancel()
             with contextlib.suppress(asyncio.CancelledError):
                 await self._starting
-        if self._abandoned is not None:
-            await self._abandoned.wait()
-            self._abandoned = None
+        while self._abandoned:
+            await self._abandoned.pop().wait()
         for slot, lock in enumerate(self._locks):
             # Under the slot's lock: a replacement being started now is closed too, and none
             # starts after this (`_child` checks `_closed` under the same lock).

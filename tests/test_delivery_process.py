@@ -591,35 +591,30 @@ async def test_close_ends_the_children_and_later_sends_fail(
     assert [c.headers["idempotency-key"] for c in faurya.received] == ["polar:order:1"]
 
 
-def starting_children() -> list[int]:
-    """Live processes of ours running relay.delivery_process (from /proc: ppid and argv)."""
-    found = []
-    for entry in Path("/proc").iterdir():
-        if not entry.name.isdigit():
-            continue
-        try:
-            ppid = int((entry / "stat").read_text().rsplit(")", 1)[1].split()[1])
-            argv = (entry / "cmdline").read_bytes()
-        except (OSError, IndexError, ValueError):
-            continue
-        if ppid == os.getpid() and b"relay.delivery_process" in argv and running(int(entry.name)):
-            found.append(int(entry.name))
-    return found
-
-
-def zombie_children() -> list[int]:
-    """Our children that exited and were never waited for."""
-    found = []
+def our_children() -> Iterator[tuple[int, str, bytes]]:
+    """(pid, state, argv) of each child of this test process, from /proc."""
     for entry in Path("/proc").iterdir():
         if not entry.name.isdigit():
             continue
         try:
             fields = (entry / "stat").read_text().rsplit(")", 1)[1].split()
+            argv = (entry / "cmdline").read_bytes()
         except (OSError, IndexError):
             continue
-        if fields[0] == "Z" and int(fields[1]) == os.getpid():
-            found.append(int(entry.name))
-    return found
+        if int(fields[1]) == os.getpid():
+            yield int(entry.name), fields[0], argv
+
+
+def starting_children() -> list[int]:
+    """Live children of ours running relay.delivery_process."""
+    return [
+        pid for pid, _, argv in our_children() if b"relay.delivery_process" in argv and running(pid)
+    ]
+
+
+def zombie_children() -> list[int]:
+    """Our children that exited and were never waited for."""
+    return [pid for pid, state, _ in our_children() if state == "Z"]
 
 
 async def test_closing_while_a_child_starts_leaves_no_child_behind(
