@@ -13,15 +13,18 @@ webhooks keep the serving loop's time (docs/performance.md has the measurements)
 
 Failure: a child that dies or stops answering fails its attempts as connection errors. They
 are retried later, with the same idempotency key, and the next send starts a new child. A child
-exits when its socket closes: when the relay stops, and when the relay is killed with -9 (the
-kernel closes the socket). Secrets reach a child through the socket, never argv or the
-environment.
+exits when its socket closes, when the relay stops. It dies with the relay at once when the
+relay is killed with -9: on Linux the kernel kills it (PR_SET_PDEATHSIG), elsewhere it checks
+its parent before each attempt. Either way it starts no attempt once the relay is gone (an
+attempt sent then would be sent again after the restart: a duplicate Faurya must drop).
+Secrets reach a child through the socket, never argv or the environment.
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
+import ctypes
 import itertools
 import os
 import pickle
@@ -51,6 +54,7 @@ _READY = "ready"
 # What a garbled or cut frame raises (besides asyncio.IncompleteReadError, an EOFError).
 _BAD_FRAME = (pickle.UnpicklingError, ValueError, TypeError)
 NICENESS = 10  # added to a child's nice value: the serving process wins a contended core
+_PR_SET_PDEATHSIG = 1  # <linux/prctl.h>
 
 
 class ProcessGone(RelayError):
@@ -246,13 +250,19 @@ class ProcessSenders:
             return child
 
     async def _spawn(self) -> _Child:
-        ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
+        try:
+            ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
+        except OSError as exc:  # out of file descriptors: like a child that exits at once
+            log.error("delivery_process_start_failed", error=exc.strerror or type(exc).__name__)
+            raise ProcessGone from None
         try:
             process = await asyncio.create_subprocess_exec(
                 self._python,
                 "-m",
                 "relay.delivery_process",
                 str(theirs.fileno()),
+                # The child checks its parent is still this process (see _die_with_parent).
+                str(os.getpid()),
                 pass_fds=(theirs.fileno(),),
                 stdin=asyncio.subprocess.DEVNULL,
             )
@@ -266,15 +276,20 @@ class ProcessSenders:
         finally:
             theirs.close()
         writer: asyncio.StreamWriter | None = None
+        hello: Any = None
         try:
             reader, writer = await asyncio.open_unix_connection(sock=ours)
             writer.write(_frame(self._setup))
             # The child says it is ready once it has read the setup and can send: a child
             # that cannot start (a broken environment) is seen here, not at its first delivery.
-            hello = None
             with contextlib.suppress(TimeoutError, EOFError, ConnectionError, *_BAD_FRAME):
                 async with asyncio.timeout(START_TIMEOUT_S):
                     hello = await _read_frame(reader)
+        except OSError as exc:
+            # The socket failed after the child started: a failed start like any other (an
+            # OSError escaping here would fail the attempt outright, and its message would
+            # wait for its lease to expire).
+            hello = exc
         except BaseException:  # cancelled (the relay is stopping): leave no child behind
             if writer is not None:
                 writer.close()
@@ -285,12 +300,19 @@ class ProcessSenders:
             self._abandoned.append(process)  # reaped by close(): a cancelled task cannot wait
             raise
         if hello != _READY:
-            writer.close()
+            if writer is not None:
+                writer.close()
+            else:
+                ours.close()
             with contextlib.suppress(ProcessLookupError):
                 process.kill()
             code = await process.wait()
-            log.error("delivery_process_start_failed", pid=process.pid, exit_code=code)
+            fields: dict[str, Any] = {}
+            if isinstance(hello, OSError):
+                fields["error"] = hello.strerror or type(hello).__name__
+            log.error("delivery_process_start_failed", pid=process.pid, exit_code=code, **fields)
             raise ProcessGone
+        assert writer is not None
         return _Child(process, reader, writer)
 
     async def send(self, destination: DestinationConfig, msg: ClaimedMessage) -> AttemptResult:
@@ -342,7 +364,27 @@ class ProcessSender:
 # ---------------------------------------------------------------- the child
 
 
-async def _serve(fd: int) -> None:
+def _die_with_parent(parent_pid: int) -> bool:
+    """Ask the kernel to kill this child when its parent dies (Linux), then check the parent
+    is still `parent_pid`: a parent that died before the request was made leaves no signal to
+    send, and this child now has another parent. False when the parent is gone.
+
+    PR_SET_PDEATHSIG fires when the parent's *thread* that forked the child exits: the relay
+    starts its children from its event loop, which runs on its main thread for its whole life.
+    """
+    if sys.platform.startswith("linux"):
+        with contextlib.suppress(OSError, AttributeError):
+            libc = ctypes.CDLL(None, use_errno=True)
+            libc.prctl(_PR_SET_PDEATHSIG, signal.SIGKILL, 0, 0, 0)
+    return _parent_alive(parent_pid)
+
+
+def _parent_alive(parent_pid: int | None) -> bool:
+    """Our parent is still the relay that started us (an orphan is adopted by another)."""
+    return parent_pid is None or os.getppid() == parent_pid
+
+
+async def _serve(fd: int, parent_pid: int | None = None) -> None:
     reader, writer = await asyncio.open_unix_connection(sock=socket.socket(fileno=fd))
     try:
         setup: _Setup = await _read_frame(reader)
@@ -358,6 +400,10 @@ async def _serve(fd: int) -> None:
         writer.write(_frame(_READY))
 
         async def attempt(seq: int, destination: str, key: str, body: bytes) -> None:
+            if not _parent_alive(parent_pid):
+                # The relay is gone (killed with -9): nobody takes the answer, and the message
+                # is sent again after the restart. Sending it now would be a duplicate.
+                return
             started = time.perf_counter()
             try:
                 r = await senders[destination].post(key, body)
@@ -371,6 +417,8 @@ async def _serve(fd: int) -> None:
                 seq, destination, key, body = await _read_frame(reader)
             except (asyncio.IncompleteReadError, ConnectionError):
                 break  # the relay closed the socket, or is gone
+            if not _parent_alive(parent_pid):
+                break  # what is left in the socket was meant for a relay that is gone
             task = asyncio.create_task(attempt(seq, destination, key, body))
             tasks.add(task)
             task.add_done_callback(tasks.discard)
@@ -390,12 +438,16 @@ def main(argv: Sequence[str]) -> int:
     # few milliseconds, an acknowledgement that Polar times out on cannot.
     with contextlib.suppress(OSError):
         os.nice(NICENESS)
-    if len(argv) != 1 or not argv[0].isdigit():
+    if not 1 <= len(argv) <= 2 or not all(arg.isdigit() for arg in argv):
         print(
-            "usage: python -m relay.delivery_process FD (started by relay serve)", file=sys.stderr
+            "usage: python -m relay.delivery_process FD [PARENT_PID] (started by relay serve)",
+            file=sys.stderr,
         )
         return 2
-    asyncio.run(_serve(int(argv[0])))
+    parent_pid = int(argv[1]) if len(argv) == 2 else None
+    if parent_pid is not None and not _die_with_parent(parent_pid):
+        return 1  # the relay died while this child started: nothing to do
+    asyncio.run(_serve(int(argv[0]), parent_pid))
     return 0
 
 

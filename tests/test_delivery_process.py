@@ -10,8 +10,11 @@ condition with a deadline.
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import errno
 import os
 import signal
+import socket
 import sys
 import time
 import uuid
@@ -697,6 +700,52 @@ async def test_the_child_command_without_a_socket_is_a_usage_error() -> None:
     assert "usage: python -m relay.delivery_process FD" in run.err
 
 
+async def test_a_child_whose_parent_is_not_the_given_pid_exits_without_serving() -> None:
+    """A child told its relay is a pid that is not its parent (the relay died while it
+    started, and it was adopted) exits 1 at once instead of waiting for work."""
+    ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
+    with ours, theirs:
+        child = await asyncio.create_subprocess_exec(
+            sys.executable,
+            "-m",
+            "relay.delivery_process",
+            str(theirs.fileno()),
+            str(os.getpid() + 5_000_000),  # never a pid: pid_max is at most 4194304
+            pass_fds=(theirs.fileno(),),
+            stdin=asyncio.subprocess.DEVNULL,
+        )
+        async with asyncio.timeout(10):
+            assert await child.wait() == 1
+
+
+async def test_an_os_error_after_the_child_started_is_a_failed_start_not_a_stray_error(
+    metrics: Metrics, logs: LogList, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The child is running when its socket fails (an OSError where the pool connects to
+    it): the send still answers with the exited error (so the worker records a retry now,
+    instead of the message waiting out its lease), the child is killed and reaped, and the
+    failure is logged as a failed start."""
+
+    async def refuse(**_: Any) -> Any:
+        raise OSError(errno.EMFILE, "Too many open files")
+
+    # The one place a real OSError cannot be provoked on demand: the connection to a socket
+    # pair the pool itself holds. asyncio's call is replaced, not ours.
+    monkeypatch.setattr(asyncio, "open_unix_connection", refuse)
+    dest = destination("http://127.0.0.1:9/api/revenue")
+    pool = ProcessSenders([dest], SECRETS, 1, metrics=metrics)
+    try:
+        result = await pool.sender(dest).send(claimed())
+        assert (result.status, result.error) == (None, EXITED)
+        [failed] = logged(logs, "delivery_process_start_failed")
+        assert failed["error"] == "Too many open files"
+        assert failed["exit_code"] == -signal.SIGKILL
+        assert not running(int(failed["pid"]))
+        assert pool.started == 0
+    finally:
+        await pool.close(timeout_s=1.0)
+
+
 # ---------------------------------------------------------------- relay serve
 
 
@@ -794,3 +843,71 @@ def test_bad_delivery_processes_is_a_config_error(value: Any, problem: str) -> N
 def test_zero_delivery_processes_is_accepted() -> None:
     raw = shipped_raw((("server", "delivery_processes"), 0))
     assert parse(raw, env()).server.delivery_processes == 0
+
+
+@pytest.mark.e2e
+async def test_a_child_dies_with_its_killed_relay_and_sends_nothing_after(
+    make_relay: MakeRelay,
+    aiohttp_server: AiohttpServer,
+    http: aiohttp.ClientSession,
+    db_path: Path,
+) -> None:
+    """kill -9 of `relay serve` with attempts queued in its child (stopped, so they wait in
+    its socket): the child dies with the relay, before it could run again, and Faurya sees no
+    request start after the kill (each would be a duplicate after the restart)."""
+    calls: list[str] = []
+
+    async def record(request: web.Request) -> web.Response:
+        calls.append(request.headers["idempotency-key"])
+        await request.read()
+        return web.json_response({"ok": True})
+
+    app = web.Application()
+    app.router.add_post("/api/revenue", record)
+    server = await aiohttp_server(app)
+    fake = FakeFaurya(url=str(server.make_url("")).rstrip("/"))
+    relay = make_relay()
+    relay.env["FAURYA_URL"] = fake.url
+    await relay.start()
+    pid = await serving_child(relay)
+    # Deliveries first, so the child holds open connections to Faurya: with them, an attempt
+    # it starts reaches Faurya at once.
+    assert await test_e2e.send_orders(http, relay, test_e2e.new_orders(16)) == [202] * 16
+
+    async def delivered() -> bool:
+        return test_e2e.message_counts(db_path) == {"delivered": 16}
+
+    await wait_until(delivered)
+    os.kill(pid, signal.SIGSTOP)
+    try:
+        assert await test_e2e.send_orders(http, relay, test_e2e.new_orders(8)) == [202] * 8
+
+        async def queued() -> bool:
+            return test_e2e.message_counts(db_path).get("inflight") == 8
+
+        await wait_until(queued)
+        before = list(calls)
+
+        relay.proc.send_signal(signal.SIGKILL)
+        # Not relay.wait(): that also awaits the end of its stderr, which a child holds.
+        await gone(relay.proc.pid)
+        # Still stopped: only the kernel can end it now, and it must, at once.
+        died_with_relay = True
+        try:
+            await gone(pid, timeout_s=2.0)
+        except TimeoutError:
+            died_with_relay = False
+    finally:
+        # A child that outlived its relay runs again here: what it then sends is the bug.
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(pid, signal.SIGCONT)
+    await gone(pid)
+
+    async def disconnected() -> bool:
+        # The child's connections closed and everything it wrote was read: nothing in flight.
+        return not server.runner.server.connections  # type: ignore[union-attr]
+
+    await wait_until(disconnected, timeout_s=5.0)
+    assert len(before) == 16
+    assert calls == before
+    assert died_with_relay
