@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import asyncio
 import json
-import sqlite3
 import time
 from collections.abc import Sequence
 from random import getrandbits
@@ -242,8 +241,8 @@ class WebhookIngest:
             if store is None:
                 raise StorageUnavailable("the store is not open")
             found = await resolve_lookups(store, routes, self.source.name, event)
-        except (StorageUnavailable, sqlite3.Error) as exc:
-            return self._store_failed(event_type, str(exc))
+        except StorageUnavailable as exc:
+            return self._store_failed(event_type, exc.message)
         mapped = map_event(routes, self.source.name, event, found)
         draft = InboundDraft(
             source=self.source.name,

@@ -16,7 +16,6 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import random
-import sqlite3
 import time
 from collections.abc import Callable, Coroutine, Iterable
 from typing import Any
@@ -34,7 +33,8 @@ from relay.store import Store
 log = get_logger("relay.workers")
 # How long after the last commit of new messages a worker keeps to its smaller pool.
 RECEIVING_WINDOW_S = 1.0
-_STORE_ERRORS = (StorageError, sqlite3.Error, ValueError)
+# The store turns every driver error into a StorageError (relay/store/outbox.py).
+_STORE_ERRORS = (StorageError,)
 
 
 class DestinationWorker:

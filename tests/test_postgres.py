@@ -26,7 +26,7 @@ import pytest
 import structlog
 from pytest_aiohttp import AiohttpClient
 
-from relay.app import STORE, create_app
+from relay.app import METRICS, STORE, create_app
 from relay.config import Config
 from relay.models import (
     Dead,
@@ -49,13 +49,22 @@ from tests.helpers import (
     RelayProcess,
     Run,
     env,
+    fixture_body,
     order_paid,
     process_env,
     relay_command,
     run_command,
     sign_headers,
 )
-from tests.pg import create_database, drop_database, free_port, pg_rows, relay_on
+from tests.pg import (
+    Cluster,
+    create_database,
+    drop_database,
+    free_port,
+    pg_rows,
+    relay_on,
+    start_cluster,
+)
 
 # An hour ago: recent enough that the retention of a relay started in a test keeps it all.
 T0 = float(int(time.time()) - 3600)
@@ -346,6 +355,61 @@ async def test_a_lost_database_connection_is_reconnected_without_losing_a_webhoo
     accepted = answers.count(202)
     assert await pg_rows(pg_url, "SELECT count(*) FROM inbound_events") == [(accepted,)]
     assert await pg_rows(pg_url, "SELECT count(*) FROM outbound_messages") == [(accepted,)]
+
+
+@pytest.fixture
+async def own_cluster() -> AsyncIterator[Cluster]:
+    """A PostgreSQL server of this test's own, which it may stop (the session's server is
+    shared)."""
+    try:
+        cluster = await asyncio.to_thread(start_cluster)
+    except RuntimeError as exc:
+        pytest.skip(f"no local PostgreSQL to stop: {exc}")
+    try:
+        yield cluster
+    finally:
+        await asyncio.to_thread(cluster.stop)
+
+
+async def test_a_stopped_postgresql_answers_503_with_the_storage_error_log_and_metric(
+    own_cluster: Cluster, config: Config, aiohttp_client: AiohttpClient
+) -> None:
+    """PostgreSQL stopped mid-run: a webhook whose route reads the outbox (a refund's lookup)
+    and one that only writes (an order) both answer 503, so Polar retries, with the
+    `webhook_store_failed` log line and the `storage_error` count the SQLite path has; none is
+    a 500 or an internal error."""
+    url = await create_database(own_cluster.url)
+    client = await aiohttp_client(create_app(config, db_path=url, poll_interval_s=0.05))
+    assert (await client.get("/readyz")).status == 200
+    await asyncio.to_thread(
+        own_cluster.run,
+        "pg_ctl",
+        "-D",
+        str(own_cluster.base / "data"),
+        "-m",
+        "immediate",
+        "-w",
+        "stop",
+    )
+
+    refund = fixture_body("refund.created.json")
+    order = order_paid(str(uuid.uuid4()))
+    with structlog.testing.capture_logs() as captured:
+        answers = []
+        for body in (refund, order):
+            async with client.post(
+                "/webhooks/polar", data=body, headers=sign_headers(body)
+            ) as resp:
+                answers.append((resp.status, resp.headers.get("Retry-After")))
+
+    assert answers == [(503, "5"), (503, "5")]
+    failed = [e for e in captured if e["event"] == "webhook_store_failed"]
+    assert [e["event_type"] for e in failed] == ["refund.created", "order.paid"]
+    assert not [e for e in captured if e["event"] == "request_failed"]
+    registry = client.app[METRICS].registry
+    for event_type in ("refund.created", "order.paid"):
+        labels = {"source": "polar", "event_type": event_type, "outcome": "storage_error"}
+        assert registry.get_sample_value("relay_webhooks_received_total", labels) == 1
 
 
 # ------------------------------------------------------------------ relay migrate

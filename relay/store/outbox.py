@@ -41,6 +41,9 @@ class Store(AdminQueries):
     # This process alone serves the database (the serve lock): every inflight row found at
     # start-up belongs to a dead process.
     exclusive = True
+    # What the driver raises when the database cannot answer. aiosqlite: sqlite3.Error, and
+    # ValueError on a closed connection. PgStore adds asyncpg's errors.
+    driver_errors: tuple[type[Exception], ...] = (sqlite3.Error, ValueError, OSError, TimeoutError)
 
     def __init__(
         self,
@@ -138,8 +141,14 @@ class Store(AdminQueries):
             self._writer.on_commit(destinations)
 
     async def _fetch(self, sql: str, params: Sequence[Any] = ()) -> list[Any]:
-        async with self._reads_lock:
-            return list(await self._reads.execute_fetchall(sql, params))
+        """Run a read. What the driver raises when the database cannot answer (a lock, a
+        lost connection, a stopped server) becomes `StorageUnavailable`, the one error callers
+        catch: a webhook whose lookup cannot be read answers 503, whatever the backend."""
+        try:
+            async with self._reads_lock:
+                return list(await self._reads.execute_fetchall(sql, params))
+        except self.driver_errors as exc:
+            raise StorageUnavailable(f"database read failed: {_describe(exc)}") from None
 
     async def _exec(self, sql: str, params: Sequence[Any] = ()) -> int:
         """One write statement, committed (shared with whatever else is being written)."""
@@ -269,3 +278,9 @@ class Store(AdminQueries):
             with contextlib.suppress(OSError):
                 total += os.stat(self.path + suffix).st_size
         return total
+
+
+def _describe(exc: BaseException) -> str:
+    """`Type: message`, or the type alone (asyncpg's connection errors may have no text)."""
+    text = str(exc)
+    return f"{type(exc).__name__}: {text}" if text else type(exc).__name__

@@ -132,6 +132,8 @@ class PgStore(Store):
     """`Store` on PostgreSQL. Open with `PgStore.open(url)`."""
 
     exclusive = False  # replicas share the database: never requeue a live replica's leases
+    # A stopped server or a failover: asyncpg's errors, and OSError/TimeoutError on reconnect.
+    driver_errors = (*Store.driver_errors, asyncpg.PostgresError, asyncpg.InterfaceError)
 
     def __init__(
         self,

@@ -260,7 +260,9 @@ class Writer:
                     await self.publish(db, destinations)
             await db.execute("COMMIT")
         except BaseException:
-            with contextlib.suppress(sqlite3.Error, ValueError):
+            # Whatever the ROLLBACK raises (a lost connection, either backend), the error to
+            # report is the one that failed the transaction.
+            with contextlib.suppress(Exception):
                 await db.execute("ROLLBACK")
             raise
 
