@@ -410,6 +410,20 @@ def build_parser() -> argparse.ArgumentParser:
     q.add_argument("--all-dead", action="store_true")
     q.set_defaults(func=_run_operator, func_name="retry")
     q = outbox.add_parser(
+        "discard",
+        parents=[common, with_db],
+        help="give up on dead messages: kept and listed as discarded, never sent, no longer "
+        "counted as dead (clears the dead-letter alert)",
+    )
+    q.add_argument("ids", type=int, nargs="*", help="message ids (else: the filters)")
+    q.add_argument("--reason", required=True, help="why (kept with each message)")
+    q.add_argument("--destination")
+    q.add_argument("--event-type")
+    q.add_argument("--since", help="ISO date/time (UTC) or an age like 30m, 6h, 7d")
+    q.add_argument("--until", help="ISO date/time (UTC) or an age like 30m, 6h, 7d")
+    q.add_argument("--dry-run", action="store_true", help="only list what would be discarded")
+    q.set_defaults(func=_run_operator, func_name="discard")
+    q = outbox.add_parser(
         "stats",
         parents=[common, with_db],
         help="messages by destination and status, and pause states",

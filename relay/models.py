@@ -36,6 +36,7 @@ class MessageStatus(StrEnum):
     INFLIGHT = "inflight"
     DELIVERED = "delivered"
     DEAD = "dead"
+    DISCARDED = "discarded"  # a dead message an operator gave up on: kept, never sent
 
 
 class EventStatus(StrEnum):
@@ -129,6 +130,8 @@ class MessageRecord:
     event_type: str
     webhook_id: str
     body: bytes = field(repr=False, default=b"")
+    discarded_at: float | None = None
+    discard_reason: str | None = None
 
 
 @dataclass(frozen=True, slots=True)

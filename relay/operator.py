@@ -1,4 +1,5 @@
-"""Operator commands on the outbox: list, show, retry, stats, replay, reprocess, pause, prune.
+"""Operator commands on the outbox: list, show, retry, discard, stats, replay, reprocess, pause,
+prune.
 
 Owns what these commands select and print. They open the store without the serve lock, so they
 are safe while `relay serve` runs on the same database: every change is one short transaction,
@@ -140,6 +141,48 @@ async def _retry(store: Store, args: argparse.Namespace, ctx: Context) -> int:
         return 2
     count = await store.retry_messages(args.ids, all_dead=args.all_dead)
     print(f"{count} message(s) scheduled for delivery now")
+    return 0
+
+
+async def _discard(store: Store, args: argparse.Namespace, ctx: Context) -> int:
+    reason = args.reason.strip()
+    if not reason:
+        print("relay: --reason must say why these messages are given up", file=sys.stderr)
+        return 2
+    ids = tuple(args.ids or ())
+    if not ids and not any((args.destination, args.event_type, args.since, args.until)):
+        print(
+            "relay: give message ids or a filter (--destination, --event-type, --since, "
+            "--until), e.g. --destination NAME for every dead message of a destination",
+            file=sys.stderr,
+        )
+        return 2
+    now = SystemClock().now()
+    selection = MessageFilter(
+        ids=ids,
+        statuses=(MessageStatus.DEAD,),  # only dead messages can be discarded
+        destination=args.destination,
+        event_type=args.event_type,
+        since=parse_time(args.since, now),
+        until=parse_time(args.until, now),
+    )
+    if args.dry_run:
+        chosen = await store.list_messages(selection, limit=1_000_000)
+        print(f"{len(chosen)} dead message(s) would be discarded (dry run; nothing changed)")
+        for r in chosen:
+            print(f"{r.id:>6}  {r.destination:<10}  {r.event_type:<16}  {r.idempotency_key}")
+        return 0
+    discarded = await store.discard(selection, reason[:1000])
+    shown = ", ".join(str(i) for i in discarded)
+    print(f"{len(discarded)} message(s) discarded (kept, never sent){': ' if shown else ''}{shown}")
+    left = [i for i in ids if i not in set(discarded)]
+    if left:
+        print(
+            f"relay: not discarded (not dead): {', '.join(str(i) for i in left)}; only dead "
+            "messages can be discarded",
+            file=sys.stderr,
+        )
+        return 1
     return 0
 
 
@@ -295,6 +338,7 @@ _COMMANDS: dict[str, Callable[[Store, argparse.Namespace, Context], Awaitable[in
     "list": _list,
     "show": _show,
     "retry": _retry,
+    "discard": _discard,
     "stats": _stats,
     "replay": _replay,
     "reprocess": _reprocess,

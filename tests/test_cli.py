@@ -276,6 +276,59 @@ async def test_outbox_show_prints_the_message_with_its_body(seeded: Seeded, db_p
     assert "HTTP 422: bad amount" in shown["last_error"]
 
 
+async def test_outbox_discard_needs_a_reason_and_gives_up_on_dead_messages_only(
+    seeded: Seeded, db_path: Path
+) -> None:
+    """`outbox discard` without --reason is a usage error; with one, the dead message becomes
+    `discarded` (reason and time kept, shown, counted by stats), while an id that is not dead
+    is left alone and reported with exit 1."""
+    no_reason = await relay("outbox", "discard", str(seeded.dead[0]), "--db", str(db_path))
+    assert no_reason.code == 2
+    assert "--reason" in no_reason.err
+    no_selection = await relay("outbox", "discard", "--reason", "x", "--db", str(db_path))
+    assert no_selection.code == 2
+    assert no_selection.err.startswith("relay: give message ids or a filter")
+
+    before = time.time()
+    result = await relay(
+        "outbox",
+        "discard",
+        str(seeded.dead[0]),
+        str(seeded.delivered),
+        "--reason",
+        "test order, refunded by hand",
+        "--db",
+        str(db_path),
+    )
+
+    assert result.code == 1
+    assert result.out == f"1 message(s) discarded (kept, never sent): {seeded.dead[0]}\n"
+    assert result.err.splitlines() == [
+        f"relay: not discarded (not dead): {seeded.delivered}; only dead messages can be discarded"
+    ]
+    assert await statuses(db_path) == {
+        seeded.dead[0]: MessageStatus.DISCARDED,
+        seeded.dead[1]: MessageStatus.DEAD,
+        seeded.delivered: MessageStatus.DELIVERED,
+        seeded.pending: MessageStatus.PENDING,
+    }
+    shown = json.loads(
+        (await relay("outbox", "show", str(seeded.dead[0]), "--db", str(db_path))).out
+    )
+    assert shown["status"] == "discarded"
+    assert shown["discard_reason"] == "test order, refunded by hand"
+    assert before <= shown["discarded_at"] <= time.time()
+    stats = (await relay("outbox", "stats", "--db", str(db_path))).out.splitlines()
+    header, row = stats[0].split(), stats[1].split()
+    assert dict(zip(header[1:6], row[1:6], strict=True)) == {
+        "pending": "1",
+        "inflight": "0",
+        "delivered": "1",
+        "dead": "1",
+        "discarded": "1",
+    }
+
+
 async def test_outbox_show_of_a_missing_id_exits_1(seeded: Seeded, db_path: Path) -> None:
     """`outbox show` of an id that does not exist exits 1 with one line saying so."""
     result = await relay("outbox", "show", "999", "--db", str(db_path))

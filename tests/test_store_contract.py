@@ -676,6 +676,49 @@ async def test_replay_resends_delivered_and_dead_but_never_inflight(
     assert inflight.id == inflight_id
 
 
+async def test_discard_gives_up_on_dead_messages_only_keeps_them_and_never_sends_them(
+    store: Store, store_location: Location, clock: FakeClock
+) -> None:
+    """An operator (non-serving store) discards dead messages: they become `discarded` with
+    the reason and the time, stay listed and counted (no longer as dead), and neither replay,
+    retry nor a claim ever sends them; pending, delivered and inflight ones are left alone."""
+    dead_id, other_dead_id, delivered_id, inflight_id, pending_id = await seed(
+        store, "dead", "other-dead", "delivered", "inflight", "pending"
+    )
+    dead, other_dead, delivered, _inflight = await store.claim(DEST, 4, LEASE_S)
+    assert await store.mark_dead(dead, Dead("client_error", 400), "HTTP 400")
+    assert await store.mark_dead(other_dead, Dead("client_error", 400), "HTTP 400")
+    assert await store.mark_delivered(delivered, 200)
+    clock.advance(60)
+    untouched = [await record(store, i) for i in (other_dead_id, delivered_id, inflight_id)]
+
+    async with operator_store(store_location, clock) as operator:
+        chosen = MessageFilter(ids=(dead_id, delivered_id, inflight_id, pending_id))
+        assert await operator.discard(chosen, "test order, refunded by hand") == [dead_id]
+
+    row = await record(store, dead_id)
+    assert (row.status, row.discard_reason, row.discarded_at, row.last_error) == (
+        MessageStatus.DISCARDED,
+        "test order, refunded by hand",
+        T0 + 60,
+        "HTTP 400",
+    )
+    assert [await record(store, i) for i in (other_dead_id, delivered_id, inflight_id)] == untouched
+    assert (await record(store, pending_id)).status is MessageStatus.PENDING
+    assert [r.id for r in await store.list_messages(status=MessageStatus.DISCARDED)] == [dead_id]
+    counts = (await store.stats(DEST)).counts
+    assert (counts[MessageStatus.DEAD], counts[MessageStatus.DISCARDED]) == (1, 1)
+
+    assert await store.replay(MessageFilter(ids=(dead_id,))) == 0
+    assert await store.retry_messages(all_dead=True) == 1  # the other dead one only
+    clock.advance(86_400)
+    assert sorted(m.id for m in await store.claim(DEST, 10, LEASE_S)) == [
+        other_dead_id,
+        pending_id,
+    ]
+    assert (await record(store, dead_id)).status is MessageStatus.DISCARDED
+
+
 async def test_a_pause_set_by_an_operator_is_seen_by_the_serving_store(
     store: Store, store_location: Location, clock: FakeClock
 ) -> None:
@@ -748,6 +791,7 @@ async def test_stats_counts_by_status_and_dates_the_oldest_backlog(
         MessageStatus.INFLIGHT: 1,
         MessageStatus.DELIVERED: 1,
         MessageStatus.DEAD: 1,
+        MessageStatus.DISCARDED: 0,
     }
     assert stats.oldest_pending_created_at == T0 + 10
     assert await store.release(inflight)

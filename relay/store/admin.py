@@ -26,7 +26,8 @@ from relay.store.writer import Db, Writer, insert_messages
 _MESSAGE_COLUMNS = (
     "m.id, m.event_id, m.route, m.destination, m.idempotency_key, m.status, m.attempts, "
     "m.created_at, m.next_attempt_at, m.lease_until, m.last_status, m.last_error, "
-    "m.delivered_at, m.updated_at, e.event_type, e.webhook_id, m.body"
+    "m.delivered_at, m.updated_at, e.event_type, e.webhook_id, m.body, m.discarded_at, "
+    "m.discard_reason"
 )
 
 
@@ -84,11 +85,12 @@ class AdminQueries:
     async def replay(self, selection: MessageFilter, *, dry_run: bool = False) -> int:
         """Make the selected messages due now with a fresh retry budget, whatever their status
         (a delivered one is sent again with the same key and bytes: the receiver dedupes).
-        Inflight messages are skipped: they are being sent right now."""
+        Inflight messages are skipped: they are being sent right now. Discarded ones too: an
+        operator decided they are never sent."""
         clause, params = _message_where(selection)
         selected = (
             f"SELECT m.id FROM outbound_messages m JOIN inbound_events e ON e.id = m.event_id "
-            f"WHERE {clause} AND m.status != 'inflight'"
+            f"WHERE {clause} AND m.status NOT IN ('inflight', 'discarded')"
         )
         if dry_run:
             rows = await self._fetch(f"SELECT COUNT(*) FROM ({selected}) AS chosen", params)
@@ -102,6 +104,23 @@ class AdminQueries:
         if count:
             self._notify(set())
         return count
+
+    async def discard(self, selection: MessageFilter, reason: str) -> list[int]:
+        """Give up on the selected DEAD messages (`relay outbox discard`): they become
+        `discarded`, with `reason` and the time, and are never sent. Other statuses are left
+        alone. Returns the ids discarded."""
+        clause, params = _message_where(selection)
+        now = self._clock.now()
+        rows = await self._writer.run(
+            lambda db: db.execute_fetchall(
+                "UPDATE outbound_messages SET status = 'discarded', discarded_at = ?, "
+                "discard_reason = ?, updated_at = ? WHERE status = 'dead' AND id IN "
+                "(SELECT m.id FROM outbound_messages m JOIN inbound_events e "
+                f"ON e.id = m.event_id WHERE {clause}) RETURNING id",
+                (now, reason, now, *params),
+            )
+        )
+        return sorted(int(r[0]) for r in rows)
 
     async def get_message(self, message_id: int) -> MessageRecord | None:
         rows = await self._fetch(
@@ -321,4 +340,6 @@ def _record(r: Any) -> MessageRecord:
         event_type=r[14],
         webhook_id=r[15],
         body=bytes(r[16]),
+        discarded_at=r[17],
+        discard_reason=r[18],
     )

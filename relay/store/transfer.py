@@ -51,6 +51,8 @@ _TABLES = {
         "updated_at",
         "request_id",
         "verify_ref",
+        "discarded_at",
+        "discard_reason",
     ),
     "destination_state": ("destination", "paused", "updated_at"),
 }
@@ -117,6 +119,10 @@ async def copy_sqlite_to_postgres(sqlite_path: str, url: str) -> TransferResult:
 async def _copy_table(
     source: sqlite3.Connection, target: asyncpg.Connection, table: str, columns: tuple[str, ...]
 ) -> None:
+    # A file written by an older relay lacks the newer columns (it is opened read-only, so
+    # not migrated): those stay NULL in PostgreSQL.
+    present = {str(r[1]) for r in source.execute(f"PRAGMA table_info({table})")}
+    columns = tuple(c for c in columns if c in present)
     names = ", ".join(columns)
     cursor = source.execute(f"SELECT {names} FROM {table} ORDER BY 1")
     while rows := cursor.fetchmany(_BATCH_ROWS):
