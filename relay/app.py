@@ -22,11 +22,12 @@ from relay.checkout import CheckoutEndpoint
 from relay.config import Config, DestinationConfig
 from relay.delivery import Attempts, Redactor, Sender, client_session
 from relay.delivery_process import ProcessSenders
+from relay.diskspace import DiskSpace
 from relay.errors import StorageUnavailable
 from relay.ingest import WebhookIngest
 from relay.logs import get_logger
 from relay.metrics import CONTENT_TYPE, Metrics
-from relay.models import Clock, MessageStatus, SystemClock
+from relay.models import Clock, MessageStatus, SystemClock, is_postgres_url
 from relay.polar_api import PolarApi
 from relay.store import BatchStats, Store, open_store
 from relay.workers import DestinationWorker, Workers
@@ -41,6 +42,7 @@ WORKERS = web.AppKey("workers", Workers)
 DB_PATH = web.AppKey("db_path", str)
 POLL_INTERVAL_S = web.AppKey("poll_interval_s", float)
 POLAR_API = web.AppKey("polar_api", PolarApi)
+DISK = web.AppKey("disk", DiskSpace)
 
 
 def secret_values(config: Config) -> list[str]:
@@ -84,6 +86,8 @@ def create_app(
     app[CLOCK] = clock or SystemClock()
     app[DB_PATH] = db_path or config.storage.location
     app[POLL_INTERVAL_S] = poll_interval_s
+    if config.storage.min_free_bytes and not is_postgres_url(app[DB_PATH]):
+        app[DISK] = DiskSpace(app[DB_PATH], config.storage.min_free_bytes)
     if config.polar_api.token is not None:
         app.cleanup_ctx.append(_polar_api_ctx)
     app.cleanup_ctx.append(_store_ctx)
@@ -316,7 +320,20 @@ async def _ready(app: web.Application) -> tuple[bool, dict[str, str]]:
             checks["store"] = exc.message
     workers = app.get(WORKERS)
     checks["workers"] = "ok" if workers is not None and workers.running else "not running"
+    if DISK in app:
+        checks["disk"] = _disk_check(app)
     return all(v == "ok" for v in checks.values()), checks
+
+
+def _disk_check(app: web.Application) -> str:
+    """Free space on the database's filesystem against storage.min_free_bytes (a cached
+    reading), exported as gauges so the alert can say why the relay is not ready."""
+    reading = app[DISK].reading()
+    metrics = app[METRICS]
+    metrics.store_min_free.set(reading.min_free_bytes)
+    if reading.free_bytes is not None:
+        metrics.store_free.set(reading.free_bytes)
+    return reading.describe()
 
 
 async def _readyz(request: web.Request) -> web.Response:

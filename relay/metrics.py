@@ -86,6 +86,16 @@ class Metrics:
         self.db_size = Gauge(
             "relay_store_db_size_bytes", "Database file plus WAL size.", registry=r
         )
+        self.store_free = Gauge(
+            "relay_store_free_bytes",
+            "Free space on the SQLite database's filesystem (read at most once a second).",
+            registry=r,
+        )
+        self.store_min_free = Gauge(
+            "relay_store_min_free_bytes",
+            "storage.min_free_bytes: under it /readyz answers 503 (0 when not checked).",
+            registry=r,
+        )
         self.deliveries = Counter(
             "relay_deliveries_total",
             "Delivery attempts, by outcome: delivered, retry, dead.",

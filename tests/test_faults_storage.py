@@ -35,7 +35,7 @@ from prometheus_client.parser import text_string_to_metric_families
 from pytest_aiohttp import AiohttpClient
 
 from relay.app import METRICS, create_app
-from relay.config import Config
+from relay.config import Config, parse
 from relay.errors import StorageError
 from tests.helpers import (
     REPO,
@@ -49,6 +49,7 @@ from tests.helpers import (
     sign_headers,
     stored_form,
 )
+from tests.test_config import problems, shipped_raw
 
 Client = TestClient[web.Request, web.Application]
 LogList = list[MutableMapping[str, Any]]
@@ -67,9 +68,11 @@ def logged(logs: LogList, event: str) -> LogList:
 
 def fast_failing(config: Config, *, paused: bool = False) -> Config:
     """The shipped config with a 100 ms busy timeout (a locked database fails fast instead of
-    holding the webhook for the default 5 s); `paused` keeps the delivery workers from writing,
-    so only ingest and the readiness probe touch the storage."""
-    storage = dataclasses.replace(config.storage, busy_timeout_ms=100)
+    holding the webhook for the default 5 s) and no free-space check; `paused` keeps the
+    delivery workers from writing, so only ingest and the readiness probe touch the storage."""
+    # min_free_bytes 0: these tests' small filesystems are under the default threshold, and
+    # what they test is the store's own failure, not the readiness warning before it.
+    storage = dataclasses.replace(config.storage, busy_timeout_ms=100, min_free_bytes=0)
     faurya = dataclasses.replace(config.destinations["faurya"], paused=paused)
     destinations = {**config.destinations, "faurya": faurya}
     return dataclasses.replace(config, storage=storage, destinations=destinations)
@@ -545,3 +548,66 @@ def metric(exposition: str, name: str, labels: dict[str, str] | None = None) -> 
             if found.name == name and found.labels == (labels or {}):
                 return float(found.value)
     return None
+
+
+# ---------------------------------------------------------------- free disk space
+
+
+def with_min_free(config: Config, min_free_bytes: int) -> Config:
+    storage = dataclasses.replace(config.storage, min_free_bytes=min_free_bytes)
+    return dataclasses.replace(config, storage=storage)
+
+
+async def test_readyz_turns_503_when_free_space_falls_under_min_free_bytes(
+    aiohttp_client: AiohttpClient, config: Config, db_path: Path
+) -> None:
+    """A threshold above the disk's real free space (a disk cannot be filled cheaply): /readyz
+    answers 503 naming the disk, the gauges give the free space and the threshold (what the
+    alert compares), and webhooks are still stored: readiness warns before writes fail."""
+    threshold = 2**62
+    relay = await aiohttp_client(create_app(with_min_free(config, threshold)))
+    stat = os.statvfs(db_path.parent)
+
+    async with relay.get("/readyz") as resp:
+        assert resp.status == 503
+        checks = (await resp.json())["checks"]
+    assert checks["store"] == checks["workers"] == "ok"
+    free = int(checks["disk"].split()[0])
+    assert checks["disk"] == (
+        f"{free} bytes free on the database's filesystem, under "
+        f"storage.min_free_bytes = {threshold}"
+    )
+    assert abs(free - stat.f_bavail * stat.f_frsize) < 1 << 30
+    assert sample(relay, "relay_store_free_bytes") == free
+    assert sample(relay, "relay_store_min_free_bytes") == threshold
+    assert sample(relay, "relay_ready") == 0
+    assert await Webhook().send(relay) == 202
+
+
+async def test_readyz_is_ready_with_the_default_min_free_bytes(
+    aiohttp_client: AiohttpClient, config: Config, tmp_path: Path
+) -> None:
+    """With the default threshold (256 MiB) on a disk with room, the disk check is ok, and a
+    threshold of 0 turns the check off."""
+    assert config.storage.min_free_bytes == 256 * 1024 * 1024
+    relay = await aiohttp_client(create_app(config))
+    async with relay.get("/readyz") as resp:
+        assert resp.status == 200
+        assert (await resp.json())["checks"]["disk"] == "ok"
+    assert sample(relay, "relay_store_free_bytes") >= 256 * 1024 * 1024
+
+    other = str(tmp_path / "other.db")
+    unchecked = await aiohttp_client(create_app(with_min_free(config, 0), db_path=other))
+    async with unchecked.get("/readyz") as resp:
+        assert resp.status == 200
+        assert "disk" not in (await resp.json())["checks"]
+
+
+def test_min_free_bytes_is_read_from_relay_toml_and_checked() -> None:
+    """`storage.min_free_bytes` is read from relay.toml; a negative value is a config error
+    naming its key."""
+    raw = shipped_raw((("storage", "min_free_bytes"), 1024))
+    assert parse(raw, env()).storage.min_free_bytes == 1024
+    assert problems(shipped_raw((("storage", "min_free_bytes"), -1))) == [
+        "storage.min_free_bytes: must be between 0 and 4.61169e+18"
+    ]

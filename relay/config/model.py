@@ -68,6 +68,9 @@ class StorageConfig:
     url: Secret | None = None  # postgresql://user:password@host/db (several relays); wins
     busy_timeout_ms: int = 5000
     max_batch: int = 256
+    # /readyz turns 503 when the SQLite database's filesystem has less free space than this
+    # (0: never). The default is about an hour of webhooks at 10/s (docs/operations.md).
+    min_free_bytes: int = 256 * 1024 * 1024
 
     @property
     def location(self) -> str:

@@ -173,6 +173,7 @@ def read_storage(t: Table) -> StorageConfig:
         url=_storage_url(t),
         busy_timeout_ms=t.get("busy_timeout_ms", int, d.busy_timeout_ms, between(0, 600_000)),
         max_batch=t.get("max_batch", int, d.max_batch, between(1, 2000)),
+        min_free_bytes=t.get("min_free_bytes", int, d.min_free_bytes, between(0, 2**62)),
     )
     t.done()
     return s
