@@ -216,6 +216,7 @@ async def _workers_ctx(app: web.Application) -> AsyncIterator[None]:
             for dest in destinations
         )
         app[STORE].on_commit = workers.notify
+        app[STORE].on_operation = workers.refresh
         app[WORKERS] = workers
         workers.start()
         try:

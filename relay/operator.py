@@ -3,7 +3,8 @@ prune.
 
 Owns what these commands select and print. They open the store without the serve lock, so they
 are safe while `relay serve` runs on the same database: every change is one short transaction,
-and the daemon's workers pick it up at their next poll (at most a second).
+and every serving relay acts on it at once (the store tells them: relay/store/outbox.py
+`_watch_operations` on SQLite, NOTIFY on PostgreSQL), not at its workers' next poll.
 """
 
 from __future__ import annotations

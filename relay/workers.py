@@ -139,6 +139,11 @@ class DestinationWorker:
     def wake(self) -> None:
         self._wake.set()
 
+    def refresh(self) -> None:
+        """An operator changed the outbox: read the pause state again and claim now."""
+        self._pause_checked_at = -1e18
+        self._wake.set()
+
     def received(self) -> None:
         """New messages were committed (webhooks are arriving): wake up, and hold back to
         `concurrency_while_receiving` for `receiving_window_s`."""
@@ -397,6 +402,12 @@ class Workers:
         for name, worker in self.by_destination.items():
             if not destinations or name in destinations:
                 worker.received()
+
+    def refresh(self) -> None:
+        """An operator changed the outbox (pause, resume, replay, retry), in this process or
+        another: every worker reads the pause state again and looks for due messages now."""
+        for worker in self.by_destination.values():
+            worker.refresh()
 
     def start(self) -> None:
         for worker in self.by_destination.values():

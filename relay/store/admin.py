@@ -46,6 +46,10 @@ class AdminQueries:
     def _notify(self, destinations: set[str]) -> None:
         raise NotImplementedError
 
+    async def _announce(self) -> None:
+        """Tell every relay serving this outbox that an operator changed it."""
+        raise NotImplementedError
+
     async def stats(self, destination: str) -> DestinationStats:
         rows = await self._fetch(
             "SELECT status, COUNT(*) FROM outbound_messages WHERE destination = ? GROUP BY status",
@@ -103,6 +107,7 @@ class AdminQueries:
         )
         if count:
             self._notify(set())
+            await self._announce()
         return count
 
     async def discard(self, selection: MessageFilter, reason: str) -> list[int]:
@@ -162,6 +167,7 @@ class AdminQueries:
         )
         if not paused:
             self._notify({destination})
+        await self._announce()
 
     async def prune(
         self, *, bodies_before: float, rows_before: float, batch: int = 1000
@@ -268,6 +274,7 @@ class AdminQueries:
         result = await self._writer.run(work)
         if result.message_ids:
             self._notify({m.destination for m in messages})
+            await self._announce()
         return result
 
     async def event_count(self) -> int:

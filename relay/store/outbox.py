@@ -34,6 +34,10 @@ from relay.store.admin import AdminQueries
 from relay.store.schema import PRAGMAS, ServeLock, connect, migrate
 from relay.store.writer import Db
 
+# How often a serving relay on SQLite looks for commits of operator commands run in another
+# process: they take effect within this, not at the workers' next poll.
+OPERATIONS_POLL_S = 0.1
+
 
 class Store(AdminQueries):
     """The outbox on SQLite. Open with `Store.open` (or `open_store` for any backend)."""
@@ -66,6 +70,10 @@ class Store(AdminQueries):
         # Reads from workers, the metrics handler and lookups share one connection; a lock
         # keeps their statements from interleaving on its thread.
         self._reads_lock = asyncio.Lock()
+        # Called when an operator changed the outbox (pause, resume, replay, retry), in this
+        # process or another: the workers read the pause state again and claim at once.
+        self.on_operation: Callable[[], None] | None = None
+        self._watcher: asyncio.Task[None] | None = None
 
     @classmethod
     async def open(
@@ -99,9 +107,41 @@ class Store(AdminQueries):
             if lock is not None:
                 lock.release()
             raise StorageError(f"cannot prepare database {path}: {exc}") from None
-        return cls(path, reads, writes, clock or SystemClock(), max_batch, lock)
+        store = cls(path, reads, writes, clock or SystemClock(), max_batch, lock)
+        if serve:
+            store._watcher = asyncio.create_task(store._watch_operations(), name="operations")
+        return store
+
+    async def _watch_operations(self) -> None:
+        """Operator commands run in another process (`relay pause`, `relay outbox retry`) and
+        commit on their own connection. `PRAGMA data_version` on the writer's connection
+        changes only when ANOTHER connection commits (every write of this relay goes through
+        that one connection), so a change means an operator wrote: wake the workers. One
+        pragma per OPERATIONS_POLL_S on the writer's thread (about 20 us each) instead of a
+        signal to find and send: it works wherever the database file is shared."""
+        last = None
+        while True:
+            try:
+                rows = await self._writes.execute_fetchall("PRAGMA data_version")
+                version = rows[0][0]
+                if last is not None and version != last and self.on_operation is not None:
+                    self.on_operation()
+                last = version
+            except self.driver_errors:
+                pass  # a failing database is reported by the writer and by /readyz
+            await asyncio.sleep(OPERATIONS_POLL_S)
+
+    async def _announce(self) -> None:
+        """After an operator's change: wake the workers of this process (the other serving
+        process, if any, sees the commit through its `_watch_operations`)."""
+        if self.on_operation is not None:
+            self.on_operation()
 
     async def close(self) -> None:
+        if self._watcher is not None:
+            self._watcher.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._watcher
         await self._writer.close()
         for db in (self._writes, self._reads):
             with contextlib.suppress(sqlite3.Error, ValueError):
@@ -182,7 +222,10 @@ class Store(AdminQueries):
     async def enqueue_now(self, drafts: Sequence[InboundDraft]) -> list[EnqueueResult]:
         """Several events in one transaction of their own (operator commands and tests)."""
         now = self._clock.now()
-        return await self._writer.run(lambda db: w.insert_drafts(db, drafts, now))
+        results = await self._writer.run(lambda db: w.insert_drafts(db, drafts, now))
+        if any(r.message_ids for r in results):
+            await self._announce()  # `relay reconcile` from another process: send them now
+        return results
 
     # ------------------------------------------------------------ delivery
 

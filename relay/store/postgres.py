@@ -27,6 +27,9 @@ from relay.store.outbox import Store
 from relay.store.schema import split_sql
 
 CHANNEL = "relay_outbox"
+# The payload that says "an operator changed the outbox" (other payloads name a destination
+# that got new messages; none can be this: destination names are plain words).
+OPERATION = "!operation"
 _MIGRATION_LOCK = 0x52454C4159  # "RELAY": one replica migrates at a time
 _PLACEHOLDER = re.compile(r"\?")
 _COUNT = re.compile(r"(\d+)$")
@@ -185,8 +188,18 @@ class PgStore(Store):
         return store
 
     def _on_notify(self, conn: Any, pid: int, channel: str, payload: str) -> None:
+        if payload == OPERATION:
+            # An operator command (any process): re-read the pause state, claim now.
+            if self.on_operation is not None:
+                self.on_operation()
+            return
         # Another replica (or this one) committed messages for `payload`: wake its workers.
         self._notify({payload} if payload else set())
+
+    async def _announce(self) -> None:
+        """NOTIFY every replica (this one too, if it serves) that an operator changed the
+        outbox: they act on it at once instead of at their next poll."""
+        await self._exec("SELECT pg_notify(?, ?)", (CHANNEL, OPERATION))
 
     async def _publish(self, db: Any, destinations: Iterable[str]) -> None:
         """Inside the committing transaction: NOTIFY is delivered at commit, to every replica."""
