@@ -161,6 +161,20 @@ async def _store_ctx(app: web.Application) -> AsyncIterator[None]:
             metrics.commit_failures.inc()
 
     store.on_batch = on_batch
+
+    def on_listening(listening: bool) -> None:
+        metrics.notify_fallback.set(0 if listening else 1)
+        if listening:
+            log.info("notify_listen_restored", channel="relay_outbox")
+        else:
+            log.warning(
+                "notify_listen_lost",
+                channel="relay_outbox",
+                fallback_poll_s=app[POLL_INTERVAL_S],
+                hint="re-establishing LISTEN with backoff; workers poll meanwhile",
+            )
+
+    store.on_listening = on_listening
     # SQLite: we hold the serve lock, so every inflight row belongs to a process that died.
     # PostgreSQL: other replicas may own live leases; only expired ones come back.
     recovered = await store.requeue_inflight(expired_only=not store.exclusive)

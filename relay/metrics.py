@@ -86,6 +86,12 @@ class Metrics:
         self.db_size = Gauge(
             "relay_store_db_size_bytes", "Database file plus WAL size.", registry=r
         )
+        self.notify_fallback = Gauge(
+            "relay_store_notify_fallback_polling",
+            "1 while the PostgreSQL LISTEN connection is lost: commits of other replicas and "
+            "operator commands wake no worker, which poll instead (being re-established).",
+            registry=r,
+        )
         self.store_free = Gauge(
             "relay_store_free_bytes",
             "Free space on the SQLite database's filesystem (read at most once a second).",

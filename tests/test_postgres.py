@@ -55,6 +55,7 @@ from tests.helpers import (
     relay_command,
     run_command,
     sign_headers,
+    wait_until,
 )
 from tests.pg import (
     Cluster,
@@ -410,6 +411,63 @@ async def test_a_stopped_postgresql_answers_503_with_the_storage_error_log_and_m
     for event_type in ("refund.created", "order.paid"):
         labels = {"source": "polar", "event_type": event_type, "outcome": "storage_error"}
         assert registry.get_sample_value("relay_webhooks_received_total", labels) == 1
+
+
+async def test_listen_is_re_established_after_a_postgresql_restart(
+    own_cluster: Cluster, config: Config, faurya: FakeFaurya, aiohttp_client: AiohttpClient
+) -> None:
+    """PostgreSQL restarts under a serving relay (as in a failover): the relay says it lost
+    LISTEN (`notify_listen_lost`, relay_store_notify_fallback_polling 1: its workers poll),
+    listens again by itself once the server is back (`notify_listen_restored`, gauge 0), and
+    a message enqueued by another process then wakes its worker at once, though it polls
+    only every 30 s."""
+    url = await create_database(own_cluster.url)
+    data = str(own_cluster.base / "data")
+    with structlog.testing.capture_logs() as captured:
+        client = await aiohttp_client(create_app(config, db_path=url, poll_interval_s=30))
+        registry = client.app[METRICS].registry
+
+        def fallback() -> float | None:
+            return registry.get_sample_value("relay_store_notify_fallback_polling")
+
+        def events() -> list[str]:
+            return [e["event"] for e in captured if e["event"].startswith("notify_listen_")]
+
+        async def lost() -> bool:
+            return events() == ["notify_listen_lost"]
+
+        async def restored() -> bool:
+            return events() == ["notify_listen_lost", "notify_listen_restored"]
+
+        assert fallback() == 0
+        await asyncio.to_thread(own_cluster.run, "pg_ctl", "-D", data, "-m", "fast", "-w", "stop")
+        await wait_until(lost, timeout_s=10)
+        assert fallback() == 1
+        [lost_line] = [e for e in captured if e["event"] == "notify_listen_lost"]
+        assert lost_line["fallback_poll_s"] == 30
+
+        port = own_cluster.url.rsplit(":", 1)[1].split("/")[0]
+        options = f"-p {port} -k {own_cluster.base} -c listen_addresses=127.0.0.1 -c fsync=off"
+        started = await asyncio.to_thread(
+            own_cluster.run,
+            "pg_ctl",
+            "-D",
+            data,
+            "-l",
+            str(own_cluster.base / "log"),
+            "-w",
+            "-o",
+            options,
+            "start",
+        )
+        assert started.returncode == 0, started.stderr
+        await wait_until(restored, timeout_s=15)
+        assert fallback() == 0
+
+        async with opened(url, FakeClock(time.time()), serve=False) as other:
+            await other.enqueue_now([draft("wh_after_restart", "after-restart")])
+        [call] = await faurya.wait_for(1, timeout_s=0.5)
+        assert call.body == purchase("after-restart")
 
 
 # ------------------------------------------------------------------ relay migrate

@@ -74,6 +74,10 @@ class Store(AdminQueries):
         # process or another: the workers read the pause state again and claim at once.
         self.on_operation: Callable[[], None] | None = None
         self._watcher: asyncio.Task[None] | None = None
+        # PostgreSQL: whether commits of other replicas wake this one (LISTEN), and a callback
+        # when that changes. None on SQLite, where one relay serves the file.
+        self.listening: bool | None = None
+        self.on_listening: Callable[[bool], None] | None = None
 
     @classmethod
     async def open(

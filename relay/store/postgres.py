@@ -13,7 +13,9 @@ wakes idle workers on every replica with LISTEN/NOTIFY. What differs by design:
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
+import itertools
 import re
 from collections.abc import Awaitable, Callable, Iterable, Sequence
 from importlib import resources
@@ -27,6 +29,12 @@ from relay.store.outbox import Store
 from relay.store.schema import split_sql
 
 CHANNEL = "relay_outbox"
+# After the LISTEN connection dropped (a restart or failover): the waits before each try to
+# listen again, the last one repeated. Meanwhile the workers poll (poll_interval_s).
+LISTEN_RETRY_S = (0.1, 0.2, 0.5, 1.0, 2.0, 5.0)
+# A dropped connection is usually reported at once (asyncpg's termination listener); this is
+# how often it is also checked, for a drop nobody reported.
+LISTEN_CHECK_S = 5.0
 # The payload that says "an operator changed the outbox" (other payloads name a destination
 # that got new messages; none can be this: destination names are plain words).
 OPERATION = "!operation"
@@ -151,6 +159,9 @@ class PgStore(Store):
         super().__init__(_safe(url), reads, writes, clock, max_batch, None, serve=serve)
         self._listener = listener
         self._writer.publish = self._publish
+        self._connect: Callable[[], Awaitable[asyncpg.Connection]] | None = None
+        self._listener_lost = asyncio.Event()
+        self._keeper: asyncio.Task[None] | None = None
 
     @classmethod
     async def open(
@@ -184,8 +195,57 @@ class PgStore(Store):
         listener = connections[2] if serve else None
         store = cls(url, reads, writes, listener, clock or SystemClock(), max_batch, serve)
         if listener is not None:
-            await listener.add_listener(CHANNEL, store._on_notify)
+            await store._listen(listener)
+            store._connect = reconnect
+            store._keeper = asyncio.create_task(store._keep_listening(), name="pg-listen")
         return store
+
+    async def _listen(self, conn: asyncpg.Connection) -> None:
+        await conn.add_listener(CHANNEL, self._on_notify)
+        conn.add_termination_listener(self._on_listener_closed)
+        self._listener = conn
+        self._set_listening(True)
+
+    def _on_listener_closed(self, conn: Any) -> None:
+        if conn is self._listener:
+            self._listener_lost.set()
+
+    async def _keep_listening(self) -> None:
+        """Listen again after the LISTEN connection dropped (a PostgreSQL restart or a
+        failover), with backoff. Until then no replica's commit wakes this one: its workers
+        fall back to their poll, and `on_listening(False)` says so (a log line, a gauge)."""
+        assert self._connect is not None
+        while True:
+            with contextlib.suppress(TimeoutError):
+                async with asyncio.timeout(LISTEN_CHECK_S):
+                    await self._listener_lost.wait()
+            if not self._listener_lost.is_set() and not (
+                self._listener is None or self._listener.is_closed()
+            ):
+                continue
+            self._listener_lost.clear()
+            self._set_listening(False)
+            for attempt in itertools.count():
+                await asyncio.sleep(LISTEN_RETRY_S[min(attempt, len(LISTEN_RETRY_S) - 1)])
+                conn = None
+                try:
+                    conn = await self._connect()
+                    await self._listen(conn)
+                    break
+                except self.driver_errors:
+                    if conn is not None:
+                        with contextlib.suppress(Exception):
+                            await conn.close()
+            # Whatever the other replicas and operators committed meanwhile was not announced
+            # to this one: look now.
+            self._notify(set())
+            if self.on_operation is not None:
+                self.on_operation()
+
+    def _set_listening(self, listening: bool) -> None:
+        self.listening = listening
+        if self.on_listening is not None:
+            self.on_listening(listening)
 
     def _on_notify(self, conn: Any, pid: int, channel: str, payload: str) -> None:
         if payload == OPERATION:
@@ -207,6 +267,10 @@ class PgStore(Store):
             await db.execute("SELECT pg_notify(?, ?)", (CHANNEL, destination))
 
     async def close(self) -> None:
+        if self._keeper is not None:
+            self._keeper.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._keeper
         if self._listener is not None:
             with contextlib.suppress(Exception):
                 await self._listener.remove_listener(CHANNEL, self._on_notify)
