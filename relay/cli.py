@@ -10,7 +10,6 @@ from __future__ import annotations
 import argparse
 import asyncio
 import dataclasses
-import json
 import os
 import signal
 import sys
@@ -28,7 +27,7 @@ from relay.config import (
     storage_path,
 )
 from relay.errors import ConfigError, RelayError
-from relay.mapping import ObjectRule, ValueRule, format_path
+from relay.mapping import ObjectRule, ValueRule
 from relay.models import EventStatus, MessageStatus
 
 log = logs.get_logger("relay.cli")
@@ -167,14 +166,7 @@ def describe_rule(rule: ValueRule | ObjectRule, indent: str) -> list[str]:
 
 
 def _describe_value(rule: ValueRule) -> str:
-    if rule.template is not None:
-        text = f"template {rule.template.text!r}"
-    elif len(rule.paths) == 1:
-        text = f"path {format_path(rule.paths[0])}"
-    elif rule.paths:
-        text = "first of " + ", ".join(format_path(p) for p in rule.paths)
-    else:
-        text = json.dumps(rule.const)
+    text = rule.source_text()
     if rule.type:
         text += f" as {rule.type}"
     if rule.transforms:

@@ -32,7 +32,7 @@ from relay.config import Config, is_postgres_url, load
 from relay.delivery import USER_AGENT
 from relay.errors import RelayError
 from relay.ingest import resolve_lookups
-from relay.mapping import map_event, select
+from relay.mapping import map_event
 from relay.models import EventStatus
 from relay.store import open_store
 from relay.verify import sign
@@ -77,7 +77,7 @@ async def dry_run(
             found = await resolve_lookups(store, routes, source, event)
         finally:
             await store.close()
-    elif any(r.lookups for r in select(routes, source, event)):
+    elif any(r.wants_lookups(source, str(event.get("type"))) for r in routes):
         notes.append("(no --db: lookups find nothing, as for an order the relay never saw)")
     mapped = map_event(routes, source, event, found)
     if mapped.status is EventStatus.IGNORED:

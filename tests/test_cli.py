@@ -75,7 +75,7 @@ async def test_check_prints_the_route_and_masks_the_write_key() -> None:
     result = await relay("check", "--config", str(CONFIG), environ=configured())
 
     assert result.code == 0, result.err
-    assert "route polar-order-paid: polar order.paid -> faurya" in result.out
+    assert "route polar-order-paid: polar order.paid (with conditions) -> faurya" in result.out
     assert "idempotency key: polar:order:{data.id}" in result.out
     assert "x-faurya-write-key: ***" in result.out
     for secret in (WRITE_KEY, LEGACY_SECRET, STANDARD_SECRET):

@@ -241,7 +241,8 @@ async def test_map_with_an_unknown_route_exits_1() -> None:
     assert result.out == ""
     assert result.err.splitlines() == [
         "relay: error: no route named 'polar-order-pad' "
-        "(routes: polar-order-paid, polar-refund-succeeded)"
+        "(routes: polar-order-paid, polar-order-renewal, polar-order-credit, "
+        "polar-refund-succeeded, polar-refund-reversed, polar-dispute-lost)"
     ]
 
 

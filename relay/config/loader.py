@@ -46,7 +46,7 @@ def parse(raw: dict[str, Any], env: Mapping[str, str]) -> Config:
     polar_api = read_polar_api(top.sub("polar_api"))
     checkout = read_checkout(top.sub("checkout"))
     sources = {n: read_source(n, st) for n, st in named_tables(top, "sources").items()}
-    reconcile = read_reconcile(top.sub("reconcile"), sources)
+    reconcile = read_reconcile(top.sub("reconcile"), sources, has_token=polar_api.token is not None)
     if checkout.enabled and polar_api.token is None:
         problems.append("polar_api.token: the checkout endpoint needs a Polar access token")
     if reconcile.interval_s and polar_api.token is None:
