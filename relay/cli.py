@@ -176,6 +176,27 @@ def _describe_value(rule: ValueRule) -> str:
     return text
 
 
+RECONCILE_SCOPES = "orders:read, refunds:read, disputes:read"
+
+
+def _reconcile_line(config: Config) -> str:
+    """What `relay serve` will reconcile, or a warning that it will not (webhooks alone miss
+    what Polar gave up on, everything while an endpoint is disabled, and every lost dispute)."""
+    missed = "webhooks Polar gave up on and lost disputes will never reach Faurya"
+    if config.polar_api.token is None:
+        return (
+            f"warning: reconcile: off, no polar_api.token: {missed}; set POLAR_ACCESS_TOKEN "
+            f"(an organization access token with {RECONCILE_SCOPES})"
+        )
+    if config.reconcile.interval_s <= 0:
+        return f"warning: reconcile: off (reconcile.interval_s = 0): {missed}"
+    return (
+        f"reconcile: every {config.reconcile.interval_s:g} s over the last "
+        f"{config.reconcile.lookback_s / 86400:g} days (token scopes: {RECONCILE_SCOPES}; "
+        "without disputes:read, lost disputes are skipped)"
+    )
+
+
 def cmd_check(args: argparse.Namespace) -> int:
     config = load_config(args)
     out = [f"{_config_path(args)}: ok"]
@@ -200,6 +221,7 @@ def cmd_check(args: argparse.Namespace) -> int:
         out += describe_rule(route.body, "    ")
     if not config.routes:
         out.append("no routes: every event is acknowledged and ignored")
+    out.append(_reconcile_line(config))
     print("\n".join(out))
     return 0
 

@@ -543,3 +543,73 @@ async def test_relay_reconcile_beside_a_serving_relay(
     assert sent.headers["idempotency-key"] == f"polar:order:{order['id']}"
     await relay.app[WORKERS].run_until_idle()
     assert len(faurya.received) == 1
+
+
+async def test_lost_disputes_are_reconciled_as_refunds_joined_to_the_purchase(
+    store: Store, config: Config, api: PolarApi, clock: FakeClock, polar: FakePolar
+) -> None:
+    """A lost dispute (no webhook, no refund) becomes a Faurya refund of its net amount under
+    `polar:dispute:{id}`, with the purchase's orderId and attribution; a dispute still open or
+    won is not revenue lost and is not reconciled."""
+    order = polar.add_order()
+    lost = polar.add_dispute(order, amount=4410, tax_amount=1103)
+    polar.add_dispute(order, status="won")
+    polar.add_dispute(order, status="needs_response")
+
+    summary = await reconcile(store, config, api, clock)
+
+    assert (summary.seen, summary.enqueued, summary.skipped) == (2, 2, [])
+    [call] = polar.requests_to("/v1/disputes/")
+    assert call.query["status"] == "lost"
+    messages = await by_key(store)
+    body = json.loads(messages[f"polar:dispute:{lost['id']}"].body)
+    assert body == {
+        "event": "refund",
+        "amount": 4410,
+        "currency": "USD",
+        "orderId": "ord_7Hq2kP9xL3",
+        "provider": "polar",
+        "providerPaymentId": order["id"],
+        "refundId": lost["id"],
+        "attribution": purchase(order)["attribution"],
+    }
+
+
+async def test_a_token_without_disputes_read_still_reconciles_orders(
+    store: Store, config: Config, api: PolarApi, clock: FakeClock, polar: FakePolar
+) -> None:
+    """A token without disputes:read (Polar answers 403 on the listing) still reconciles orders
+    and refunds; the summary says what was skipped and why."""
+    polar.scopes = frozenset({"orders:read", "refunds:read"})
+    order = polar.add_order()
+    polar.add_dispute(order)
+
+    summary = await reconcile(store, config, api, clock)
+
+    assert (summary.seen, summary.enqueued) == (1, 1)
+    assert summary.skipped == ["lost disputes (the token lacks the disputes:read scope: 403)"]
+    assert "skipped: lost disputes" in summary.line()
+    assert set(await by_key(store)) == {f"polar:order:{order['id']}"}
+
+
+async def test_a_refund_undone_after_it_was_recorded_is_reversed(
+    store: Store, config: Config, api: PolarApi, clock: FakeClock, polar: FakePolar
+) -> None:
+    """A refund reconciled as succeeded and later failed is reversed by the next run (a new
+    event, not taken for the one already recorded); a refund that failed without ever being
+    recorded sends nothing."""
+    order = polar.add_order()
+    refund = polar.add_refund(order, amount=2000)
+    never = polar.add_refund(order, amount=300, status="failed")
+    await reconcile(store, config, api, clock)
+    refund["status"] = "failed"
+
+    summary = await reconcile(store, config, api, clock)
+
+    assert summary.enqueued == 1
+    messages = await by_key(store)
+    reversal = json.loads(messages[f"polar:refund-reversed:{refund['id']}"].body)
+    assert (reversal["event"], reversal["amount"]) == ("purchase", 2000)
+    assert reversal["orderId"] == f"ord_7Hq2kP9xL3:refund-reversed:{refund['id']}"
+    assert reversal["reversedRefundId"] == refund["id"]
+    assert f"polar:refund-reversed:{never['id']}" not in messages

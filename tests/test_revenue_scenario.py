@@ -15,7 +15,6 @@ from __future__ import annotations
 import dataclasses
 import time
 import tomllib
-from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
 
@@ -108,11 +107,11 @@ async def scenario_relay(
     book: FauryaBook,
     polar: FakePolar,
     tmp_path: Path,
-) -> AsyncIterator[tuple[Client, Config, str]]:
+) -> tuple[Client, Config, str]:
     name, rule = request.param
     config = load_shipped(name, book, polar, tmp_path / "relay.db")
     relay = await aiohttp_client(create_app(config, poll_interval_s=0.05))
-    yield relay, config, rule
+    return relay, config, rule
 
 
 def play(world: PolarWorld, checkout_metadata: dict[str, Any]) -> None:
