@@ -361,7 +361,9 @@ def read_route(
             t.problems.extend(exc.problems)
     lookups = _lookups(t.sub("lookup"), destinations)
     t.done()
-    if None in (source, destination, events) or len(compiled) < 2:
+    # Build the route only from parts that all compiled: a bad `body` with a good `when` must
+    # give its problem (already recorded), not a KeyError here.
+    if None in (source, destination, events) or not {"idempotency_key", "body"} <= compiled.keys():
         return None
     return Route(
         name=name,
