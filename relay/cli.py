@@ -89,7 +89,12 @@ async def serve(config: Config) -> None:
     await runner.setup()
     try:
         ssl_context = _ssl_context(server.tls_cert, server.tls_key)
-        await web.TCPSite(runner, server.host, server.port, ssl_context=ssl_context).start()
+        await start_site(
+            web.TCPSite(runner, server.host, server.port, ssl_context=ssl_context),
+            (server.host, server.port),
+            "server.port",
+            "--port, --host or RELAY_PORT",
+        )
         host, port = _bound(runner)
         # Handlers first: a SIGTERM sent as soon as relay_listening is seen must stop gracefully.
         stop = asyncio.Event()
@@ -101,7 +106,12 @@ async def serve(config: Config) -> None:
             admin_runner = web.AppRunner(create_admin_app(app), access_log=None, **limits)
             await admin_runner.setup()
             admin_host, admin_port = config.admin.host_port
-            await web.TCPSite(admin_runner, admin_host, admin_port).start()
+            await start_site(
+                web.TCPSite(admin_runner, admin_host, admin_port),
+                (admin_host, admin_port),
+                "admin.listen",
+                "admin.listen",
+            )
             fields["admin_host"], fields["admin_port"] = _bound(admin_runner)
         log.info(
             "relay_listening",
@@ -122,6 +132,24 @@ async def serve(config: Config) -> None:
         # workers (within the grace period), then the store.
         await runner.cleanup()
     log.info("relay_stopped")
+
+
+async def start_site(site: Any, address: tuple[str, int], key: str, change: str) -> None:
+    """Start listening; a port in use (or an address this host does not have, or a port it
+    may not bind) is a one-line configuration error naming the address and what changes it."""
+    try:
+        await site.start()
+    except OSError as exc:
+        import errno
+
+        host, port = address
+        shown = f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
+        reason = (
+            "is already in use (another process listens there)"
+            if exc.errno == errno.EADDRINUSE
+            else f"cannot be listened on: {exc.strerror or exc}"
+        )
+        raise ConfigError(f"{key}: {shown} {reason}; change it with {change}") from None
 
 
 def _ssl_context(cert: str, key: str) -> Any:

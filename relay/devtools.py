@@ -265,7 +265,11 @@ async def run_dev(config_path: str, port: int, host: str, db: str | None) -> Non
     )
     await runner.setup()
     try:
-        await web.TCPSite(runner, host, port).start()
+        from relay.cli import start_site
+
+        await start_site(
+            web.TCPSite(runner, host, port), (host, port), "--port", "--port or --host"
+        )
         bound = int(runner.addresses[0][1])
         source = next(iter(config.sources.values()))
         url = f"http://127.0.0.1:{bound}{source.path}"

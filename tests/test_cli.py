@@ -10,8 +10,10 @@ import asyncio
 import json
 import re
 import signal
+import socket
 import sys
 import time
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -379,3 +381,71 @@ async def test_outbox_commands_work_while_the_relay_serves(
     finally:
         await serving.close()
     assert len(faurya.received) == 2  # the pending message waits for its retry time
+
+
+# ---------------------------------------------------------------- a busy port
+
+
+@pytest.fixture
+def busy_port() -> Iterator[int]:
+    """A loopback port another process (this one) is listening on."""
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        sock.listen()
+        yield int(sock.getsockname()[1])
+
+
+def one_line(err: str) -> str:
+    lines = err.strip().splitlines()
+    assert "Traceback" not in err
+    return lines[-1]
+
+
+async def test_serve_on_a_busy_port_says_so_in_one_line_and_exits_2(
+    busy_port: int, db_path: Path
+) -> None:
+    """`relay serve --port P` while P is taken: exit 2 and one line naming the address, that it
+    is in use and what changes it; no traceback."""
+    result = await relay(
+        "serve", "--host", "127.0.0.1", "--port", str(busy_port), "--db", str(db_path),
+        environ=configured(),
+    )  # fmt: skip
+
+    assert result.code == 2
+    assert one_line(result.err) == (
+        f"relay: config error: server.port: 127.0.0.1:{busy_port} is already in use (another "
+        "process listens there); change it with --port, --host or RELAY_PORT"
+    )
+
+
+async def test_a_busy_admin_port_says_so_in_one_line_and_exits_2(
+    busy_port: int, db_path: Path, tmp_path: Path
+) -> None:
+    """An admin.listen address that is taken: exit 2 and one line naming admin.listen."""
+    config = tmp_path / "relay.toml"
+    minimal = (REPO / "config" / "relay.minimal.toml").read_text()
+    config.write_text(minimal + f'\n[admin]\nlisten = "127.0.0.1:{busy_port}"\n')
+
+    result = await relay(
+        "serve", "--config", str(config), "--host", "127.0.0.1", "--port", "0",
+        "--db", str(db_path), environ=configured(),
+    )  # fmt: skip
+
+    assert result.code == 2
+    assert one_line(result.err) == (
+        f"relay: config error: admin.listen: 127.0.0.1:{busy_port} is already in use (another "
+        "process listens there); change it with admin.listen"
+    )
+
+
+async def test_dev_on_a_busy_port_says_so_in_one_line_and_exits_2(busy_port: int) -> None:
+    """`relay dev --port P` while P is taken: exit 2, one line, no traceback."""
+    result = await relay(
+        "dev", "--config", str(CONFIG), "--port", str(busy_port), environ=process_env()
+    )
+
+    assert result.code == 2
+    assert one_line(result.err) == (
+        f"relay: config error: --port: 127.0.0.1:{busy_port} is already in use (another "
+        "process listens there); change it with --port or --host"
+    )
