@@ -38,8 +38,10 @@ def _config_path(args: argparse.Namespace) -> str:
     return str(args.config or os.environ.get("RELAY_CONFIG") or "relay.toml")
 
 
-def load_config(args: argparse.Namespace) -> Config:
-    config = load(_config_path(args), os.environ)
+def load_config(args: argparse.Namespace, *, offline: bool = False) -> Config:
+    """offline: for commands that serve nothing; unset variables read as `<unset: NAME>`
+    (and `note_unset` says so once)."""
+    config = load(_config_path(args), os.environ, offline=offline)
     server = config.server
     if getattr(args, "host", None):
         server = dataclasses.replace(server, host=args.host)
@@ -52,6 +54,17 @@ def load_config(args: argparse.Namespace) -> Config:
         else:
             storage = dataclasses.replace(storage, path=args.db, url=None)
     return dataclasses.replace(config, server=server, storage=storage)
+
+
+def note_unset(config: Config) -> None:
+    """Say once which variables were not set (on stderr: stdout is the command's output)."""
+    if config.unset_variables:
+        names = ", ".join(config.unset_variables)
+        print(
+            f"relay: note: not set, shown as <unset: NAME>: {names} "
+            "(relay serve needs them; relay check --strict fails on them)",
+            file=sys.stderr,
+        )
 
 
 def _db_path(args: argparse.Namespace) -> str:
@@ -213,7 +226,7 @@ def _describe_value(rule: ValueRule) -> str:
 
 
 def cmd_check(args: argparse.Namespace) -> int:
-    config = load_config(args)
+    config = load_config(args, offline=not args.strict)
     out = [f"{_config_path(args)}: ok"]
     for source in config.sources.values():
         out.append(
@@ -237,6 +250,7 @@ def cmd_check(args: argparse.Namespace) -> int:
     if not config.routes:
         out.append("no routes: every event is acknowledged and ignored")
     print("\n".join(out))
+    note_unset(config)
     return 0
 
 
@@ -356,7 +370,9 @@ async def _migrate(args: argparse.Namespace) -> int:
 def cmd_map(args: argparse.Namespace) -> int:
     from relay import devtools
 
-    return devtools.cmd_map(args, load_config(args))
+    config = load_config(args, offline=True)
+    note_unset(config)
+    return devtools.cmd_map(args, config)
 
 
 def cmd_sign(args: argparse.Namespace) -> int:
@@ -368,8 +384,10 @@ def cmd_sign(args: argparse.Namespace) -> int:
 def cmd_send(args: argparse.Namespace) -> int:
     from relay import devtools
 
-    # With --secret and --url nothing from the config is needed (e.g. against `relay dev`).
-    config = None if args.secret and args.url else load_config(args)
+    # With --secret and --url nothing from the config is needed (e.g. against `relay dev`);
+    # otherwise only the source's secret and the server's address: devtools says which
+    # variable is missing when the secret is.
+    config = None if args.secret and args.url else load_config(args, offline=True)
     return devtools.cmd_send(args, config)
 
 
@@ -406,7 +424,17 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--port", type=int, help="listen port (overrides server.port; 0 = any)")
     p.set_defaults(func=cmd_serve)
 
-    p = sub.add_parser("check", parents=[common], help="validate the config, print the routes")
+    p = sub.add_parser(
+        "check",
+        parents=[common],
+        help="validate the config, print the routes (works without the secrets: unset "
+        "variables show as <unset: NAME>)",
+    )
+    p.add_argument(
+        "--strict",
+        action="store_true",
+        help="also fail (exit 2) on unset environment variables, as relay serve does (for CI)",
+    )
     p.set_defaults(func=cmd_check)
 
     def selection_args(q: argparse.ArgumentParser, statuses: Sequence[str]) -> None:

@@ -22,12 +22,33 @@ _REQUIRED: Any = object()
 # ---------------------------------------------------------------- interpolation
 
 
-def interpolate(raw: Any, env: Mapping[str, str], where: str, missing: list[MissingEnvVar]) -> Any:
-    """Replace `${VAR}` and `${VAR:-default}` in every string; `$$` is a literal `$`."""
+# What an unset variable reads as in an offline load (`relay check`, `relay map`): shown where
+# its value would be, accepted by every check that would judge the value.
+UNSET = "<unset: {}>"
+UNSET_MARK = re.compile(r"<unset: ([A-Za-z_][A-Za-z0-9_]*)>")
+
+
+def interpolate(
+    raw: Any,
+    env: Mapping[str, str],
+    where: str,
+    missing: list[MissingEnvVar],
+    *,
+    placeholders: bool = False,
+) -> Any:
+    """Replace `${VAR}` and `${VAR:-default}` in every string; `$$` is a literal `$`. A
+    required variable that is unset is recorded in `missing`; with `placeholders` it reads as
+    `<unset: VAR>`, else as ""."""
     if isinstance(raw, dict):
-        return {k: interpolate(v, env, _join(where, k), missing) for k, v in raw.items()}
+        return {
+            k: interpolate(v, env, _join(where, k), missing, placeholders=placeholders)
+            for k, v in raw.items()
+        }
     if isinstance(raw, list):
-        return [interpolate(v, env, f"{where}[{i}]", missing) for i, v in enumerate(raw)]
+        return [
+            interpolate(v, env, f"{where}[{i}]", missing, placeholders=placeholders)
+            for i, v in enumerate(raw)
+        ]
     if not isinstance(raw, str):
         return raw
 
@@ -41,7 +62,7 @@ def interpolate(raw: Any, env: Mapping[str, str], where: str, missing: list[Miss
                 return default
             # Set but empty is as good as missing: an empty write key or secret is a mistake.
             missing.append(MissingEnvVar(name, where))
-            return ""
+            return UNSET.format(name) if placeholders else ""
         return value
 
     return _VAR.sub(substitute, raw)
@@ -83,6 +104,9 @@ class Table:
             return None if default is _REQUIRED else default
         value = self.raw[key]
         kinds = kind if isinstance(kind, tuple) else (kind,)
+        if isinstance(value, str) and UNSET_MARK.search(value):
+            # An offline load: the value is not known, so neither is whether it is valid.
+            return value if str in kinds else (None if default is _REQUIRED else default)
         if isinstance(value, str) and str not in kinds:
             # "${RELAY_PORT:-8080}": interpolation yields strings; read numbers from them.
             value = _number_from_text(value, int in kinds)

@@ -23,6 +23,7 @@ from relay.config.model import (
     StorageConfig,
 )
 from relay.config.reader import (
+    UNSET_MARK,
     Table,
     between,
     http_url,
@@ -157,7 +158,7 @@ def _storage_url(t: Table) -> Secret | None:
     value = t.get("url", str, "")
     if not value:
         return None
-    if not is_postgres_url(value):
+    if not is_postgres_url(value) and not UNSET_MARK.search(value):
         t.problems.append(
             f"{t.path('url')}: must be a postgresql:// URL (or leave it out "
             "and set path for SQLite)"
