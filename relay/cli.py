@@ -587,8 +587,12 @@ def build_parser() -> argparse.ArgumentParser:
         help="the relay with a generated secret and a local Faurya sink that "
         "prints every revenue call",
     )
-    p.add_argument("--host", default="127.0.0.1")
-    p.add_argument("--port", type=int, default=8080)
+    p.add_argument(
+        "--host", default="127.0.0.1", help="listen address for webhooks (default: 127.0.0.1)"
+    )
+    p.add_argument(
+        "--port", type=int, default=8080, help="listen port for webhooks (default: 8080; 0 = any)"
+    )
     p.add_argument("--db", help="default: a temporary database")
     p.set_defaults(func=cmd_dev)
 
