@@ -25,6 +25,7 @@ from prometheus_client.exposition import CONTENT_TYPE_LATEST
 from prometheus_client.registry import Collector
 
 from relay import logs
+from relay.models import ErrorKind
 
 _EVENT_TYPE = re.compile(r"^[a-z][a-z0-9_]{0,40}(\.[a-z][a-z0-9_]{0,40}){0,2}$")
 CONTENT_TYPE = CONTENT_TYPE_LATEST
@@ -96,7 +97,8 @@ class Metrics:
         )
         self.delivery_attempts = Counter(
             "relay_delivery_attempts_total",
-            "Delivery attempts by the class of the answer: 2xx, 3xx, 4xx, 5xx, timeout, error.",
+            "Delivery attempts by the class of the answer (2xx, 3xx, 4xx, 5xx), or without "
+            "one by the kind of error: " + ", ".join(ErrorKind) + ".",
             ["destination", "status_class"],
             registry=r,
         )
@@ -241,7 +243,8 @@ class _ChildProcesses(Collector):
         yield memory
 
 
-def status_class(status: int | None, error: str | None) -> str:
+def status_class(status: int | None, kind: ErrorKind | None) -> str:
+    """The attempt's label: the class of its HTTP answer, or the kind of error without one."""
     if status is None:
-        return "timeout" if error == "timeout" else "error"
+        return (kind or ErrorKind.CONNECTION).value
     return f"{status // 100}xx" if 100 <= status < 600 else "other"
