@@ -226,7 +226,13 @@ def _describe_value(rule: ValueRule) -> str:
 
 
 def cmd_check(args: argparse.Namespace) -> int:
+    from relay import polar_schema
+
     config = load_config(args, offline=not args.strict)
+    # Paths no Polar event of the route has (a typo: data.net_amunt): before deploy, not at
+    # start-up, where a field Polar adds after this relay was built must not stop serving.
+    if problems := polar_schema.check(config):
+        raise ConfigError(problems)
     out = [f"{_config_path(args)}: ok"]
     for source in config.sources.values():
         out.append(
