@@ -207,6 +207,8 @@ class Config:
     polar_api: PolarApiConfig = PolarApiConfig()
     reconcile: ReconcileConfig = ReconcileConfig()
     checkout: CheckoutConfig = CheckoutConfig()
+    # Variables that were not set, in an offline load only (they read as "<unset: NAME>").
+    unset_variables: tuple[str, ...] = ()
 
 
 @dataclass(frozen=True, slots=True)

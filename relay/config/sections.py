@@ -24,6 +24,7 @@ from relay.config.model import (
     StorageConfig,
 )
 from relay.config.reader import (
+    UNSET_MARK,
     Table,
     between,
     http_url,
@@ -164,7 +165,7 @@ def _storage_url(t: Table) -> Secret | None:
     value = t.get("url", str, "")
     if not value:
         return None
-    if not is_postgres_url(value):
+    if not is_postgres_url(value) and not UNSET_MARK.search(value):
         t.problems.append(
             f"{t.path('url')}: must be a postgresql:// URL (or leave it out "
             "and set path for SQLite)"
@@ -368,7 +369,9 @@ def read_route(
             t.problems.extend(exc.problems)
     lookups = _lookups(t.sub("lookup"), destinations)
     t.done()
-    if None in (source, destination, events) or not {"idempotency_key", "body"} <= set(compiled):
+    # Build the route only from parts that all compiled: a bad `body` with a good `when` must
+    # give its problem (already recorded), not a KeyError here.
+    if None in (source, destination, events) or not {"idempotency_key", "body"} <= compiled.keys():
         return None
     return Route(
         name=name,
