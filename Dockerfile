@@ -63,7 +63,8 @@ HEALTHCHECK --interval=15s --timeout=3s --start-period=10s --retries=3 \
     CMD ["/opt/venv/bin/python", "-c", "import os, urllib.request; urllib.request.urlopen('http://127.0.0.1:%s/healthz' % os.environ.get('RELAY_PORT', '8080'), timeout=2)"]
 
 # Exec form: the relay is PID 1 and gets SIGTERM directly (it stops accepting, then gives
-# in-flight deliveries server.shutdown_grace_s = 10 s). Give `docker stop` more than that,
-# e.g. `docker stop -t 20` / compose `stop_grace_period: 20s`.
+# in-flight deliveries server.shutdown_grace_s, 8 s in the shipped relay.toml: under
+# `docker stop`'s default 10 s). If you raise it, give `docker stop` more than that, e.g.
+# `docker stop -t 20` / compose `stop_grace_period: 20s`.
 ENTRYPOINT ["relay"]
 CMD ["serve"]

@@ -17,6 +17,13 @@
  * url. On failure the button is enabled again, the reason goes to the console, and a
  * "faurya-checkout-error" event (detail: {message}) bubbles from the button, for the page to
  * show a message.
+ *
+ * Polar checkout links (no relay endpoint needed) copy only `reference_id` and `utm_*` query
+ * parameters into the order's metadata. Mark such a link and the snippet adds the visitor's
+ * attribution token as `reference_id` when it is clicked (the shipped relay.toml reads it as
+ * faAttributionToken when the metadata has none):
+ *
+ *   <a data-faurya-checkout-link href="https://buy.polar.sh/polar_cl_...">Buy</a>
  */
 (function () {
   "use strict";
@@ -90,8 +97,34 @@
       });
   }
 
+  var LINKS = "a[data-faurya-checkout-link]";
+  var MAX_METADATA_CHARS = 500; // Polar refuses longer metadata values (and empty ones)
+
+  // A checkout link carries the attribution token in reference_id; a link that already has a
+  // reference_id of the merchant's keeps it.
+  function decorate(link) {
+    var token = fauryaId("__FAURYA_ATTRIBUTION_TOKEN__");
+    if (!token || token.length > MAX_METADATA_CHARS) {
+      return;
+    }
+    try {
+      var url = new URL(link.href, window.location.href);
+      if (!url.searchParams.has("reference_id")) {
+        url.searchParams.set("reference_id", token);
+        link.href = url.toString();
+      }
+    } catch (error) {
+      console.error("[faurya-checkout] not a URL: " + link.href);
+    }
+  }
+
   // One listener for the whole page: buttons added later work too.
   document.addEventListener("click", function (event) {
+    var link = event.target && event.target.closest ? event.target.closest(LINKS) : null;
+    if (link) {
+      decorate(link); // then the browser follows the (now decorated) link
+      return;
+    }
     var button = event.target && event.target.closest ? event.target.closest(BUTTONS) : null;
     if (!button) {
       return;

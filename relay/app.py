@@ -287,8 +287,10 @@ async def _reconcile_ctx(app: web.Application) -> AsyncIterator[None]:
     metrics = app[METRICS]
 
     async def loop() -> None:
+        delay_s = min(config.reconcile.first_run_after_s, config.reconcile.interval_s)
         while True:
-            await asyncio.sleep(config.reconcile.interval_s)
+            await asyncio.sleep(delay_s)
+            delay_s = config.reconcile.interval_s
             now = app[CLOCK].now()
             try:
                 summary = await Reconciler(app[STORE], config, app[POLAR_API], app[CLOCK]).run(
@@ -307,6 +309,7 @@ async def _reconcile_ctx(app: web.Application) -> AsyncIterator[None]:
                 already_recorded=summary.already_recorded,
                 unmappable=summary.unmappable,
                 pages=summary.pages,
+                skipped=summary.skipped or None,
             )
 
     async with _running(loop(), "reconcile"):

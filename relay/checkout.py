@@ -31,7 +31,10 @@ from relay.polar_api import PolarApiError
 log = get_logger("relay.checkout")
 
 MAX_BODY_BYTES = 4096
-_ID = re.compile(r"[A-Za-z0-9._:=+/\-]{1,512}")
+# Polar's metadata values are strings of 1 to 500 characters (polar/kit/metadata.py): longer
+# or empty ones make Polar refuse the whole checkout, which would block the sale.
+MAX_ID_CHARS = 500
+_ID = re.compile(rf"[A-Za-z0-9._:=+/\-]{{1,{MAX_ID_CHARS}}}")
 ID_FIELDS = ("faVisitorId", "faSessionId", "faAttributionToken")
 FIELDS = ("plan", "productId", *ID_FIELDS)
 
@@ -65,11 +68,13 @@ def validate(payload: Any, config: CheckoutConfig) -> tuple[str, dict[str, str]]
     for name in ID_FIELDS:
         value = payload.get(name)
         if value is None or value == "":
-            ids[name] = ""  # as Faurya's guide writes it; the relay's mapping sends null
+            # Left out, not "": Polar refuses an empty metadata string (422), and a visitor
+            # without Faurya ids (an ad blocker) must still get a checkout. The relay's
+            # mapping sends null for an id that is not in the order's metadata.
             continue
         if not isinstance(value, str) or not _ID.fullmatch(value):
             raise BadCheckoutRequest(
-                f"{name} must be a string of at most 512 letters, digits or ._:=+/-"
+                f"{name} must be a string of at most {MAX_ID_CHARS} letters, digits or ._:=+/-"
             )
         ids[name] = value
     return product_id, ids
@@ -187,6 +192,6 @@ class CheckoutEndpoint:
             "checkout_created",
             order_id=order_id,
             checkout_id=checkout.get("id"),
-            attributed=bool(ids["faSessionId"] or ids["faAttributionToken"]),
+            attributed=bool(ids.get("faSessionId") or ids.get("faAttributionToken")),
         )
         return self._answer("created", 200, {"url": checkout["url"], "orderId": order_id}, headers)

@@ -10,7 +10,6 @@ from __future__ import annotations
 import argparse
 import asyncio
 import dataclasses
-import json
 import os
 import signal
 import sys
@@ -28,7 +27,7 @@ from relay.config import (
     storage_path,
 )
 from relay.errors import ConfigError, RelayError
-from relay.mapping import ObjectRule, ValueRule, format_path
+from relay.mapping import ObjectRule, ValueRule
 from relay.models import EventStatus, MessageStatus
 
 log = logs.get_logger("relay.cli")
@@ -38,8 +37,10 @@ def _config_path(args: argparse.Namespace) -> str:
     return str(args.config or os.environ.get("RELAY_CONFIG") or "relay.toml")
 
 
-def load_config(args: argparse.Namespace) -> Config:
-    config = load(_config_path(args), os.environ)
+def load_config(args: argparse.Namespace, *, offline: bool = False) -> Config:
+    """offline: for commands that serve nothing; unset variables read as `<unset: NAME>`
+    (and `note_unset` says so once)."""
+    config = load(_config_path(args), os.environ, offline=offline)
     server = config.server
     if getattr(args, "host", None):
         server = dataclasses.replace(server, host=args.host)
@@ -52,6 +53,17 @@ def load_config(args: argparse.Namespace) -> Config:
         else:
             storage = dataclasses.replace(storage, path=args.db, url=None)
     return dataclasses.replace(config, server=server, storage=storage)
+
+
+def note_unset(config: Config) -> None:
+    """Say once which variables were not set (on stderr: stdout is the command's output)."""
+    if config.unset_variables:
+        names = ", ".join(config.unset_variables)
+        print(
+            f"relay: note: not set, shown as <unset: NAME>: {names} "
+            "(relay serve needs them; relay check --strict fails on them)",
+            file=sys.stderr,
+        )
 
 
 def _db_path(args: argparse.Namespace) -> str:
@@ -89,7 +101,12 @@ async def serve(config: Config) -> None:
     await runner.setup()
     try:
         ssl_context = _ssl_context(server.tls_cert, server.tls_key)
-        await web.TCPSite(runner, server.host, server.port, ssl_context=ssl_context).start()
+        await start_site(
+            web.TCPSite(runner, server.host, server.port, ssl_context=ssl_context),
+            (server.host, server.port),
+            "server.port",
+            "--port, --host or RELAY_PORT",
+        )
         host, port = _bound(runner)
         # Handlers first: a SIGTERM sent as soon as relay_listening is seen must stop gracefully.
         stop = asyncio.Event()
@@ -101,7 +118,12 @@ async def serve(config: Config) -> None:
             admin_runner = web.AppRunner(create_admin_app(app), access_log=None, **limits)
             await admin_runner.setup()
             admin_host, admin_port = config.admin.host_port
-            await web.TCPSite(admin_runner, admin_host, admin_port).start()
+            await start_site(
+                web.TCPSite(admin_runner, admin_host, admin_port),
+                (admin_host, admin_port),
+                "admin.listen",
+                "admin.listen",
+            )
             fields["admin_host"], fields["admin_port"] = _bound(admin_runner)
         log.info(
             "relay_listening",
@@ -122,6 +144,24 @@ async def serve(config: Config) -> None:
         # workers (within the grace period), then the store.
         await runner.cleanup()
     log.info("relay_stopped")
+
+
+async def start_site(site: Any, address: tuple[str, int], key: str, change: str) -> None:
+    """Start listening; a port in use (or an address this host does not have, or a port it
+    may not bind) is a one-line configuration error naming the address and what changes it."""
+    try:
+        await site.start()
+    except OSError as exc:
+        import errno
+
+        host, port = address
+        shown = f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
+        reason = (
+            "is already in use (another process listens there)"
+            if exc.errno == errno.EADDRINUSE
+            else f"cannot be listened on: {exc.strerror or exc}"
+        )
+        raise ConfigError(f"{key}: {shown} {reason}; change it with {change}") from None
 
 
 def _ssl_context(cert: str, key: str) -> Any:
@@ -167,14 +207,7 @@ def describe_rule(rule: ValueRule | ObjectRule, indent: str) -> list[str]:
 
 
 def _describe_value(rule: ValueRule) -> str:
-    if rule.template is not None:
-        text = f"template {rule.template.text!r}"
-    elif len(rule.paths) == 1:
-        text = f"path {format_path(rule.paths[0])}"
-    elif rule.paths:
-        text = "first of " + ", ".join(format_path(p) for p in rule.paths)
-    else:
-        text = json.dumps(rule.const)
+    text = rule.source_text()
     if rule.type:
         text += f" as {rule.type}"
     if rule.transforms:
@@ -184,8 +217,35 @@ def _describe_value(rule: ValueRule) -> str:
     return text
 
 
+RECONCILE_SCOPES = "orders:read, refunds:read, disputes:read"
+
+
+def _reconcile_line(config: Config) -> str:
+    """What `relay serve` will reconcile, or a warning that it will not (webhooks alone miss
+    what Polar gave up on, everything while an endpoint is disabled, and every lost dispute)."""
+    missed = "webhooks Polar gave up on and lost disputes will never reach Faurya"
+    if config.polar_api.token is None:
+        return (
+            f"warning: reconcile: off, no polar_api.token: {missed}; set POLAR_ACCESS_TOKEN "
+            f"(an organization access token with {RECONCILE_SCOPES})"
+        )
+    if config.reconcile.interval_s <= 0:
+        return f"warning: reconcile: off (reconcile.interval_s = 0): {missed}"
+    return (
+        f"reconcile: every {config.reconcile.interval_s:g} s over the last "
+        f"{config.reconcile.lookback_s / 86400:g} days (token scopes: {RECONCILE_SCOPES}; "
+        "without disputes:read, lost disputes are skipped)"
+    )
+
+
 def cmd_check(args: argparse.Namespace) -> int:
-    config = load_config(args)
+    from relay import polar_schema
+
+    config = load_config(args, offline=not args.strict)
+    # Paths no Polar event of the route has (a typo: data.net_amunt): before deploy, not at
+    # start-up, where a field Polar adds after this relay was built must not stop serving.
+    if problems := polar_schema.check(config):
+        raise ConfigError(problems)
     out = [f"{_config_path(args)}: ok"]
     for source in config.sources.values():
         out.append(
@@ -208,7 +268,9 @@ def cmd_check(args: argparse.Namespace) -> int:
         out += describe_rule(route.body, "    ")
     if not config.routes:
         out.append("no routes: every event is acknowledged and ignored")
+    out.append(_reconcile_line(config))
     print("\n".join(out))
+    note_unset(config)
     return 0
 
 
@@ -328,7 +390,9 @@ async def _migrate(args: argparse.Namespace) -> int:
 def cmd_map(args: argparse.Namespace) -> int:
     from relay import devtools
 
-    return devtools.cmd_map(args, load_config(args))
+    config = load_config(args, offline=True)
+    note_unset(config)
+    return devtools.cmd_map(args, config)
 
 
 def cmd_sign(args: argparse.Namespace) -> int:
@@ -340,8 +404,10 @@ def cmd_sign(args: argparse.Namespace) -> int:
 def cmd_send(args: argparse.Namespace) -> int:
     from relay import devtools
 
-    # With --secret and --url nothing from the config is needed (e.g. against `relay dev`).
-    config = None if args.secret and args.url else load_config(args)
+    # With --secret and --url nothing from the config is needed (e.g. against `relay dev`);
+    # otherwise only the source's secret and the server's address: devtools says which
+    # variable is missing when the secret is.
+    config = None if args.secret and args.url else load_config(args, offline=True)
     return devtools.cmd_send(args, config)
 
 
@@ -378,7 +444,17 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--port", type=int, help="listen port (overrides server.port; 0 = any)")
     p.set_defaults(func=cmd_serve)
 
-    p = sub.add_parser("check", parents=[common], help="validate the config, print the routes")
+    p = sub.add_parser(
+        "check",
+        parents=[common],
+        help="validate the config, print the routes (works without the secrets: unset "
+        "variables show as <unset: NAME>)",
+    )
+    p.add_argument(
+        "--strict",
+        action="store_true",
+        help="also fail (exit 2) on unset environment variables, as relay serve does (for CI)",
+    )
     p.set_defaults(func=cmd_check)
 
     def selection_args(q: argparse.ArgumentParser, statuses: Sequence[str]) -> None:
@@ -545,8 +621,12 @@ def build_parser() -> argparse.ArgumentParser:
         help="the relay with a generated secret and a local Faurya sink that "
         "prints every revenue call",
     )
-    p.add_argument("--host", default="127.0.0.1")
-    p.add_argument("--port", type=int, default=8080)
+    p.add_argument(
+        "--host", default="127.0.0.1", help="listen address for webhooks (default: 127.0.0.1)"
+    )
+    p.add_argument(
+        "--port", type=int, default=8080, help="listen port for webhooks (default: 8080; 0 = any)"
+    )
     p.add_argument("--db", help="default: a temporary database")
     p.set_defaults(func=cmd_dev)
 

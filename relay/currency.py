@@ -1,8 +1,17 @@
-"""ISO 4217: the active currency codes and their minor-unit exponents. Pure data.
+"""Currency codes and minor-unit exponents: ISO 4217's, and Polar's. Pure data.
 
 Exponent = number of digits after the decimal point of the minor unit: USD 2 (cents),
 JPY 0, KWD 3, CLF 4. Codes without minor units (precious metals, testing codes) are left out:
 revenue is never reported in them.
+
+Polar's amounts are not ISO's: Polar follows Stripe, whose zero-decimal list differs from ISO
+4217 for a few codes. Read from polarsource/polar `server/polar/kit/currency.py`
+(`_ZERO_DECIMAL_CURRENCIES`, `get_currency_decimal_factor`) at commit c6c3645 (2026-08-22):
+factor 1 for the 15 codes in `_POLAR_ZERO_DECIMAL`, factor 100 for every other code. So ISK and
+UGX (ISO 0) come with two decimals, MGA (ISO 2) with none, and the ISO three-decimal codes with
+two. Every money figure the relay computes from a Polar amount (metrics, `minor_to_major`, the
+`relay dev` sink, the ledger) uses `polar_exponent`; `exponent` (ISO) only says whether a code
+is a currency at all.
 """
 
 from __future__ import annotations
@@ -29,20 +38,37 @@ EXPONENTS: dict[str, int] = {
 }
 
 
+_POLAR_ZERO_DECIMAL = frozenset(
+    {"BIF", "CLP", "DJF", "GNF", "JPY", "KMF", "KRW", "MGA", "PYG", "RWF", "VND", "VUV", "XAF"}
+    | {"XOF", "XPF"}
+)
+
+
 def exponent(code: str) -> int | None:
     """The minor-unit exponent of an ISO 4217 code (any case), or None if unknown."""
     return EXPONENTS.get(code.upper())
 
 
+def polar_exponent(code: str) -> int | None:
+    """The exponent of Polar's amounts in this currency (any case), or None if the code is not
+    an ISO 4217 currency: 0 for Polar's zero-decimal codes, else 2."""
+    upper = code.upper()
+    if upper not in EXPONENTS:
+        return None
+    return 0 if upper in _POLAR_ZERO_DECIMAL else 2
+
+
 def minor_to_major(amount: int, code: str) -> Decimal:
-    exp = exponent(code)
+    """A Polar amount (smallest unit, by Polar's exponent) in major units."""
+    exp = polar_exponent(code)
     if exp is None:
         raise ValueError(f"unknown currency {code!r}")
     return Decimal(amount).scaleb(-exp)
 
 
 def major_to_minor(amount: Decimal, code: str) -> int:
-    exp = exponent(code)
+    """Major units as a Polar amount (smallest unit, by Polar's exponent)."""
+    exp = polar_exponent(code)
     if exp is None:
         raise ValueError(f"unknown currency {code!r}")
     minor = amount.scaleb(exp)

@@ -18,7 +18,7 @@ import yarl
 
 from relay import __version__
 from relay.config import DestinationConfig
-from relay.models import ClaimedMessage
+from relay.models import ClaimedMessage, ErrorKind
 
 SNIPPET_BYTES = 512
 USER_AGENT = f"faurya-relay/{__version__}"
@@ -27,10 +27,15 @@ USER_AGENT = f"faurya-relay/{__version__}"
 @dataclass(frozen=True, slots=True)
 class AttemptResult:
     status: int | None  # None: no HTTP answer
-    error: str | None  # "timeout", "connection error: ...", never a secret
+    error: str | None  # `kind.text(...)`: "timeout", "connect: ...", never a secret
     retry_after: str | None
     snippet: str
     duration_s: float
+    kind: ErrorKind | None = None  # set exactly when there is no HTTP answer
+
+    @classmethod
+    def failed(cls, kind: ErrorKind, detail: str, duration_s: float) -> AttemptResult:
+        return cls(None, kind.text(detail), None, "", duration_s, kind)
 
 
 class Redactor:
@@ -130,18 +135,11 @@ class Sender:
                     duration_s=time.perf_counter() - started,
                 )
         except TimeoutError:
-            error = "timeout"
-        except aiohttp.ClientError as exc:
+            kind, detail = ErrorKind.TIMEOUT, ""
+        except aiohttp.ClientConnectorError as exc:
             # The exception text can carry the URL; keep only its class and the OS reason.
-            error = f"connection error: {type(exc).__name__}"
-            if isinstance(exc, aiohttp.ClientConnectorError):
-                error += f" ({exc.os_error.strerror or 'connect failed'})"
-        except (OSError, asyncio.IncompleteReadError) as exc:
-            error = f"connection error: {type(exc).__name__}"
-        return AttemptResult(
-            status=None,
-            error=error,
-            retry_after=None,
-            snippet="",
-            duration_s=time.perf_counter() - started,
-        )
+            kind = ErrorKind.CONNECT
+            detail = f"{type(exc).__name__} ({exc.os_error.strerror or 'connect failed'})"
+        except (aiohttp.ClientError, OSError, asyncio.IncompleteReadError) as exc:
+            kind, detail = ErrorKind.CONNECTION, type(exc).__name__
+        return AttemptResult.failed(kind, detail, time.perf_counter() - started)

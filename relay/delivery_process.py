@@ -41,7 +41,7 @@ from relay.delivery import AttemptResult, Redactor, Sender, client_session
 from relay.errors import RelayError
 from relay.logs import configure, get_logger
 from relay.metrics import Metrics
-from relay.models import ClaimedMessage
+from relay.models import ClaimedMessage, ErrorKind
 
 log = get_logger("relay.delivery_process")
 
@@ -141,12 +141,10 @@ class _Child:
     async def _read(self, reader: asyncio.StreamReader) -> None:
         try:
             while True:
-                seq, status, error, retry_after, snippet, duration_s = await _read_frame(reader)
+                seq, *fields = await _read_frame(reader)
                 future = self._waiting.get(seq)
                 if future is not None and not future.done():
-                    future.set_result(
-                        AttemptResult(status, error, retry_after, snippet, duration_s)
-                    )
+                    future.set_result(AttemptResult(*fields))
         except (EOFError, ConnectionError, *_BAD_FRAME):
             pass  # gone (IncompleteReadError is an EOFError): fail what waits (below)
         finally:
@@ -324,13 +322,13 @@ class ProcessSenders:
             async with asyncio.timeout(destination.timeout_s + self._answer_grace_s):
                 return await child.send(destination.name, msg)
         except ProcessGone:
-            error = "connection error: the delivery process exited"
+            kind, detail = ErrorKind.CHILD_GONE, "the delivery process exited"
         except TimeoutError:
             # The child stopped answering (its own timeout would have answered by now).
-            error = "timeout: the delivery process did not answer"
+            kind, detail = ErrorKind.TIMEOUT, "the delivery process did not answer"
             if child is not None:
                 child.kill()
-        return AttemptResult(None, error, None, "", time.perf_counter() - started)
+        return AttemptResult.failed(kind, detail, time.perf_counter() - started)
 
     async def close(self, timeout_s: float = 5.0) -> None:
         self._closed = True
@@ -408,9 +406,11 @@ async def _serve(fd: int, parent_pid: int | None = None) -> None:
             try:
                 r = await senders[destination].post(key, body)
             except Exception as exc:  # a bug here must cost a retry, not a stuck slot
-                error = f"connection error: delivery process failed ({type(exc).__name__})"
-                r = AttemptResult(None, error, None, "", time.perf_counter() - started)
-            out.send((seq, r.status, r.error, r.retry_after, r.snippet, r.duration_s))
+                detail = f"delivery process failed ({type(exc).__name__})"
+                r = AttemptResult.failed(
+                    ErrorKind.CHILD_ERROR, detail, time.perf_counter() - started
+                )
+            out.send((seq, r.status, r.error, r.retry_after, r.snippet, r.duration_s, r.kind))
 
         while True:
             try:

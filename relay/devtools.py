@@ -28,11 +28,11 @@ from aiohttp import web
 
 from relay import __version__, logs
 from relay.app import create_app
-from relay.config import Config, is_postgres_url, load
+from relay.config import UNSET_MARK, Config, is_postgres_url, load
 from relay.delivery import USER_AGENT
 from relay.errors import RelayError
 from relay.ingest import resolve_lookups
-from relay.mapping import map_event, select
+from relay.mapping import map_event
 from relay.models import EventStatus
 from relay.store import open_store
 from relay.verify import sign
@@ -77,7 +77,7 @@ async def dry_run(
             found = await resolve_lookups(store, routes, source, event)
         finally:
             await store.close()
-    elif any(r.lookups for r in select(routes, source, event)):
+    elif any(r.wants_lookups(source, str(event.get("type"))) for r in routes):
         notes.append("(no --db: lookups find nothing, as for an order the relay never saw)")
     mapped = map_event(routes, source, event, found)
     if mapped.status is EventStatus.IGNORED:
@@ -182,7 +182,14 @@ def cmd_send(args: argparse.Namespace, config: Config | None) -> int:
     secret = args.secret
     url = args.url
     if config is not None:
+        if args.source and args.source not in config.sources:
+            raise ToolError(f"no source named {args.source!r}")
         source = config.sources[args.source] if args.source else next(iter(config.sources.values()))
+        if secret is None and (unset := UNSET_MARK.search(source.secrets[0].value)):
+            raise ToolError(
+                f"signing needs the webhook secret of source {source.name!r}: give --secret, "
+                f"or set {unset.group(1)} (sources.{source.name}.secrets)"
+            )
         secret = secret or source.secrets[0].value
         if url is None:
             wildcard = config.server.host in ("0.0.0.0", "::")  # noqa: S104 - a comparison
@@ -265,7 +272,11 @@ async def run_dev(config_path: str, port: int, host: str, db: str | None) -> Non
     )
     await runner.setup()
     try:
-        await web.TCPSite(runner, host, port).start()
+        from relay.cli import start_site
+
+        await start_site(
+            web.TCPSite(runner, host, port), (host, port), "--port", "--port or --host"
+        )
         bound = int(runner.addresses[0][1])
         source = next(iter(config.sources.values()))
         url = f"http://127.0.0.1:{bound}{source.path}"

@@ -25,7 +25,7 @@ from relay.access import allowed, resolve_client
 from relay.config import Config, SourceConfig
 from relay.errors import SignatureInvalid, StorageUnavailable
 from relay.logs import get_logger
-from relay.mapping import Route, map_event, redact, select
+from relay.mapping import Route, map_event, redact
 from relay.metrics import Metrics, event_type_label
 from relay.models import Clock, EventStatus, InboundDraft, IngestOutcome
 from relay.store import Store
@@ -52,11 +52,15 @@ STORED_HEADERS = (
 async def resolve_lookups(
     store: Store, routes: Sequence[Route], source: str, event: dict[str, Any]
 ) -> dict[str, dict[str, Any]]:
-    """Read from the store what the selected routes' lookups name: route -> name -> body.
+    """Read from the store what the lookups of the routes that take this event's type name:
+    route -> name -> body (a route's condition may read them, so they come first).
     A lookup with nothing stored (or an unreadable body) is simply absent."""
     if not any(r.lookups for r in routes):
         return {}  # the usual case, decided without evaluating any route's conditions
-    wanted = {r.name: r.lookup_keys(event) for r in select(routes, source, event) if r.lookups}
+    event_type = event.get("type")
+    if not isinstance(event_type, str):
+        return {}
+    wanted = {r.name: r.lookup_keys(event) for r in routes if r.wants_lookups(source, event_type)}
     if not wanted:
         return {}
     bodies = await store.find_bodies([(d, k) for keys in wanted.values() for _, d, k in keys])

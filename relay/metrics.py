@@ -24,6 +24,9 @@ from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metri
 from prometheus_client.exposition import CONTENT_TYPE_LATEST
 from prometheus_client.registry import Collector
 
+from relay import logs
+from relay.models import ErrorKind
+
 _EVENT_TYPE = re.compile(r"^[a-z][a-z0-9_]{0,40}(\.[a-z][a-z0-9_]{0,40}){0,2}$")
 CONTENT_TYPE = CONTENT_TYPE_LATEST
 
@@ -110,7 +113,8 @@ class Metrics:
         )
         self.delivery_attempts = Counter(
             "relay_delivery_attempts_total",
-            "Delivery attempts by the class of the answer: 2xx, 3xx, 4xx, 5xx, timeout, error.",
+            "Delivery attempts by the class of the answer (2xx, 3xx, 4xx, 5xx), or without "
+            "one by the kind of error: " + ", ".join(ErrorKind) + ".",
             ["destination", "status_class"],
             registry=r,
         )
@@ -202,6 +206,7 @@ class Metrics:
         self.ready = Gauge(
             "relay_ready", "1 when the store takes writes and the workers run.", registry=r
         )
+        r.register(_LogLinesDropped())
 
     def render(self) -> bytes:
         return generate_latest(self.registry)
@@ -210,6 +215,19 @@ class Metrics:
         """Export CPU and memory of the delivery child processes, read from /proc at scrape
         time (`process_*` covers only this process). `pids` gives (slot, pid) pairs."""
         self.registry.register(_ChildProcesses(pids))
+
+
+class _LogLinesDropped(Collector):
+    """The log's own count (relay/logs.py): kept there, since a log line is written wherever
+    the process is, not by one app."""
+
+    def collect(self) -> Iterator[Metric]:
+        yield CounterMetricFamily(
+            "relay_log_lines_dropped",
+            "Log lines that could not be written (stderr on a full disk, a closed pipe) and "
+            "were dropped; the relay went on.",
+            value=logs.dropped_lines(),
+        )
 
 
 class _ChildProcesses(Collector):
@@ -241,7 +259,8 @@ class _ChildProcesses(Collector):
         yield memory
 
 
-def status_class(status: int | None, error: str | None) -> str:
+def status_class(status: int | None, kind: ErrorKind | None) -> str:
+    """The attempt's label: the class of its HTTP answer, or the kind of error without one."""
     if status is None:
-        return "timeout" if error == "timeout" else "error"
+        return (kind or ErrorKind.CONNECTION).value
     return f"{status // 100}xx" if 100 <= status < 600 else "other"

@@ -48,6 +48,24 @@ class EventStatus(StrEnum):
     DUPLICATE = "duplicate"  # every message it maps to was already enqueued by another event
 
 
+class ErrorKind(StrEnum):
+    """Why a delivery attempt got no HTTP answer to judge. One set, used as the
+    `relay_delivery_attempts_total` status_class (beside 2xx..5xx), the `error_kind` of the
+    log lines and the first word of the error the store keeps ("timeout: ...")."""
+
+    TIMEOUT = "timeout"  # no answer within timeout_s, from the destination or a stuck child
+    CONNECT = "connect"  # no connection: refused, DNS, TLS handshake
+    CONNECTION = "connection"  # the connection broke during the request or the answer
+    CHILD_GONE = "child_gone"  # the delivery process exited (or could not start)
+    CHILD_ERROR = "child_error"  # the delivery process failed the attempt (a bug in it)
+    PAYMENT_CHECK = "payment_check"  # Polar could not confirm the order (verify_order)
+    PAYMENT_NOT_VERIFIED = "payment_not_verified"  # Polar says the order is unknown or unpaid
+
+    def text(self, detail: str = "") -> str:
+        """The error as stored and logged: the kind, then the detail."""
+        return f"{self.value}: {detail}" if detail else self.value
+
+
 class IngestOutcome(StrEnum):
     """The answer to one webhook, as seen by Polar."""
 

@@ -35,7 +35,7 @@ def _refuse_token(status: int, scope: str) -> None:
     if status in (401, 403):
         raise PolarApiError(
             f"Polar refused the access token ({status}): check POLAR_ACCESS_TOKEN and its "
-            f"{scope} scope",
+            f"scopes ({scope})",
             status,
         )
 
@@ -142,14 +142,9 @@ class PolarApi:
         assert last is not None
         raise last
 
-    async def _get_page(self, path: str, params: dict[str, Any]) -> Page:
+    async def _get_page(self, path: str, params: dict[str, Any], scope: str) -> Page:
         status, body = await self.request("GET", path, params=params)
-        if status in (401, 403):
-            raise PolarApiError(
-                f"Polar refused the access token ({status}): check POLAR_ACCESS_TOKEN and its "
-                "scopes (orders:read, refunds:read)",
-                status,
-            )
+        _refuse_token(status, scope)
         if status != 200 or not isinstance(body, dict) or not isinstance(body.get("items"), list):
             raise PolarApiError(f"unexpected answer {status} from {path}", status)
         pagination = body.get("pagination") or {}
@@ -167,13 +162,21 @@ class PolarApi:
         )
 
     async def pages(
-        self, path: str, params: dict[str, Any] | None = None, *, limit: int = 100
+        self,
+        path: str,
+        params: dict[str, Any] | None = None,
+        *,
+        limit: int = 100,
+        scope: str = "orders:read, refunds:read",
     ) -> AsyncIterator[Page]:
-        """Every page of a listing, newest first (`sorting=-created_at`)."""
+        """Every page of a listing, newest first (`sorting=-created_at`); `scope` names the
+        token scope the listing needs, for the error when Polar refuses the token."""
         page = 1
         while True:
             current = await self._get_page(
-                path, {**(params or {}), "page": page, "limit": limit, "sorting": "-created_at"}
+                path,
+                {**(params or {}), "page": page, "limit": limit, "sorting": "-created_at"},
+                scope,
             )
             yield current
             if page >= current.max_page or not current.items:

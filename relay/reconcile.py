@@ -1,10 +1,19 @@
 """Reconciliation: revenue Polar knows about and the relay does not, enqueued exactly once.
 
-Polar gives up on a webhook after about 30 minutes and disables an endpoint after 10 failed
-events; webhooks are also missed while the relay is down or misconfigured. This pages through
-Polar's orders (newest first, stopping at the cut-off) and succeeded refunds, turns each into
-the event a webhook would have carried (`order.paid`, `refund.updated`), and runs it through
-the same routes. A message whose idempotency key the outbox already holds was recorded (by a
+Polar gives up on a webhook after about 30 minutes, disables an endpoint after 10 failed
+events and then creates no events for it at all; webhooks are also missed while the relay is
+down or misconfigured, and a lost dispute (a chargeback) never sends one. This pages through
+Polar's orders, refunds and lost disputes (newest first, stopping at the cut-off), turns each
+into the event a webhook would have carried, and runs it through the same routes:
+- a paid order is `order.paid`;
+- a refund that succeeded, or that succeeded once and then failed or was canceled, is
+  `refund.updated` with its current status (the routes decide: a refund route takes
+  `succeeded`, a reversal route takes `failed`/`canceled` only where the refund was recorded);
+- a lost dispute is `dispute.lost`, an event type of the relay's own (Polar has no such
+  webhook) whose `data` is Polar's Dispute object. Listing disputes needs the token's
+  `disputes:read` scope; without it the run goes on and says what it skipped.
+
+A message whose idempotency key the outbox already holds was recorded (by a
 webhook or an earlier reconciliation) and is skipped; the rest are enqueued through the store
 with those same keys, so reconciling twice, or a webhook arriving later, never double-counts.
 """
@@ -20,7 +29,7 @@ from relay.config import Config
 from relay.ingest import resolve_lookups
 from relay.mapping import encode, map_event
 from relay.models import Clock, EventStatus, InboundDraft
-from relay.polar_api import PolarApi, is_paid
+from relay.polar_api import PolarApi, PolarApiError, is_paid
 from relay.store import Store
 
 
@@ -33,13 +42,25 @@ class Summary:
     ignored: int = 0  # no route takes them
     pages: int = 0
     details: list[str] = field(default_factory=list)
+    skipped: list[str] = field(default_factory=list)  # listings Polar would not give us
 
     def line(self) -> str:
-        return (
+        text = (
             f"seen {self.seen}, already recorded {self.already_recorded}, "
             f"enqueued {self.enqueued}, unmappable {self.unmappable}, "
             f"ignored {self.ignored} ({self.pages} pages)"
         )
+        if self.skipped:
+            text += "; skipped: " + "; ".join(self.skipped)
+        return text
+
+
+# Refund statuses worth a look: succeeded ones are revenue going out; failed and canceled ones
+# may be a succeeded refund undone (Polar then lowers the order's refunded amount). Pending
+# refunds are neither yet.
+REFUND_STATUSES = frozenset({"succeeded", "failed", "canceled"})
+DISPUTE_EVENT = "dispute.lost"
+DISPUTES_SCOPE = "disputes:read"
 
 
 def _created_at(item: dict[str, Any]) -> float | None:
@@ -51,6 +72,17 @@ def _created_at(item: dict[str, Any]) -> float | None:
     except ValueError:
         return None
     return (when if when.tzinfo else when.replace(tzinfo=UTC)).timestamp()
+
+
+def _webhook_id(event_type: str, data: dict[str, Any]) -> str:
+    """Unique per event, stable across runs; never a real webhook-id. A refund that succeeded
+    and was later undone is two events (two states), so a status other than `succeeded` is part
+    of its id: else the reversal would be taken for the refund already recorded."""
+    ident = f"reconcile:{event_type}:{data.get('id')}"
+    status = data.get("status")
+    if event_type == "refund.updated" and status != "succeeded":
+        ident += f":{status}"
+    return ident
 
 
 class Reconciler:
@@ -73,17 +105,37 @@ class Reconciler:
         self._source = config.reconcile.source
 
     async def run(self, since: float | None, until: float | None) -> Summary:
+        """Orders first, then refunds, then disputes: a refund or dispute reads the purchase
+        (and a reversal the refund) that the walk before it may have just enqueued."""
         summary = Summary()
         await self._walk("/v1/orders/", {}, "order.paid", is_paid, since, until, summary)
         await self._walk(
             "/v1/refunds/",
-            {"succeeded": "true"},
+            {},
             "refund.updated",
-            lambda refund: refund.get("status") == "succeeded",
+            lambda refund: refund.get("status") in REFUND_STATUSES,
             since,
             until,
             summary,
         )
+        try:
+            await self._walk(
+                "/v1/disputes/",
+                {"status": "lost"},
+                DISPUTE_EVENT,
+                lambda dispute: dispute.get("status") == "lost",
+                since,
+                until,
+                summary,
+                scope=DISPUTES_SCOPE,
+            )
+        except PolarApiError as exc:
+            if exc.status not in (401, 403):
+                raise
+            # An older token without disputes:read: orders and refunds still reconcile.
+            summary.skipped.append(
+                f"lost disputes (the token lacks the {DISPUTES_SCOPE} scope: {exc.status})"
+            )
         return summary
 
     async def _walk(
@@ -95,8 +147,10 @@ class Reconciler:
         since: float | None,
         until: float | None,
         summary: Summary,
+        *,
+        scope: str = "orders:read, refunds:read",
     ) -> None:
-        async for page in self._api.pages(path, params):
+        async for page in self._api.pages(path, params, scope=scope):
             summary.pages += 1
             past_cutoff = False
             for item in page.items:
@@ -148,8 +202,7 @@ class Reconciler:
             return
         draft = InboundDraft(
             source=self._source,
-            # Unique per event, stable across runs; never a real webhook-id.
-            webhook_id=f"reconcile:{event_type}:{data.get('id')}",
+            webhook_id=_webhook_id(event_type, data),
             event_type=event_type,
             received_at=self._clock.now(),
             headers={"x-relay-origin": "reconcile"},

@@ -26,7 +26,7 @@ from relay.delivery import AttemptResult, Attempts
 from relay.errors import StorageError
 from relay.logs import get_logger
 from relay.metrics import Metrics, status_class
-from relay.models import ClaimedMessage, Clock, Dead, Delivered, Outcome, RetryLater
+from relay.models import ClaimedMessage, Clock, Dead, Delivered, ErrorKind, Outcome, RetryLater
 from relay.polar_api import PolarApi, PolarApiError, is_paid
 from relay.store import Store
 
@@ -238,8 +238,8 @@ class DestinationWorker:
                 error = exc.message
         if error:
             self._metrics.payment_checks.labels("error").inc()
-            result = AttemptResult(
-                None, f"payment check failed: {error}", None, "", time.perf_counter() - started
+            result = AttemptResult.failed(
+                ErrorKind.PAYMENT_CHECK, error, time.perf_counter() - started
             )
             return result, retry.decide(
                 self.destination.retry,
@@ -256,11 +256,13 @@ class DestinationWorker:
             return None
         self._metrics.payment_checks.labels("not_paid").inc()
         state = "unknown to Polar" if order is None else f"{order.get('status')!s}"
-        reason = f"payment not verified: Polar order {msg.verify_ref} is {state}"
-        return (
-            AttemptResult(None, reason, None, "", time.perf_counter() - started),
-            Dead(reason, None),
+        result = AttemptResult.failed(
+            ErrorKind.PAYMENT_NOT_VERIFIED,
+            f"Polar order {msg.verify_ref} is {state}",
+            time.perf_counter() - started,
         )
+        assert result.error is not None
+        return result, Dead(result.error, None)
 
     def _background(self, coro: Coroutine[Any, Any, None]) -> None:
         task = asyncio.create_task(coro)
@@ -282,7 +284,7 @@ class DestinationWorker:
         name = self.destination.name
         m = self._metrics
         self._duration.observe(result.duration_s)
-        m.delivery_attempts.labels(name, status_class(result.status, result.error)).inc()
+        m.delivery_attempts.labels(name, status_class(result.status, result.kind)).inc()
         detail = result.error or (f"HTTP {result.status}: {result.snippet}".strip())
         fields = {
             "destination": name,
@@ -293,6 +295,8 @@ class DestinationWorker:
             "status": result.status,
             "duration_ms": round(result.duration_s * 1000, 2),
         }
+        if result.kind is not None:
+            fields["error_kind"] = result.kind.value
         try:
             if isinstance(outcome, Delivered):
                 changed = await self._store.mark_delivered(msg, outcome.status)

@@ -6,8 +6,12 @@ It serves what the relay calls (see /work/shared/polar.md, "API"):
   `sorting` `-created_at` or `created_at`, `pagination.total_count` and `max_page`), refunds
   filtered by `succeeded` and `order_id`;
 - `GET /v1/orders/{id}`: the order, or 404;
+- `GET /v1/disputes/`: real pagination, filtered by repeated `status` and `order_id`;
 - `POST /v1/checkouts/`: records the request and answers 201 with `{"id", "url", ...}`, the
   url being a page on this same server (`GET /checkout/{id}`), as Polar's hosted checkout.
+  Its `metadata` must keep Polar's rules (polar/kit/metadata.py): at most 50 keys, keys of 1-40
+  characters, values strings of 1-500 characters, integers, floats or booleans; else 422,
+  as Polar answers, so a checkout that would block a real sale fails here too.
 Orders and refunds are built from tests/fixtures/polar/*.json with fresh ids. Every `/v1/`
 request is recorded and needs `Authorization: Bearer <token>` (else 401); faults are scripted:
 `fail_next` answers the next requests with a status (and `Retry-After`), `outage` answers every
@@ -79,6 +83,11 @@ class FakePolar:
     token: str = TOKEN
     orders: list[dict[str, Any]] = field(default_factory=list)
     refunds: list[dict[str, Any]] = field(default_factory=list)
+    disputes: list[dict[str, Any]] = field(default_factory=list)
+    # Scopes the token has: Polar answers 403 on a listing whose scope it lacks.
+    scopes: frozenset[str] = frozenset(
+        {"orders:read", "refunds:read", "disputes:read", "checkouts:write"}
+    )
     calls: list[Call] = field(default_factory=list)
     faults: deque[Fault] = field(default_factory=deque)
     down: Fault | None = None
@@ -128,6 +137,39 @@ class FakePolar:
         self.refunds.append(refund)
         return refund
 
+    def add_dispute(
+        self,
+        order: dict[str, Any],
+        *,
+        amount: int | None = None,
+        tax_amount: int = 0,
+        status: str = "lost",
+        created_at: datetime | None = None,
+    ) -> dict[str, Any]:
+        """A dispute of `order` (Polar's Dispute schema): by default lost, of the order's whole
+        net amount. A lost dispute changes neither the order nor any refund, and sends no
+        webhook: only this listing shows it."""
+        dispute = {
+            "id": str(uuid.uuid4()),
+            "created_at": iso(created_at or datetime.now(UTC)),
+            "modified_at": None,
+            "status": status,
+            "resolved": status in ("lost", "won"),
+            "closed": status in ("lost", "won", "prevented"),
+            "amount": order["net_amount"] if amount is None else amount,
+            "tax_amount": tax_amount,
+            "currency": order["currency"],
+            "reason": "fraudulent",
+            "evidence_due_by": None,
+            "past_due": False,
+            "order_id": order["id"],
+            "payment_id": str(uuid.uuid4()),
+            "customer": order.get("customer"),
+            "case_id": None,
+        }
+        self.disputes.append(dispute)
+        return dispute
+
     def add_orders(self, count: int, *, start: datetime, step: timedelta) -> list[dict[str, Any]]:
         """`count` paid orders, created at start, start - step, start - 2 * step, ..."""
         return [self.add_order(created_at=start - i * step) for i in range(count)]
@@ -166,6 +208,7 @@ class FakePolar:
         app.router.add_get("/v1/orders/", self._list_orders)
         app.router.add_get("/v1/orders/{id}", self._get_order)
         app.router.add_get("/v1/refunds/", self._list_refunds)
+        app.router.add_get("/v1/disputes/", self._list_disputes)
         app.router.add_post("/v1/checkouts/", self._create_checkout)
         app.router.add_get("/checkout/{id}", self._checkout_page)
         return app
@@ -250,6 +293,15 @@ class FakePolar:
             refunds = [r for r in refunds if r["order_id"] == request.query["order_id"]]
         return self._listing(request, refunds)
 
+    async def _list_disputes(self, request: web.Request) -> web.Response:
+        if "disputes:read" not in self.scopes:
+            return _forbidden("disputes:read")
+        statuses = request.query.getall("status", [])
+        disputes = [d for d in self.disputes if not statuses or d["status"] in statuses]
+        if "order_id" in request.query:
+            disputes = [d for d in disputes if d["order_id"] == request.query["order_id"]]
+        return self._listing(request, disputes)
+
     async def _get_order(self, request: web.Request) -> web.Response:
         for order in self.orders:
             if order["id"] == request.match_info["id"]:
@@ -266,6 +318,9 @@ class FakePolar:
             or not all(isinstance(p, str) for p in payload["products"])
         ):
             return _invalid("products: a non-empty list of product ids is required")
+        problem = metadata_problem(payload.get("metadata", {}))
+        if problem is not None:
+            return _invalid(f"metadata: {problem}")
         checkout_id = str(uuid.uuid4())
         client_secret = f"polar_c_{uuid.uuid4().hex}"
         answer = {
@@ -288,6 +343,35 @@ class FakePolar:
             text=f"<!doctype html><title>Polar checkout</title><h1 id='checkout'>{secret}</h1>",
             content_type="text/html",
         )
+
+
+METADATA_MAX_KEYS = 50
+METADATA_MAX_KEY_CHARS = 40
+METADATA_MAX_VALUE_CHARS = 500
+
+
+def metadata_problem(metadata: Any) -> str | None:
+    """Why Polar would refuse this metadata (polar/kit/metadata.py), or None."""
+    if not isinstance(metadata, dict):
+        return "must be an object"
+    if len(metadata) > METADATA_MAX_KEYS:
+        return f"at most {METADATA_MAX_KEYS} keys"
+    for key, value in metadata.items():
+        if not 1 <= len(key) <= METADATA_MAX_KEY_CHARS:
+            return f"key {key!r}: 1 to {METADATA_MAX_KEY_CHARS} characters"
+        if isinstance(value, str):
+            if not 1 <= len(value) <= METADATA_MAX_VALUE_CHARS:
+                return f"{key}: a string of 1 to {METADATA_MAX_VALUE_CHARS} characters"
+        elif not isinstance(value, int | float | bool):
+            return f"{key}: a string, integer, float or boolean"
+    return None
+
+
+def _forbidden(scope: str) -> web.Response:
+    return web.json_response(
+        {"error": "insufficient_scope", "detail": f"The token lacks the {scope} scope"},
+        status=403,
+    )
 
 
 def _invalid(message: str) -> web.Response:

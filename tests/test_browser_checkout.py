@@ -97,6 +97,7 @@ class Shop:
     globals: dict[str, str] = field(default_factory=dict)
     config_object: bool = False  # window.FauryaCheckout instead of data- attributes
     url: str = ""
+    link: str = ""  # a Polar checkout link on the page, marked for the snippet
 
     def html(self) -> str:
         endpoint = f"{self.relay_url}/checkout"
@@ -110,6 +111,8 @@ class Shop:
                 f'<button id="buy" data-faurya-checkout data-plan="pro" '
                 f'data-endpoint="{endpoint}">Buy Pro</button>'
             )
+        if self.link:
+            button += f'<a id="link" data-faurya-checkout-link href="{self.link}">Buy by link</a>'
         return f"""<!doctype html>
 <html><head><meta charset="utf-8"><title>Shop</title>
 <script>{" ".join(lines)}</script></head>
@@ -239,14 +242,15 @@ async def test_a_click_lands_on_polar_checkout_with_the_faurya_ids(
     assert created(setup.relay) == 1
 
 
-async def test_without_faurya_globals_the_ids_are_empty(
+async def test_without_faurya_globals_the_ids_are_left_out(
     browser: WebDriver,
     aiohttp_server: AiohttpServer,
     aiohttp_client: AiohttpClient,
     config: Config,
 ) -> None:
-    """A page without Faurya's globals (configured by window.FauryaCheckout) still checks
-    out; the metadata carries "" for each ID."""
+    """A page without Faurya's globals (configured by window.FauryaCheckout, as for a visitor
+    whose ad blocker stopped Faurya's script) still checks out: the metadata carries only the
+    orderId (Polar refuses "")."""
     shop = Shop(config_object=True)
     setup = await start(aiohttp_server, aiohttp_client, config, shop)
 
@@ -256,11 +260,7 @@ async def test_without_faurya_globals_the_ids_are_empty(
 
     [call] = setup.polar.checkouts
     assert url == call.answer["url"]
-    assert {k: v for k, v in call.json["metadata"].items() if k != "orderId"} == {
-        "faVisitorId": "",
-        "faSessionId": "",
-        "faAttributionToken": "",
-    }
+    assert list(call.json["metadata"]) == ["orderId"]
 
 
 async def test_a_failed_checkout_reenables_the_button(
@@ -308,3 +308,38 @@ async def test_a_page_from_another_origin_is_refused_by_cors(
     assert seen["status"] == "Failed to fetch"  # all a page learns of a CORS refusal
     assert any("[faurya-checkout] Failed to fetch" in m for m in seen["console"])
     assert setup.polar.calls == []
+
+
+def follow_link(driver: WebDriver, page: str, prefix: str) -> str:
+    """Open the page, click the checkout link, wait for Polar's page; the URL landed on."""
+    from selenium.webdriver.common.by import By
+    from selenium.webdriver.support.ui import WebDriverWait
+
+    driver.get(page)
+    driver.find_element(By.ID, "link").click()
+    WebDriverWait(driver, 10).until(lambda d: d.current_url.startswith(prefix))
+    WebDriverWait(driver, 10).until(lambda d: d.title == "Polar checkout")
+    return str(driver.current_url)
+
+
+async def test_a_checkout_link_carries_the_attribution_token_as_reference_id(
+    browser: WebDriver,
+    aiohttp_server: AiohttpServer,
+    aiohttp_client: AiohttpClient,
+    config: Config,
+) -> None:
+    """A Polar checkout link marked data-faurya-checkout-link gets the visitor's attribution
+    token as reference_id (the only free field a link copies into metadata); a link that has a
+    reference_id of its own keeps it."""
+    shop = Shop(globals=dict(IDS))
+    setup = await start(aiohttp_server, aiohttp_client, config, shop)
+    prefix = f"{setup.polar.url}/checkout/"
+
+    shop.link = f"{prefix}polar_cl_abc?utm_source=news"
+    url = await asyncio.to_thread(follow_link, browser, shop.url, prefix)
+    token = IDS["__FAURYA_ATTRIBUTION_TOKEN__"]
+    assert url == f"{prefix}polar_cl_abc?utm_source=news&reference_id={token}"
+
+    shop.link = f"{prefix}polar_cl_abc?reference_id=mine"
+    url = await asyncio.to_thread(follow_link, browser, shop.url, prefix)
+    assert url == f"{prefix}polar_cl_abc?reference_id=mine"

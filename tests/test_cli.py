@@ -10,8 +10,10 @@ import asyncio
 import json
 import re
 import signal
+import socket
 import sys
 import time
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -75,7 +77,7 @@ async def test_check_prints_the_route_and_masks_the_write_key() -> None:
     result = await relay("check", "--config", str(CONFIG), environ=configured())
 
     assert result.code == 0, result.err
-    assert "route polar-order-paid: polar order.paid -> faurya" in result.out
+    assert "route polar-order-paid: polar order.paid (with conditions) -> faurya" in result.out
     assert "idempotency key: polar:order:{data.id}" in result.out
     assert "x-faurya-write-key: ***" in result.out
     for secret in (WRITE_KEY, LEGACY_SECRET, STANDARD_SECRET):
@@ -86,21 +88,21 @@ async def test_check_prints_the_route_and_masks_the_write_key() -> None:
     ("command", "variable"),
     [
         ("serve", "FAURYA_WRITE_KEY"),
-        ("check", "FAURYA_WRITE_KEY"),
+        ("check --strict", "FAURYA_WRITE_KEY"),
         ("serve", "POLAR_WEBHOOK_SECRET"),
     ],
 )
 async def test_a_missing_variable_is_one_line_and_exit_2(
     command: str, variable: str, tmp_path: Path
 ) -> None:
-    """`serve` and `check` without a variable the config needs exit 2 with one line on stderr
-    naming it, and create no database."""
+    """`serve` and `check --strict` without a variable the config needs exit 2 with one line
+    on stderr naming it, and create no database."""
     db = tmp_path / "relay.db"
     args = ["--config", str(CONFIG)]
     if command == "serve":
         args += ["--db", str(db), "--host", "127.0.0.1", "--port", "0"]
 
-    result = await relay(command, *args, environ=without(variable))
+    result = await relay(*command.split(), *args, environ=without(variable))
 
     assert result.code == 2
     [line] = result.err.splitlines()
@@ -108,6 +110,53 @@ async def test_a_missing_variable_is_one_line_and_exit_2(
     assert f"environment variable {variable} is not set" in line
     assert result.out == ""
     assert not db.exists()
+
+
+UNSET_NOTE = (
+    "relay: note: not set, shown as <unset: NAME>: POLAR_WEBHOOK_SECRET, FAURYA_URL, "
+    "FAURYA_SITE_ID, FAURYA_WRITE_KEY (relay serve needs them; relay check --strict fails on them)"
+)
+
+
+async def test_check_works_offline_and_shows_unset_variables() -> None:
+    """`relay check` with none of the four variables set validates the config (exit 0), shows
+    `<unset: NAME>` where a value would be, and says so once on stderr."""
+    result = await relay("check", "--config", str(CONFIG), environ=process_env())
+
+    assert result.code == 0, result.err
+    assert "destination faurya: POST <unset: FAURYA_URL>/api/revenue" in result.out
+    assert "x-faurya-site-id: <unset: FAURYA_SITE_ID>" in result.out
+    assert result.err.splitlines() == [UNSET_NOTE]
+
+
+async def test_map_works_offline_with_unset_secrets() -> None:
+    """`relay map --event FILE` with no variable set prints the request it would send, with
+    `<unset: NAME>` in place of the URL and site id, and the note once."""
+    result = await relay(
+        "map", "--config", str(CONFIG), "--event",
+        str(REPO / "tests/fixtures/polar/order.paid.purchase.json"), environ=process_env(),
+    )  # fmt: skip
+
+    assert result.code == 0, result.err
+    assert "POST <unset: FAURYA_URL>/api/revenue" in result.out
+    assert "x-faurya-site-id: <unset: FAURYA_SITE_ID>" in result.out
+    assert '"amount": 4410' in result.out
+    assert result.err.splitlines() == [UNSET_NOTE]
+
+
+async def test_send_without_a_secret_says_which_it_needs() -> None:
+    """`relay send --url URL FILE` without --secret and without POLAR_WEBHOOK_SECRET says it
+    needs that secret (not the whole config) and sends nothing."""
+    result = await relay(
+        "send", "--config", str(CONFIG), "--url", "http://127.0.0.1:9/webhooks/polar",
+        str(REPO / "tests/fixtures/polar/order.paid.purchase.json"), environ=process_env(),
+    )  # fmt: skip
+
+    assert result.code == 1
+    assert result.err.splitlines()[-1] == (
+        "relay: error: signing needs the webhook secret of source 'polar': give --secret, "
+        "or set POLAR_WEBHOOK_SECRET (sources.polar.secrets)"
+    )
 
 
 async def test_config_errors_name_their_full_key_paths(tmp_path: Path) -> None:
@@ -432,3 +481,71 @@ async def test_outbox_commands_work_while_the_relay_serves(
     finally:
         await serving.close()
     assert len(faurya.received) == 2  # the pending message waits for its retry time
+
+
+# ---------------------------------------------------------------- a busy port
+
+
+@pytest.fixture
+def busy_port() -> Iterator[int]:
+    """A loopback port another process (this one) is listening on."""
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        sock.listen()
+        yield int(sock.getsockname()[1])
+
+
+def one_line(err: str) -> str:
+    lines = err.strip().splitlines()
+    assert "Traceback" not in err
+    return lines[-1]
+
+
+async def test_serve_on_a_busy_port_says_so_in_one_line_and_exits_2(
+    busy_port: int, db_path: Path
+) -> None:
+    """`relay serve --port P` while P is taken: exit 2 and one line naming the address, that it
+    is in use and what changes it; no traceback."""
+    result = await relay(
+        "serve", "--host", "127.0.0.1", "--port", str(busy_port), "--db", str(db_path),
+        environ=configured(),
+    )  # fmt: skip
+
+    assert result.code == 2
+    assert one_line(result.err) == (
+        f"relay: config error: server.port: 127.0.0.1:{busy_port} is already in use (another "
+        "process listens there); change it with --port, --host or RELAY_PORT"
+    )
+
+
+async def test_a_busy_admin_port_says_so_in_one_line_and_exits_2(
+    busy_port: int, db_path: Path, tmp_path: Path
+) -> None:
+    """An admin.listen address that is taken: exit 2 and one line naming admin.listen."""
+    config = tmp_path / "relay.toml"
+    minimal = (REPO / "config" / "relay.minimal.toml").read_text()
+    config.write_text(minimal + f'\n[admin]\nlisten = "127.0.0.1:{busy_port}"\n')
+
+    result = await relay(
+        "serve", "--config", str(config), "--host", "127.0.0.1", "--port", "0",
+        "--db", str(db_path), environ=configured(),
+    )  # fmt: skip
+
+    assert result.code == 2
+    assert one_line(result.err) == (
+        f"relay: config error: admin.listen: 127.0.0.1:{busy_port} is already in use (another "
+        "process listens there); change it with admin.listen"
+    )
+
+
+async def test_dev_on_a_busy_port_says_so_in_one_line_and_exits_2(busy_port: int) -> None:
+    """`relay dev --port P` while P is taken: exit 2, one line, no traceback."""
+    result = await relay(
+        "dev", "--config", str(CONFIG), "--port", str(busy_port), environ=process_env()
+    )
+
+    assert result.code == 2
+    assert one_line(result.err) == (
+        f"relay: config error: --port: 127.0.0.1:{busy_port} is already in use (another "
+        "process listens there); change it with --port or --host"
+    )

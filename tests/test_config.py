@@ -72,7 +72,11 @@ def test_shipped_config_parses_with_the_documented_env() -> None:
     )
     assert [(r.name, r.source, r.events, r.destination) for r in config.routes] == [
         ("polar-order-paid", "polar", ("order.paid",), "faurya"),
+        ("polar-order-renewal", "polar", ("order.paid",), "faurya"),
+        ("polar-order-credit", "polar", ("order.paid",), "faurya"),
         ("polar-refund-succeeded", "polar", ("refund.created", "refund.updated"), "faurya"),
+        ("polar-refund-reversed", "polar", ("refund.updated",), "faurya"),
+        ("polar-dispute-lost", "polar", ("dispute.lost",), "faurya"),
     ]
 
 
@@ -286,8 +290,7 @@ BAD_VALUES: list[tuple[Keys, Any, list[str]]] = [
         {},
         [
             "sources: define at least one source",
-            "routes[0].source: no source named 'polar' (defined: none)",
-            "routes[1].source: no source named 'polar' (defined: none)",
+            *[f"routes[{i}].source: no source named 'polar' (defined: none)" for i in range(6)],
         ],
     ),
     (
@@ -378,7 +381,7 @@ BAD_VALUES: list[tuple[Keys, Any, list[str]]] = [
         {"path": "data.status", "equals": "paid"},
         [
             "routes[0].when.equals: unknown condition key",
-            "routes[0].when: give exactly one of eq, ne, in, not_in, exists",
+            "routes[0].when: give exactly one of eq, ne, in, not_in, exists, lt, le, gt, ge",
         ],
     ),
     (

@@ -317,6 +317,7 @@ async def test_timeout_schedules_a_retry(
     assert deliveries(relay, "retry") == 1
     [entry] = logged(logs, "delivery_retry_scheduled")
     assert (entry["message_id"], entry["reason"], entry["status"]) == (message.id, "timeout", None)
+    assert entry["error_kind"] == "timeout"
 
 
 async def test_while_webhooks_arrive_the_pool_holds_back_to_concurrency_while_receiving(
@@ -372,11 +373,12 @@ async def test_connection_refused_schedules_a_retry(
     assert record.status is MessageStatus.PENDING
     assert record.last_status is None
     assert record.last_error is not None
-    assert record.last_error.startswith("connection error: ClientConnectorError")
-    assert metric(relay, "relay_delivery_attempts_total", status_class="error") == 1
+    assert record.last_error.startswith("connect: ClientConnectorError")
+    assert metric(relay, "relay_delivery_attempts_total", status_class="connect") == 1
     assert deliveries(relay, "retry") == 1
     [entry] = logged(logs, "delivery_retry_scheduled")
     assert entry["reason"] == record.last_error
+    assert entry["error_kind"] == "connect"
 
 
 # ---------------------------------------------------------------- dead-lettered

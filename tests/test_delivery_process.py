@@ -34,8 +34,8 @@ from relay.app import create_app
 from relay.config import DestinationConfig, Header, Secret, parse
 from relay.delivery import AttemptResult, Redactor, Sender
 from relay.delivery_process import NICENESS, ProcessSenders
-from relay.metrics import Metrics
-from relay.models import ClaimedMessage
+from relay.metrics import Metrics, status_class
+from relay.models import ClaimedMessage, ErrorKind
 from tests import test_e2e
 from tests.helpers import (
     LEGACY_SECRET,
@@ -62,7 +62,7 @@ switchboard = test_e2e.switchboard
 
 LogList = list[MutableMapping[str, Any]]
 SECRETS = (LEGACY_SECRET, STANDARD_SECRET, STANDARD_SECRET.removeprefix("whsec_"), WRITE_KEY)
-EXITED = "connection error: the delivery process exited"
+EXITED = "child_gone: the delivery process exited"
 NO_ANSWER = "timeout: the delivery process did not answer"
 STARTED = "relay_delivery_processes_started_total"
 # Tests that need a timeout use small ones: the child judged stuck after 0.5 + 0.2 s.
@@ -275,7 +275,7 @@ async def test_a_child_that_cannot_start_is_logged_and_its_sends_fail_for_a_retr
 
         assert (result.status, result.error) == (
             None,
-            "connection error: the delivery process exited",
+            "child_gone: the delivery process exited",
         )
         assert len(logged(logs, "delivery_process_start_failed")) == 2
         assert pool.started == 0
@@ -304,7 +304,7 @@ async def test_a_child_that_cannot_even_be_spawned_is_logged_and_close_still_wor
     await wait_until(logged_failure, timeout_s=5)
     assert logged(logs, "delivery_process_start_failed")[0]["error"] == "No such file or directory"
     result = await pool.sender(destination("http://127.0.0.1:9/api/revenue")).send(claimed())
-    assert (result.status, result.error) == (None, "connection error: the delivery process exited")
+    assert (result.status, result.error) == (None, "child_gone: the delivery process exited")
     await pool.close(timeout_s=1.0)
     assert pool.started == 0
 
@@ -407,7 +407,7 @@ async def test_a_failure_inside_the_child_is_answered_not_left_hanging(
     assert time.monotonic() - started < 10  # far inside timeout_s + answer_grace_s (60 s)
     assert (result.status, result.error) == (
         None,
-        "connection error: delivery process failed (KeyError)",
+        "child_error: delivery process failed (KeyError)",
     )
     ok = await pool.sender(destination(f"{faurya.url}/api/revenue")).send(claimed())
     assert ok.status == 200
@@ -418,7 +418,7 @@ async def test_a_failure_inside_the_child_is_answered_not_left_hanging(
 async def test_a_closed_port_is_a_connection_error_like_in_process(
     make_pool: MakePool, logs: LogList, metrics: Metrics
 ) -> None:
-    """Connection refused: no status, and the same "connection error: ..." text the in-process
+    """Connection refused: no status, and the same "connect: ..." text the in-process
     Sender gives. The child lives on."""
     dest = destination(f"http://127.0.0.1:{closed_port()}/api/revenue")
     pool = make_pool(dest)
@@ -428,7 +428,7 @@ async def test_a_closed_port_is_a_connection_error_like_in_process(
 
     assert result.status is None
     assert result.error is not None
-    assert result.error.startswith("connection error: ClientConnectorError")
+    assert result.error.startswith("connect: ClientConnectorError")
     assert (result.status, result.error, result.snippet) == (
         expected.status,
         expected.error,
@@ -526,6 +526,8 @@ async def test_a_stopped_child_times_out_is_killed_and_replaced(
     took = time.perf_counter() - started
 
     assert (result.status, result.error, result.snippet) == (None, NO_ANSWER, "")
+    # A timeout like any other: the metric says so (it said "error").
+    assert (result.kind, status_class(result.status, result.kind)) == (ErrorKind.TIMEOUT, "timeout")
     assert TIMEOUT_S + GRACE_S <= took < TIMEOUT_S + GRACE_S + 1.0
     assert TIMEOUT_S + GRACE_S <= result.duration_s < TIMEOUT_S + GRACE_S + 1.0
     assert faurya.received == []  # the stopped child never sent it

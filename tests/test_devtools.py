@@ -241,7 +241,8 @@ async def test_map_with_an_unknown_route_exits_1() -> None:
     assert result.out == ""
     assert result.err.splitlines() == [
         "relay: error: no route named 'polar-order-pad' "
-        "(routes: polar-order-paid, polar-refund-succeeded)"
+        "(routes: polar-order-paid, polar-order-renewal, polar-order-credit, "
+        "polar-refund-succeeded, polar-refund-reversed, polar-dispute-lost)"
     ]
 
 
@@ -371,6 +372,23 @@ async def test_send_is_accepted_and_the_same_id_again_is_a_duplicate(
     [call] = await faurya.wait_for(1)
     assert call.headers["idempotency-key"] == f"polar:order:{PURCHASE_ORDER_ID}"
     assert await stored_events(serving.db) == [("order.paid", EventStatus.ROUTED)]
+
+
+async def test_the_same_file_sent_again_is_a_duplicate(
+    serving: Serving, faurya: FakeFaurya
+) -> None:
+    """As the README's quick start says: the same file sent again (a new webhook id, the same
+    order) is answered `202 duplicate`, and Faurya gets one call."""
+    args = ["send", str(PURCHASE), "--url", serving.webhook_url, "--secret", LEGACY_SECRET]
+
+    first = await relay(*args)
+    again = await relay(*args)
+
+    assert '"status":"accepted"' in first.out, first.err
+    assert again.code == 0, again.err
+    assert "HTTP 202" in again.out
+    assert '"status":"duplicate"' in again.out
+    assert len(await faurya.wait_for(1)) == 1
 
 
 async def test_send_with_a_wrong_secret_gets_401_and_exits_1(

@@ -316,14 +316,20 @@ def test_condition(raw: Any, holds: bool) -> None:
 @pytest.mark.parametrize(
     ("raw", "expected"),
     [
-        ({"path": "data.x"}, ["when: give exactly one of eq, ne, in, not_in, exists"]),
-        ({"path": "a", "eq": 1, "ne": 2}, ["when: give exactly one of eq, ne, in, not_in, exists"]),
+        (
+            {"path": "data.x"},
+            ["when: give exactly one of eq, ne, in, not_in, exists, lt, le, gt, ge"],
+        ),
+        (
+            {"path": "a", "eq": 1, "ne": 2},
+            ["when: give exactly one of eq, ne, in, not_in, exists, lt, le, gt, ge"],
+        ),
         ({"eq": 1}, ["when: a comparison needs a path"]),
         (
             {"path": "a", "equals": 1},
             [
                 "when.equals: unknown condition key",
-                "when: give exactly one of eq, ne, in, not_in, exists",
+                "when: give exactly one of eq, ne, in, not_in, exists, lt, le, gt, ge",
             ],
         ),
         ({"path": "a", "in": "x"}, ["when.in: must be an array"]),

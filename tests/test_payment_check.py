@@ -137,7 +137,7 @@ async def test_an_order_polar_does_not_confirm_is_dead_and_not_sent(
     state: str,
 ) -> None:
     """An order Polar does not know (404) or has not been paid for is dead-lettered with
-    "payment not verified", and Faurya hears nothing."""
+    "payment_not_verified", and Faurya hears nothing."""
     order_id = str(uuid.uuid4())
     if status is not None:
         polar.add_order(order_id=order_id, status=status)
@@ -146,7 +146,7 @@ async def test_an_order_polar_does_not_confirm_is_dead_and_not_sent(
     record = await settled(relay, message.id)
 
     assert record.status is MessageStatus.DEAD
-    reason = f"payment not verified: Polar order {order_id} is {state}"
+    reason = f"payment_not_verified: Polar order {order_id} is {state}"
     assert record.last_error is not None
     assert record.last_error.startswith(reason)
     assert faurya.received == []
@@ -173,7 +173,7 @@ async def test_polar_failing_retries_then_delivers_once_it_recovers(
     assert record.status is MessageStatus.PENDING
     assert record.last_error is not None
     assert record.last_error.startswith(
-        f"payment check failed: Polar answered 503 on /v1/orders/{order['id']}"
+        f"payment_check: Polar answered 503 on /v1/orders/{order['id']}"
     )
     assert record.next_attempt_at > clock.now()
     assert faurya.received == []
@@ -211,7 +211,7 @@ async def test_polar_refusing_the_token_retries_without_sending(
 
     assert record.status is MessageStatus.PENDING
     assert record.last_error is not None
-    assert record.last_error.startswith("payment check failed:")
+    assert record.last_error.startswith("payment_check:")
     assert "401" in record.last_error
     assert WRONG_TOKEN not in record.last_error
     assert faurya.received == []

@@ -225,7 +225,8 @@ async def test_succeeded_refunds_are_reconciled_with_the_purchase_lookup(
 ) -> None:
     """A succeeded refund becomes a Faurya refund carrying the recorded purchase's orderId and
     attribution; one whose purchase the relay never saw falls back to Polar's order id; a
-    pending refund is not reconciled."""
+    pending refund is not reconciled (refunds are listed whatever their status, so that one
+    undone later is seen too)."""
     order = polar.add_order()
     refund = polar.add_refund(order, amount=2000)
     polar.add_refund(order, amount=500, status="pending")
@@ -235,7 +236,7 @@ async def test_succeeded_refunds_are_reconciled_with_the_purchase_lookup(
 
     assert (summary.seen, summary.enqueued) == (3, 3)  # the order and two succeeded refunds
     [call] = polar.requests_to("/v1/refunds/")
-    assert call.query["succeeded"] == "true"
+    assert "succeeded" not in call.query
     messages = await by_key(store)
     assert set(messages) == {
         f"polar:order:{order['id']}",
@@ -450,7 +451,7 @@ async def test_relay_reconcile_prints_the_summary_and_dry_run_changes_nothing(
     assert (code, err) == (0, "")
     lines = out.splitlines()
     assert lines[-1] == (
-        "seen 2, already recorded 0, enqueued 2, unmappable 0, ignored 0 (2 pages)"
+        "seen 2, already recorded 0, enqueued 2, unmappable 0, ignored 0 (3 pages)"
     )
     assert f"order.paid {first['id']}: enqueued polar:order:{first['id']}" in lines
     assert set(await messages_in(db)) == {
@@ -470,7 +471,7 @@ async def test_relay_reconcile_prints_the_summary_and_dry_run_changes_nothing(
     assert (code, err) == (0, "")
     assert out.splitlines() == [
         f"order.paid {later['id']}: would enqueue polar:order:{later['id']}",
-        "dry run: seen 3, already recorded 2, enqueued 1, unmappable 0, ignored 0 (2 pages)",
+        "dry run: seen 3, already recorded 2, enqueued 1, unmappable 0, ignored 0 (3 pages)",
     ]
     assert await messages_in(db) == before
     assert polar.calls[-1].headers["Authorization"] == f"Bearer {polar.token}"
@@ -542,3 +543,73 @@ async def test_relay_reconcile_beside_a_serving_relay(
     assert sent.headers["idempotency-key"] == f"polar:order:{order['id']}"
     await relay.app[WORKERS].run_until_idle()
     assert len(faurya.received) == 1
+
+
+async def test_lost_disputes_are_reconciled_as_refunds_joined_to_the_purchase(
+    store: Store, config: Config, api: PolarApi, clock: FakeClock, polar: FakePolar
+) -> None:
+    """A lost dispute (no webhook, no refund) becomes a Faurya refund of its net amount under
+    `polar:dispute:{id}`, with the purchase's orderId and attribution; a dispute still open or
+    won is not revenue lost and is not reconciled."""
+    order = polar.add_order()
+    lost = polar.add_dispute(order, amount=4410, tax_amount=1103)
+    polar.add_dispute(order, status="won")
+    polar.add_dispute(order, status="needs_response")
+
+    summary = await reconcile(store, config, api, clock)
+
+    assert (summary.seen, summary.enqueued, summary.skipped) == (2, 2, [])
+    [call] = polar.requests_to("/v1/disputes/")
+    assert call.query["status"] == "lost"
+    messages = await by_key(store)
+    body = json.loads(messages[f"polar:dispute:{lost['id']}"].body)
+    assert body == {
+        "event": "refund",
+        "amount": 4410,
+        "currency": "USD",
+        "orderId": "ord_7Hq2kP9xL3",
+        "provider": "polar",
+        "providerPaymentId": order["id"],
+        "refundId": lost["id"],
+        "attribution": purchase(order)["attribution"],
+    }
+
+
+async def test_a_token_without_disputes_read_still_reconciles_orders(
+    store: Store, config: Config, api: PolarApi, clock: FakeClock, polar: FakePolar
+) -> None:
+    """A token without disputes:read (Polar answers 403 on the listing) still reconciles orders
+    and refunds; the summary says what was skipped and why."""
+    polar.scopes = frozenset({"orders:read", "refunds:read"})
+    order = polar.add_order()
+    polar.add_dispute(order)
+
+    summary = await reconcile(store, config, api, clock)
+
+    assert (summary.seen, summary.enqueued) == (1, 1)
+    assert summary.skipped == ["lost disputes (the token lacks the disputes:read scope: 403)"]
+    assert "skipped: lost disputes" in summary.line()
+    assert set(await by_key(store)) == {f"polar:order:{order['id']}"}
+
+
+async def test_a_refund_undone_after_it_was_recorded_is_reversed(
+    store: Store, config: Config, api: PolarApi, clock: FakeClock, polar: FakePolar
+) -> None:
+    """A refund reconciled as succeeded and later failed is reversed by the next run (a new
+    event, not taken for the one already recorded); a refund that failed without ever being
+    recorded sends nothing."""
+    order = polar.add_order()
+    refund = polar.add_refund(order, amount=2000)
+    never = polar.add_refund(order, amount=300, status="failed")
+    await reconcile(store, config, api, clock)
+    refund["status"] = "failed"
+
+    summary = await reconcile(store, config, api, clock)
+
+    assert summary.enqueued == 1
+    messages = await by_key(store)
+    reversal = json.loads(messages[f"polar:refund-reversed:{refund['id']}"].body)
+    assert (reversal["event"], reversal["amount"]) == ("purchase", 2000)
+    assert reversal["orderId"] == f"ord_7Hq2kP9xL3:refund-reversed:{refund['id']}"
+    assert reversal["reversedRefundId"] == refund["id"]
+    assert f"polar:refund-reversed:{never['id']}" not in messages

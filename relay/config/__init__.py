@@ -28,11 +28,12 @@ from relay.config.model import (
     SourceConfig,
     StorageConfig,
 )
-from relay.config.reader import interpolate
+from relay.config.reader import UNSET_MARK, interpolate
 from relay.models import is_postgres_url
 
 __all__ = [
     "DEFAULT_BODY_LIMIT_BYTES",
+    "UNSET_MARK",
     "AdminConfig",
     "CheckoutConfig",
     "Config",

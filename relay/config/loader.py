@@ -28,11 +28,14 @@ from relay.errors import ConfigError, MissingEnvVar
 from relay.mapping import format_path
 
 
-def parse(raw: dict[str, Any], env: Mapping[str, str]) -> Config:
-    """Validate an already-parsed TOML document. Raises `ConfigError` listing every problem."""
+def parse(raw: dict[str, Any], env: Mapping[str, str], *, offline: bool = False) -> Config:
+    """Validate an already-parsed TOML document. Raises `ConfigError` listing every problem.
+
+    offline: for commands that serve nothing (`relay check`, `relay map`): an unset variable
+    reads as `<unset: NAME>` and is listed in `Config.unset_variables` instead of failing."""
     missing: list[MissingEnvVar] = []
-    doc = interpolate(raw, env, "", missing)
-    if missing:
+    doc = interpolate(raw, env, "", missing, placeholders=offline)
+    if missing and not offline:
         # Missing variables first and alone, on one line: the rest would only echo them as
         # empty values.
         raise ConfigError("; ".join(m.message for m in missing))
@@ -46,7 +49,7 @@ def parse(raw: dict[str, Any], env: Mapping[str, str]) -> Config:
     polar_api = read_polar_api(top.sub("polar_api"))
     checkout = read_checkout(top.sub("checkout"))
     sources = {n: read_source(n, st) for n, st in named_tables(top, "sources").items()}
-    reconcile = read_reconcile(top.sub("reconcile"), sources)
+    reconcile = read_reconcile(top.sub("reconcile"), sources, has_token=polar_api.token is not None)
     if checkout.enabled and polar_api.token is None:
         problems.append("polar_api.token: the checkout endpoint needs a Polar access token")
     if reconcile.interval_s and polar_api.token is None:
@@ -101,12 +104,13 @@ def parse(raw: dict[str, Any], env: Mapping[str, str]) -> Config:
         polar_api,
         reconcile,
         checkout,
+        unset_variables=tuple(dict.fromkeys(m.var_name for m in missing)),
     )
 
 
-def load(path: str | Path, env: Mapping[str, str]) -> Config:
-    """Read and validate relay.toml."""
-    return parse(read_toml(path), env)
+def load(path: str | Path, env: Mapping[str, str], *, offline: bool = False) -> Config:
+    """Read and validate relay.toml (offline: see `parse`)."""
+    return parse(read_toml(path), env, offline=offline)
 
 
 def read_toml(path: str | Path) -> dict[str, Any]:

@@ -159,13 +159,25 @@ class PolarApiConfig:
     min_interval_s: float = 0.15  # request spacing: 400/min, under Polar's 500/min
 
 
+# Reconciliation is on by default whenever a Polar token is set: webhooks alone lose revenue
+# (Polar gives up after ~30 minutes, sends nothing while an endpoint is disabled, and lost
+# disputes never send one). Hourly, over 30 days: Polar's dunning can pay a renewal up to 21 days
+# after its order was created, and orders can only be listed by creation time.
+RECONCILE_DEFAULT_INTERVAL_S = 3600.0
+RECONCILE_DEFAULT_LOOKBACK_S = 30 * 24 * 3600.0
+
+
 @dataclass(frozen=True, slots=True)
 class ReconcileConfig:
-    """`relay serve` reconciles every `interval_s` (0: never) over the last `lookback_s`."""
+    """`relay serve` reconciles every `interval_s` (0: never) over the last `lookback_s`.
+    Unset, `interval_s` is `RECONCILE_DEFAULT_INTERVAL_S` with a Polar token and 0 without."""
 
     interval_s: float = 0.0
-    lookback_s: float = 3 * 24 * 3600.0
+    lookback_s: float = RECONCILE_DEFAULT_LOOKBACK_S
     source: str = "polar"
+    # The first run comes this soon after start (at most interval_s), so a relay that is
+    # restarted more often than interval_s still reconciles.
+    first_run_after_s: float = 60.0
 
 
 @dataclass(frozen=True, slots=True)
@@ -198,6 +210,8 @@ class Config:
     polar_api: PolarApiConfig = PolarApiConfig()
     reconcile: ReconcileConfig = ReconcileConfig()
     checkout: CheckoutConfig = CheckoutConfig()
+    # Variables that were not set, in an offline load only (they read as "<unset: NAME>").
+    unset_variables: tuple[str, ...] = ()
 
 
 @dataclass(frozen=True, slots=True)

@@ -5,6 +5,7 @@ small value checks the sections share. Never quotes a secret's value in a messag
 
 from __future__ import annotations
 
+import math
 import re
 from collections.abc import Callable, Mapping
 from pathlib import Path
@@ -21,12 +22,33 @@ _REQUIRED: Any = object()
 # ---------------------------------------------------------------- interpolation
 
 
-def interpolate(raw: Any, env: Mapping[str, str], where: str, missing: list[MissingEnvVar]) -> Any:
-    """Replace `${VAR}` and `${VAR:-default}` in every string; `$$` is a literal `$`."""
+# What an unset variable reads as in an offline load (`relay check`, `relay map`): shown where
+# its value would be, accepted by every check that would judge the value.
+UNSET = "<unset: {}>"
+UNSET_MARK = re.compile(r"<unset: ([A-Za-z_][A-Za-z0-9_]*)>")
+
+
+def interpolate(
+    raw: Any,
+    env: Mapping[str, str],
+    where: str,
+    missing: list[MissingEnvVar],
+    *,
+    placeholders: bool = False,
+) -> Any:
+    """Replace `${VAR}` and `${VAR:-default}` in every string; `$$` is a literal `$`. A
+    required variable that is unset is recorded in `missing`; with `placeholders` it reads as
+    `<unset: VAR>`, else as ""."""
     if isinstance(raw, dict):
-        return {k: interpolate(v, env, _join(where, k), missing) for k, v in raw.items()}
+        return {
+            k: interpolate(v, env, _join(where, k), missing, placeholders=placeholders)
+            for k, v in raw.items()
+        }
     if isinstance(raw, list):
-        return [interpolate(v, env, f"{where}[{i}]", missing) for i, v in enumerate(raw)]
+        return [
+            interpolate(v, env, f"{where}[{i}]", missing, placeholders=placeholders)
+            for i, v in enumerate(raw)
+        ]
     if not isinstance(raw, str):
         return raw
 
@@ -40,7 +62,7 @@ def interpolate(raw: Any, env: Mapping[str, str], where: str, missing: list[Miss
                 return default
             # Set but empty is as good as missing: an empty write key or secret is a mistake.
             missing.append(MissingEnvVar(name, where))
-            return ""
+            return UNSET.format(name) if placeholders else ""
         return value
 
     return _VAR.sub(substitute, raw)
@@ -82,6 +104,9 @@ class Table:
             return None if default is _REQUIRED else default
         value = self.raw[key]
         kinds = kind if isinstance(kind, tuple) else (kind,)
+        if isinstance(value, str) and UNSET_MARK.search(value):
+            # An offline load: the value is not known, so neither is whether it is valid.
+            return value if str in kinds else (None if default is _REQUIRED else default)
         if isinstance(value, str) and str not in kinds:
             # "${RELAY_PORT:-8080}": interpolation yields strings; read numbers from them.
             value = _number_from_text(value, int in kinds)
@@ -91,7 +116,7 @@ class Table:
             names = " or ".join(_KIND_NAMES.get(k, k.__name__) for k in kinds)
             self.problems.append(f"{self.path(key)}: must be {names}")
             return None if default is _REQUIRED else default
-        if check is not None and (message := check(value)) is not None:
+        if check is not None and (message := _checked(check, value)) is not None:
             self.problems.append(f"{self.path(key)}: {message}")
             return None if default is _REQUIRED else default
         return value
@@ -105,6 +130,16 @@ class Table:
             if key not in self.seen and key not in allowed_extra:
                 allowed = ", ".join(sorted(self.seen)) or "none"
                 self.problems.append(f"{self.path(key)}: unknown key (allowed: {allowed})")
+
+
+def _checked(check: Callable[[Any], str | None], value: Any) -> str | None:
+    """A check's verdict. A check that trips over a malformed value (a URL parser's
+    ValueError, a file name the OS refuses) has found a bad value, not a bug to crash on; the
+    exception's text is not quoted: the value may be a secret."""
+    try:
+        return check(value)
+    except (ValueError, OSError):
+        return "not a valid value"
 
 
 def _number_from_text(text: str, integer: bool) -> Any:
@@ -126,7 +161,9 @@ _KIND_NAMES = {
 
 
 def positive(value: float) -> str | None:
-    return None if value > 0 else "must be greater than 0"
+    if value == math.inf:  # it would reach the store as a lease or a due time
+        return "must be a finite number"
+    return None if value > 0 else "must be greater than 0"  # NaN fails `> 0` too
 
 
 def between(low: float, high: float) -> Callable[[float], str | None]:
@@ -144,7 +181,10 @@ def one_of(*choices: str) -> Callable[[str], str | None]:
 
 
 def http_url(value: str) -> str | None:
-    parts = urlsplit(value)
+    try:
+        parts = urlsplit(value)
+    except ValueError:  # "http://[::1": an unclosed IPv6 bracket
+        return "must be an http:// or https:// URL with a host"
     if parts.scheme not in ("http", "https") or not parts.hostname:
         return "must be an http:// or https:// URL with a host"
     return None
@@ -155,8 +195,11 @@ def url_path(value: str) -> str | None:
 
 
 def readable_file(value: str) -> str | None:
-    if value and not Path(value).is_file():
-        return "no such file"
+    try:
+        if value and not Path(value).is_file():
+            return "no such file"
+    except (OSError, ValueError) as exc:  # a name too long, a NUL byte
+        return f"cannot use this file name: {getattr(exc, 'strerror', None) or exc}"
     return None
 
 

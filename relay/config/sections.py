@@ -8,6 +8,7 @@ from typing import Any
 from urllib.parse import urlsplit
 
 from relay.config.model import (
+    RECONCILE_DEFAULT_INTERVAL_S,
     AdminConfig,
     CheckoutConfig,
     DestinationConfig,
@@ -23,6 +24,7 @@ from relay.config.model import (
     StorageConfig,
 )
 from relay.config.reader import (
+    UNSET_MARK,
     Table,
     between,
     http_url,
@@ -89,12 +91,18 @@ def read_polar_api(t: Table) -> PolarApiConfig:
     return c
 
 
-def read_reconcile(t: Table, sources: Mapping[str, Any]) -> ReconcileConfig:
+def read_reconcile(
+    t: Table, sources: Mapping[str, Any], *, has_token: bool = False
+) -> ReconcileConfig:
     d = ReconcileConfig()
+    default_interval_s = RECONCILE_DEFAULT_INTERVAL_S if has_token else 0.0
     c = ReconcileConfig(
-        interval_s=t.get("interval_s", float, d.interval_s, between(0, 7 * 86400)),
+        interval_s=t.get("interval_s", float, default_interval_s, between(0, 7 * 86400)),
         lookback_s=t.get("lookback_s", float, d.lookback_s, positive),
         source=t.get("source", str, d.source),
+        first_run_after_s=t.get(
+            "first_run_after_s", float, d.first_run_after_s, between(0, 7 * 86400)
+        ),
     )
     if c.source not in sources and sources:
         t.problems.append(f"{t.path('source')}: no source named {c.source!r}")
@@ -157,7 +165,7 @@ def _storage_url(t: Table) -> Secret | None:
     value = t.get("url", str, "")
     if not value:
         return None
-    if not is_postgres_url(value):
+    if not is_postgres_url(value) and not UNSET_MARK.search(value):
         t.problems.append(
             f"{t.path('url')}: must be a postgresql:// URL (or leave it out "
             "and set path for SQLite)"
@@ -362,7 +370,9 @@ def read_route(
             t.problems.extend(exc.problems)
     lookups = _lookups(t.sub("lookup"), destinations)
     t.done()
-    if None in (source, destination, events) or len(compiled) < 2:
+    # Build the route only from parts that all compiled: a bad `body` with a good `when` must
+    # give its problem (already recorded), not a KeyError here.
+    if None in (source, destination, events) or not {"idempotency_key", "body"} <= compiled.keys():
         return None
     return Route(
         name=name,

@@ -8,14 +8,18 @@ Rule forms (see README, "Mapping rules"):
   scalar                      a constant ("polar", 1, true)
   { const = any }             a constant of any TOML type
   { path = "data.id" }        a dotted path into the event; `items[0].id` indexes arrays
-  { first = ["a", "b"] }      the first path whose value is neither missing, null nor ""
+  { first = ["a", "b"] }      the first path whose value is neither missing, null nor "";
+                              an entry may be { template = "..." } (missing if it can't render)
   { template = "x:{data.id}" }  a string with `{path}` placeholders
+  { sum = ["a", "b"] }        the sum of the numbers at the paths (missing if one is)
   options on any of those: default, type ("string"|"int"|"float"|"bool"),
-  minor_to_major / major_to_minor = "<path of the currency code>" (by ISO 4217 exponent),
-  transform ("upper"|"lower"|"trim"|"empty_to_null"|"iso4217", or a list of them), required
+  minor_to_major / major_to_minor = "<path of the currency code>" (by Polar's exponent),
+  transform ("upper"|"lower"|"trim"|"empty_to_null"|"iso4217" on strings, "negate"|"abs" on
+  numbers, or a list of them), required
   any other table             a nested JSON object, built recursively
-Conditions (`when`): { path, eq | ne | in | not_in | exists }, { all = [...] }, { any = [...] },
-{ not = {...} }; a list means all of them.
+Conditions (`when`): { path, eq | ne | in | not_in | exists | lt | le | gt | ge },
+{ all = [...] }, { any = [...] }, { not = {...} }; a list means all of them. A route's condition
+sees its lookups.
 Lookups: a route may name stored messages (`[routes.lookup.<name>]` with a destination and an
 idempotency-key template); ingest resolves them from the store before mapping, and rules read
 them as `lookup.<name>.<field>` (missing when nothing was recorded).

@@ -1,7 +1,12 @@
-"""Route conditions (`when`): comparisons on paths, combined with all / any / not."""
+"""Route conditions (`when`): comparisons on paths, combined with all / any / not.
+
+A route with lookups evaluates its condition with the lookups in place, so `lookup.<name>.<field>`
+can be compared like any other path (e.g. "only when the refund was recorded")."""
 
 from __future__ import annotations
 
+import operator
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
@@ -12,7 +17,7 @@ from relay.mapping.paths import MISSING, Path, RuleSyntaxError, lookup, parse_pa
 
 @dataclass(frozen=True, slots=True)
 class Condition:
-    """`op` is one of eq, ne, in, not_in, exists, all, any, not."""
+    """`op` is one of eq, ne, in, not_in, exists, lt, le, gt, ge, all, any, not."""
 
     op: str
     path: Path = ()
@@ -41,7 +46,26 @@ class Condition:
             return not _same(found, self.value)
         if self.op == "in":
             return any(_same(found, v) for v in self.value)
-        return not any(_same(found, v) for v in self.value)  # not_in
+        if self.op == "not_in":
+            return not any(_same(found, v) for v in self.value)
+        # lt, le, gt, ge: numbers only. A missing value, null, a string or a bool is no number,
+        # so the comparison does not hold (`{ path = "data.net_amount", lt = 0 }` never takes
+        # an order whose amount is absent).
+        if not _is_number(found):
+            return False
+        return bool(_ORDER[self.op](found, self.value))
+
+
+def _is_number(value: Any) -> bool:
+    return isinstance(value, int | float) and not isinstance(value, bool)
+
+
+_ORDER: dict[str, Callable[[Any, Any], bool]] = {
+    "lt": operator.lt,
+    "le": operator.le,
+    "gt": operator.gt,
+    "ge": operator.ge,
+}
 
 
 def _same(a: Any, b: Any) -> bool:
@@ -51,7 +75,7 @@ def _same(a: Any, b: Any) -> bool:
     return bool(a == b)
 
 
-COMPARISONS = ("eq", "ne", "in", "not_in", "exists")
+COMPARISONS = ("eq", "ne", "in", "not_in", "exists", "lt", "le", "gt", "ge")
 
 
 def compile_condition(raw: Any, where: str) -> Condition:
@@ -99,6 +123,8 @@ def compile_condition(raw: Any, where: str) -> Condition:
         raise RuleSyntaxError([f"{where}.{op}: must be an array"])
     if op == "exists" and not isinstance(value, bool):
         raise RuleSyntaxError([f"{where}.exists: must be true or false"])
+    if op in _ORDER and not _is_number(value):
+        raise RuleSyntaxError([f"{where}.{op}: must be a number"])
     if isinstance(value, dict):
         raise RuleSyntaxError([f"{where}.{op}: compare with a scalar, not a table"])
     return Condition(op=op, path=parse_path(raw["path"], f"{where}.path"), value=value)

@@ -62,10 +62,23 @@ class Route:
                 continue  # the key's fields are absent: nothing to look up
         return keys
 
-    def selects(self, source: str, event_type: str, event: Any) -> bool:
+    def selects(
+        self, source: str, event_type: str, event: Any, found: Mapping[str, Any] | None = None
+    ) -> bool:
+        """Whether this route takes the event; a route with lookups sees them as `lookup.*`
+        in its condition (`found`: its resolved lookups, as for `build`)."""
         if source != self.source or not self.takes(event_type):
             return False
-        return self.when is None or self.when.holds(event)
+        if self.when is None:
+            return True
+        if self.lookups:
+            event = {**event, "lookup": dict(found or {})}
+        return self.when.holds(event)
+
+    def wants_lookups(self, source: str, event_type: str) -> bool:
+        """Whether the store must be asked before this route can decide: its condition may read
+        the lookups, so they are resolved for every event of its source and types."""
+        return bool(self.lookups) and source == self.source and self.takes(event_type)
 
     def takes(self, event_type: str) -> bool:
         """Whether `events` names this type (the part of `selects` that needs no event)."""
@@ -184,11 +197,18 @@ class MapResult:
     reason: str | None = None
 
 
-def select(routes: Sequence[Route], source: str, event: dict[str, Any]) -> list[Route]:
+def select(
+    routes: Sequence[Route],
+    source: str,
+    event: dict[str, Any],
+    found: Mapping[str, Mapping[str, Any]] | None = None,
+) -> list[Route]:
+    """The routes that take `event`; `found`: route name -> its resolved lookups."""
     event_type = event.get("type")
     if not isinstance(event_type, str):
         return []
-    return [r for r in routes if r.selects(source, event_type, event)]
+    found = found or {}
+    return [r for r in routes if r.selects(source, event_type, event, found.get(r.name))]
 
 
 def map_event(
@@ -202,10 +222,10 @@ def map_event(
     `found`: route name -> its resolved lookups (see `Route.lookup_keys`)."""
     if not isinstance(event.get("type"), str):
         return MapResult(EventStatus.UNMAPPABLE, reason="event has no string type")
-    selected = select(routes, source, event)
+    found = found or {}
+    selected = select(routes, source, event, found)
     if not selected:
         return MapResult(EventStatus.IGNORED)
-    found = found or {}
     try:
         messages = tuple(route.build(event, found.get(route.name)) for route in selected)
     except MappingError as exc:

@@ -15,7 +15,7 @@ from relay.errors import MappingError
 from relay.mapping.paths import MISSING, Path, RuleSyntaxError, format_path, lookup, parse_path
 from relay.mapping.templates import Template, compile_template, scalar_text
 
-SOURCE_KEYS = ("const", "path", "first", "template")
+SOURCE_KEYS = ("const", "path", "first", "template", "sum")
 OPTION_KEYS = ("default", "type", "minor_to_major", "major_to_minor", "transform", "required")
 TYPES = ("string", "int", "float", "bool")
 TRANSFORMS: dict[str, Callable[[Any], Any]] = {
@@ -25,6 +25,13 @@ TRANSFORMS: dict[str, Callable[[Any], Any]] = {
     "empty_to_null": lambda v: None if v == "" else v,
     "iso4217": lambda v: _iso4217(v),
 }
+# Transforms of numbers: a negative Polar amount (a proration credit) becomes the positive
+# amount of a refund-like call.
+NUMBER_TRANSFORMS: dict[str, Callable[[Any], Any]] = {
+    "negate": lambda v: -v,
+    "abs": abs,
+}
+ALL_TRANSFORMS = (*TRANSFORMS, *NUMBER_TRANSFORMS)
 
 
 def _iso4217(value: str) -> str:
@@ -42,8 +49,9 @@ class ValueRule:
     """One output field: where its value comes from and what happens to it."""
 
     const: Any = MISSING
-    paths: tuple[Path, ...] = ()  # one for `path`, several for `first`
+    paths: tuple[Path | Template, ...] = ()  # one for `path`, several for `first`
     template: Template | None = None
+    addends: tuple[Path, ...] = ()  # `sum`
     default: Any = MISSING
     type: str | None = None
     units: tuple[str, Path] | None = None  # ("minor_to_major" | "major_to_minor", currency)
@@ -63,6 +71,13 @@ class ValueRule:
         for name in self.transforms:
             if value is None:
                 break
+            if name in NUMBER_TRANSFORMS:
+                if isinstance(value, bool) or not isinstance(value, int | float):
+                    raise MappingError(
+                        f"{where}: transform {name!r} needs a number, got {_type_name(value)}"
+                    )
+                value = NUMBER_TRANSFORMS[name](value)
+                continue
             if not isinstance(value, str):
                 raise MappingError(
                     f"{where}: transform {name!r} needs a string, got {_type_name(value)}"
@@ -80,31 +95,82 @@ class ValueRule:
     def _source(self, event: Any, where: str) -> Any:
         if self.template is not None:
             return self.template.render(event, where)
-        if len(self.paths) == 1:
+        if len(self.paths) == 1 and not isinstance(self.paths[0], Template):
             return lookup(event, self.paths[0])
         if self.paths:
-            for path in self.paths:
-                value = lookup(event, path)
+            for candidate in self.paths:
+                value = _candidate(event, candidate, where)
                 if value is not MISSING and value is not None and value != "":
                     return value
             return MISSING
+        if self.addends:
+            return _sum(event, self.addends, where)
         return self.const
 
     def reads(self) -> list[Path]:
         """Every event path this rule reads."""
-        found = list(self.paths)
+        found: list[Path] = list(self.addends)
+        for candidate in self.paths:
+            found += candidate.reads() if isinstance(candidate, Template) else [candidate]
         if self.template is not None:
             found += self.template.reads()
         if self.units is not None:
             found.append(self.units[1])
         return found
 
+    def source_text(self) -> str:
+        """Where the value comes from, as `relay check` shows it."""
+        if self.template is not None:
+            return f"template {self.template.text!r}"
+        if len(self.paths) == 1:
+            return f"path {_describe_candidate(self.paths[0])}"
+        if self.paths:
+            return "first of " + ", ".join(_describe_candidate(p) for p in self.paths)
+        if self.addends:
+            return "sum of " + " + ".join(format_path(p) for p in self.addends)
+        return json.dumps(self.const, default=str)
+
     def _describe(self) -> str:
         if self.template is not None:
             return f"template {self.template.text!r}"
         if self.paths:
-            return " / ".join(format_path(p) for p in self.paths)
+            return " / ".join(_describe_candidate(p) for p in self.paths)
+        if self.addends:
+            return "sum of " + " + ".join(format_path(p) for p in self.addends)
         return "the constant"
+
+
+def _describe_candidate(candidate: Path | Template) -> str:
+    if isinstance(candidate, Template):
+        return f"template {candidate.text!r}"
+    return format_path(candidate)
+
+
+def _candidate(event: Any, candidate: Path | Template, where: str) -> Any:
+    """One entry of `first`: a path's value, or a template rendered; a template with a missing
+    field counts as missing, so the next entry is tried."""
+    if not isinstance(candidate, Template):
+        return lookup(event, candidate)
+    try:
+        return candidate.render(event, where)
+    except MappingError:
+        return MISSING
+
+
+def _sum(event: Any, addends: tuple[Path, ...], where: str) -> Any:
+    """The sum of numbers at `addends`; missing when any is missing or null (so `required`
+    says which), a mapping error when one is not a number."""
+    total: int | float = 0
+    for path in addends:
+        value = lookup(event, path)
+        if value is MISSING or value is None:
+            return MISSING
+        if isinstance(value, bool) or not isinstance(value, int | float):
+            raise MappingError(
+                f"{where}: sum needs numbers, got {_type_name(value)} at {format_path(path)}"
+            )
+        total += value
+    return total
 
 
 @dataclass(frozen=True, slots=True)
@@ -253,7 +319,15 @@ def compile_value(raw: Any, where: str) -> ValueRule | ObjectRule:
                 problems.append(f"{where}.first: must be a non-empty array of paths")
             else:
                 kwargs["paths"] = tuple(
-                    parse_path(p, f"{where}.first[{i}]") for i, p in enumerate(first)
+                    _compile_candidate(p, f"{where}.first[{i}]") for i, p in enumerate(first)
+                )
+        elif "sum" in raw:
+            addends = raw["sum"]
+            if not isinstance(addends, list) or not addends:
+                problems.append(f"{where}.sum: must be a non-empty array of paths")
+            else:
+                kwargs["addends"] = tuple(
+                    parse_path(p, f"{where}.sum[{i}]") for i, p in enumerate(addends)
                 )
         else:
             kwargs["template"] = compile_template(raw["template"], f"{where}.template")
@@ -283,10 +357,10 @@ def compile_value(raw: Any, where: str) -> ValueRule | ObjectRule:
         is_list = isinstance(raw["transform"], list)
         names = raw["transform"] if is_list else [raw["transform"]]
         for i, name in enumerate(names):
-            if not isinstance(name, str) or name not in TRANSFORMS:  # a list is unhashable
+            if not isinstance(name, str) or name not in ALL_TRANSFORMS:  # a list is unhashable
                 at = f"{where}.transform[{i}]" if is_list else f"{where}.transform"
                 problems.append(
-                    f"{at}: unknown transform {name!r} (allowed: {', '.join(TRANSFORMS)})"
+                    f"{at}: unknown transform {name!r} (allowed: {', '.join(ALL_TRANSFORMS)})"
                 )
         kwargs["transforms"] = tuple(str(n) for n in names)
     if "required" in raw:
@@ -297,6 +371,17 @@ def compile_value(raw: Any, where: str) -> ValueRule | ObjectRule:
     if problems:
         raise RuleSyntaxError(problems)
     return ValueRule(**kwargs)
+
+
+def _compile_candidate(raw: Any, where: str) -> Path | Template:
+    """An entry of `first`: a path, or `{ template = "..." }`."""
+    if isinstance(raw, dict):
+        if set(raw) != {"template"}:
+            raise RuleSyntaxError(
+                [f'{where}: an entry of first is a path or {{ template = "..." }}']
+            )
+        return compile_template(raw["template"], f"{where}.template")
+    return parse_path(raw, where)
 
 
 def compile_object(raw: Mapping[str, Any], where: str) -> ObjectRule:
