@@ -208,6 +208,7 @@ async def _workers_ctx(app: web.Application) -> AsyncIterator[None]:
                 app[METRICS],
                 poll_interval_s=app[POLL_INTERVAL_S],
                 polar=lambda: app.get(POLAR_API),
+                routes={route.name: route for route in config.routes},
             )
             for dest in destinations
         )

@@ -179,8 +179,16 @@ class Metrics:
         )
         self.payment_checks = Counter(
             "relay_payment_checks_total",
-            "Orders confirmed with Polar before delivery, by outcome: paid, not_paid, error.",
+            "Orders confirmed with Polar before delivery, by outcome: paid, not_paid, "
+            "mismatch (Polar's order differs from the message), bad_id, error.",
             ["outcome"],
+            registry=r,
+        )
+        self.payment_check_mismatches = Counter(
+            "relay_payment_check_mismatches_total",
+            "Payment checks that dead-lettered a message because a field differed from Polar's "
+            "order, by route and body field.",
+            ["route", "field"],
             registry=r,
         )
         self.ready = Gauge(

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import time
+import urllib.parse
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
 from typing import Any
@@ -18,6 +19,7 @@ import aiohttp
 
 from relay import __version__, retry
 from relay.errors import RelayError
+from relay.order_check import is_polar_id, shown_id
 
 PRODUCTION_URL = "https://api.polar.sh"
 SANDBOX_URL = "https://sandbox-api.polar.sh"
@@ -51,6 +53,10 @@ class PolarApiError(RelayError):
     def transient(self) -> bool:
         """Worth retrying later: no answer, or 408, 425, 429, 5xx."""
         return self.status is None or self.status in (408, 425, 429) or self.status >= 500
+
+
+class WrongOrder(PolarApiError):
+    """Polar answered with an order other than the one asked for."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -181,13 +187,24 @@ class PolarApi:
             page += 1
 
     async def get_order(self, order_id: str) -> dict[str, Any] | None:
-        """One order, or None when Polar has no such order (404)."""
-        status, body = await self.request("GET", f"/v1/orders/{order_id}")
+        """One order, or None when Polar has no such order (404). The id may come from a
+        forged webhook: it must be a Polar id, goes into the URL as one escaped path segment,
+        and the order Polar returns must carry that same id."""
+        if not is_polar_id(order_id):
+            raise PolarApiError(f"{shown_id(order_id)} is not a Polar order id", 400)
+        path = f"/v1/orders/{urllib.parse.quote(order_id, safe='')}"
+        status, body = await self.request("GET", path)
         if status == 404:
             return None
         _refuse_token(status, "orders:read")
         if status != 200 or not isinstance(body, dict):
             raise PolarApiError(f"unexpected answer {status} for order {order_id}", status)
+        if body.get("id") != order_id:
+            raise WrongOrder(
+                f"Polar answered for order {order_id} with another order "
+                f"({shown_id(str(body.get('id')))})",
+                status,
+            )
         return body
 
     async def create_checkout(self, payload: dict[str, Any]) -> dict[str, Any]:
