@@ -8,6 +8,13 @@
 #
 # Operator commands run against the same volume, e.g.
 #   docker exec relay relay outbox list
+#
+# /metrics is on the admin listener, which relay.toml puts on 127.0.0.1:9090: inside the
+# container, out of reach. To scrape it from outside, listen on every interface with a token
+# (the relay refuses a non-loopback admin listener without one) and publish the port to the
+# host's loopback or a private network only:
+#   -e RELAY_ADMIN_LISTEN=0.0.0.0:9090 -e RELAY_ADMIN_TOKEN=<long random> \
+#   -p 127.0.0.1:9090:9090
 
 # ---------------------------------------------------------------- builder
 FROM python:3.11-slim AS builder
@@ -53,7 +60,9 @@ WORKDIR /app
 COPY relay.toml /app/relay.toml
 
 VOLUME /data
-EXPOSE 8080
+# 8080: webhooks (and /checkout, /healthz, /readyz), the port Polar reaches. 9090: the admin
+# listener (/metrics), only once RELAY_ADMIN_LISTEN and RELAY_ADMIN_TOKEN are set (see above).
+EXPOSE 8080 9090
 
 USER 10001:10001
 

@@ -77,6 +77,18 @@ def resolve_client(
     return Client(ip=ip, https=https)
 
 
+def is_loopback_host(host: str) -> bool:
+    """An address only this machine can reach: localhost, 127.0.0.0/8, ::1. A host name other
+    than localhost may resolve to anything, so it is not."""
+    host = host.strip().strip("[]").lower()
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host.split("%", 1)[0]).is_loopback
+    except ValueError:
+        return False
+
+
 def allowed(ip: str | None, allowlist: Sequence[Network]) -> bool:
     """An empty allowlist allows everyone; otherwise the address must fall in it."""
     if not allowlist:

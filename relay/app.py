@@ -104,16 +104,17 @@ def create_app(
         )
         app.router.add_post(config.checkout.path, checkout.create)
         app.router.add_route("OPTIONS", config.checkout.path, checkout.preflight)
+    # The public port (Polar and browsers reach it) serves nothing else: /metrics shows
+    # revenue and the backlog, so it lives on the admin listener only.
     app.router.add_get("/healthz", _healthz)
     app.router.add_get("/readyz", _readyz)
-    if not config.admin.listen:
-        app.router.add_get("/metrics", _metrics)
     return app
 
 
 def create_admin_app(main: web.Application) -> web.Application:
-    """The admin listener (`admin.listen`): /metrics, /healthz and /readyz of `main`, e.g. on
-    loopback only, away from the public webhook port."""
+    """The admin listener (`admin.listen`, loopback by default): /metrics, /healthz and
+    /readyz of `main`, away from the public webhook port. Off loopback the config requires
+    `admin.token`, which /metrics then asks for."""
     admin = web.Application(middlewares=[_errors])
 
     async def metrics(request: web.Request) -> web.Response:
@@ -328,10 +329,6 @@ async def _readiness(app: web.Application) -> web.Response:
     ready, checks = await _ready(app)
     app[METRICS].ready.set(1 if ready else 0)
     return web.json_response({"ready": ready, "checks": checks}, status=200 if ready else 503)
-
-
-async def _metrics(request: web.Request) -> web.Response:
-    return await _render_metrics(request.app, request)
 
 
 async def _render_metrics(app: web.Application, request: web.Request) -> web.Response:

@@ -17,7 +17,7 @@ import sys
 from collections.abc import Sequence
 from typing import Any
 
-from relay import __version__, logs
+from relay import __version__, hardening, logs
 from relay.config import (
     Config,
     RetentionConfig,
@@ -146,6 +146,8 @@ def _bound(runner: Any) -> tuple[str, int]:
 def cmd_serve(args: argparse.Namespace) -> int:
     config = load_config(args)
     logs.configure(config.log.level, config.log.format, cache=True)
+    for warning in hardening.warnings(config):
+        log.warning("unsafe_setting", warning=warning)
     asyncio.run(serve(config))
     return 0
 
@@ -208,6 +210,13 @@ def cmd_check(args: argparse.Namespace) -> int:
         out += describe_rule(route.body, "    ")
     if not config.routes:
         out.append("no routes: every event is acknowledged and ignored")
+    out.append(
+        f"admin: /metrics on {config.admin.listen}"
+        + (" (bearer token)" if config.admin.token else "")
+        if config.admin.listen
+        else "admin: no admin listener (admin.listen): /metrics is not served"
+    )
+    out += [f"warning: {w}" for w in hardening.warnings(config)]
     print("\n".join(out))
     return 0
 

@@ -392,7 +392,7 @@ async def test_send_with_a_wrong_secret_gets_401_and_exits_1(
     assert "no signature matches" in result.out
     rejected = await serving.process.wait_log("signature_rejected")
     assert rejected["outcome"] == "bad_signature"
-    async with http.get(f"{serving.process.url}/metrics") as resp:
+    async with http.get(f"{serving.process.admin_url}/metrics") as resp:
         text = await resp.text()
     labels = {"source": "polar", "event_type": "unknown", "outcome": "bad_signature"}
     assert metric(text, "relay_webhooks_received_total", labels) == 1

@@ -515,7 +515,7 @@ async def test_a_file_size_limit_answers_503_and_a_restart_serves_the_intact_dat
     burst = await fill_up(relay)
 
     assert_whole_or_absent(db_path, burst)
-    async with http.get(f"{limited.url}/metrics") as resp:
+    async with http.get(f"{limited.admin_url}/metrics") as resp:
         exposition = await resp.text()
     failed = {"source": "polar", "event_type": "order.paid", "outcome": "storage_error"}
     assert metric(exposition, "relay_webhooks_received_total", failed) == len(burst.refused)

@@ -40,6 +40,7 @@ from tests.helpers import (
     SITE_ID,
     FakeFaurya,
     RelayProcess,
+    admin_get,
     env,
     order_paid,
     process_env,
@@ -250,21 +251,68 @@ async def test_require_https_believes_only_a_trusted_proxy(
 # ---------------------------------------------------------------- /metrics token, in process
 
 
-async def test_metrics_token_on_the_main_listener(make_relay: MakeRelay, config: Config) -> None:
-    """With admin.token and no admin listener, /metrics on the main port needs the bearer
-    token: 401 (with WWW-Authenticate) without it or with a wrong one, 200 with it."""
+async def test_the_public_port_has_no_metrics_even_with_a_token(
+    make_relay: MakeRelay, config: Config
+) -> None:
+    """The webhook port serves only the webhook path, /healthz and /readyz: /metrics (revenue,
+    backlog) is 404 there with or without the admin token, and is served by the admin app,
+    which asks for the bearer token (401 with WWW-Authenticate without it or with a wrong one)."""
     client = await make_relay(dataclasses.replace(config, admin=AdminConfig(token=Secret("t0k"))))
 
-    for headers in ({}, {"authorization": "Bearer nope"}, {"authorization": "t0k"}):
+    for headers in ({}, {"authorization": "Bearer t0k"}):
         resp = await client.get("/metrics", headers=headers)
-        assert resp.status == 401, headers
-        assert resp.headers["WWW-Authenticate"].startswith("Bearer")
-        assert "relay_ready" not in await resp.text()
-    resp = await client.get("/metrics", headers={"authorization": "Bearer t0k"})
-    assert resp.status == 200
-    assert "relay_webhooks_received_total" in await resp.text()
+        assert resp.status == 404, headers
+        assert "relay_" not in await resp.text()
+    for headers in ({}, {"authorization": "Bearer nope"}, {"authorization": "t0k"}):
+        scraped = await admin_get(client, headers=headers)
+        assert scraped.status == 401, headers
+        assert scraped.headers["WWW-Authenticate"].startswith("Bearer")
+        assert "relay_ready" not in scraped.text
+    scraped = await admin_get(client, headers={"authorization": "Bearer t0k"})
+    assert scraped.status == 200
+    assert "relay_webhooks_received_total" in scraped.text
     # Health checks stay open: orchestrators probe them without credentials.
     assert (await client.get("/readyz")).status == 200
+    assert (await client.get("/healthz")).status == 200
+
+
+async def test_the_public_port_routes_nothing_else(make_relay: MakeRelay, config: Config) -> None:
+    """Every route of the public app is the webhook path, /checkout (when enabled), /healthz or
+    /readyz: nothing that shows data or changes state."""
+    client = await make_relay(config)
+
+    paths = {r.resource.canonical for r in client.app.router.routes() if r.resource is not None}
+
+    assert paths == {"/webhooks/polar", "/healthz", "/readyz"}
+
+
+@pytest.mark.parametrize("listen", ["0.0.0.0:9090", "[::]:9090", "10.0.0.5:9090", "relay:9090"])
+def test_an_admin_listener_off_loopback_needs_a_token(listen: str) -> None:
+    """An admin listener on an address other machines can reach, without admin.token, is a
+    configuration error naming admin.listen; loopback needs no token, and a token makes any
+    address acceptable."""
+    raw = tomllib.loads(SHIPPED_TEXT)
+
+    with pytest.raises(ConfigError) as caught:
+        parse(raw, env(RELAY_ADMIN_LISTEN=listen))
+    assert caught.value.problems == [
+        f"admin.listen: {listen} is not a loopback address, so admin.token "
+        "(RELAY_ADMIN_TOKEN) is required"
+    ]
+    for loopback in ("127.0.0.1:9090", "[::1]:9090", "localhost:9090", "127.0.0.2:0"):
+        assert parse(raw, env(RELAY_ADMIN_LISTEN=loopback)).admin.token is None
+    config = parse(raw, env(RELAY_ADMIN_LISTEN=listen, RELAY_ADMIN_TOKEN=ADMIN_TOKEN))
+    assert config.admin.listen == listen
+
+
+def test_the_shipped_config_has_the_admin_listener_on_loopback() -> None:
+    """relay.toml as shipped puts /metrics on 127.0.0.1:9090, with no token needed there."""
+    environ = {k: v for k, v in env().items() if k != "RELAY_ADMIN_LISTEN"}
+
+    shipped = parse(tomllib.loads(SHIPPED_TEXT), environ)
+
+    assert shipped.admin.listen == "127.0.0.1:9090"
+    assert shipped.admin.token is None
 
 
 # ---------------------------------------------------------------- redaction and request ids
@@ -663,13 +711,13 @@ async def test_check_rejects_a_missing_certificate(tmp_path: Path, faurya: FakeF
 async def test_admin_listener_serves_metrics_apart(
     tmp_path: Path, start_relay: StartRelay, http: aiohttp.ClientSession
 ) -> None:
-    """With admin.listen, /metrics is on the admin port only (404 on the webhook port), and
-    the admin port also answers the health checks."""
-    config = config_copy(tmp_path, tail='[admin]\nlisten = "127.0.0.1:0"')
-    relay = await start_relay(config)
+    """The shipped config serves /metrics on the admin listener only (404 on the webhook
+    port), and the admin port also answers the health checks."""
+    relay = await start_relay(config_copy(tmp_path))
     listening = relay.logged("relay_listening")[0]
-    admin = f"http://127.0.0.1:{listening['admin_port']}"
+    admin = relay.admin_url
     assert listening["admin_port"] not in (0, relay.port)
+    assert listening["admin_host"] == "127.0.0.1"
 
     async with http.get(f"{relay.url}/metrics") as resp:
         assert resp.status == 404
@@ -683,16 +731,31 @@ async def test_admin_listener_serves_metrics_apart(
 
 
 @pytest.mark.e2e
+async def test_serve_refuses_an_open_admin_listener_without_a_token(
+    tmp_path: Path, faurya: FakeFaurya, db_path: Path
+) -> None:
+    """`relay serve` with RELAY_ADMIN_LISTEN=0.0.0.0:... and no RELAY_ADMIN_TOKEN stops at
+    once with a one-line config error naming admin.listen, exit 2, nothing listening."""
+    environ = process_env(**env(FAURYA_URL=faurya.url, RELAY_ADMIN_LISTEN="0.0.0.0:0"))
+    relay = RelayProcess(config_copy(tmp_path), db_path, environ)
+    await relay.launch()
+    code = await relay.wait(15)
+
+    assert code == 2
+    assert relay.lines == [
+        "relay: config error: admin.listen: 0.0.0.0:0 is not a loopback address, so "
+        "admin.token (RELAY_ADMIN_TOKEN) is required"
+    ]
+
+
+@pytest.mark.e2e
 async def test_admin_token_guards_metrics_and_is_never_logged(
     tmp_path: Path, start_relay: StartRelay, http: aiohttp.ClientSession
 ) -> None:
     """With admin.token from the environment, the admin /metrics answers 401 without the
     bearer token or with a wrong one and 200 with it; the token appears in no log line."""
-    config = config_copy(
-        tmp_path, tail='[admin]\nlisten = "127.0.0.1:0"\ntoken = "${RELAY_ADMIN_TOKEN}"'
-    )
-    relay = await start_relay(config, RELAY_ADMIN_TOKEN=ADMIN_TOKEN)
-    admin = f"http://127.0.0.1:{relay.logged('relay_listening')[0]['admin_port']}"
+    relay = await start_relay(config_copy(tmp_path), RELAY_ADMIN_TOKEN=ADMIN_TOKEN)
+    admin = relay.admin_url
 
     for headers in ({}, {"authorization": "Bearer wrong"}, {"authorization": ADMIN_TOKEN}):
         async with http.get(f"{admin}/metrics", headers=headers) as resp:
@@ -784,7 +847,7 @@ async def test_a_slow_body_gets_408_and_nothing_is_stored(
     entry = await relay.wait_log("webhook_body_timeout", 5)
     assert entry["timeout_s"] == 1
     assert rows(db_path) == (0, 0)
-    text = await scrape(http, relay.url)
+    text = await scrape(http, relay.admin_url)
     labels = {"source": "polar", "outcome": "timeout"}
     assert sample(text, "relay_webhooks_received_total", labels) == 1
 

@@ -7,6 +7,7 @@ from collections.abc import Mapping
 from typing import Any
 from urllib.parse import urlsplit
 
+from relay.access import is_loopback_host
 from relay.config.model import (
     AdminConfig,
     CheckoutConfig,
@@ -149,7 +150,16 @@ def read_admin(t: Table) -> AdminConfig:
     listen = t.get("listen", str, "", listen_address)
     token = t.get("token", str, "")
     t.done()
-    return AdminConfig(listen=listen, token=Secret(token) if token else None)
+    admin = AdminConfig(listen=listen, token=Secret(token) if token else None)
+    # Metrics show revenue and the backlog: off loopback, only behind a token.
+    if listen and not token and not listen_address(listen):
+        host = admin.host_port[0]
+        if not is_loopback_host(host):
+            t.problems.append(
+                f"{t.path('listen')}: {listen} is not a loopback address, so admin.token "
+                "(RELAY_ADMIN_TOKEN) is required"
+            )
+    return admin
 
 
 def _storage_url(t: Table) -> Secret | None:
