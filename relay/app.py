@@ -57,6 +57,15 @@ def secret_values(config: Config) -> list[str]:
     return values
 
 
+SERVER_HEADER = "faurya-relay"
+
+
+async def _server_header(request: web.Request, response: web.StreamResponse) -> None:
+    """No versions in `Server` (aiohttp's default names Python's and its own): they only help
+    an attacker pick an exploit."""
+    response.headers["Server"] = SERVER_HEADER
+
+
 @web.middleware
 async def _errors(
     request: web.Request, handler: Callable[[web.Request], Awaitable[web.StreamResponse]]
@@ -79,6 +88,7 @@ def create_app(
     poll_interval_s: float = 1.0,
 ) -> web.Application:
     app = web.Application(client_max_size=config.server.max_body_bytes, middlewares=[_errors])
+    app.on_response_prepare.append(_server_header)
     app[CONFIG] = config
     app[METRICS] = Metrics()
     app[CLOCK] = clock or SystemClock()
@@ -116,6 +126,7 @@ def create_admin_app(main: web.Application) -> web.Application:
     /readyz of `main`, away from the public webhook port. Off loopback the config requires
     `admin.token`, which /metrics then asks for."""
     admin = web.Application(middlewares=[_errors])
+    admin.on_response_prepare.append(_server_header)
 
     async def metrics(request: web.Request) -> web.Response:
         return await _render_metrics(main, request)

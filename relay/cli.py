@@ -66,9 +66,14 @@ def _db_path(args: argparse.Namespace) -> str:
 async def serve(config: Config) -> None:
     # aiohttp and the app load only for the commands that need them: `relay check` and the
     # operator commands start in a fraction of the time.
-    from aiohttp import web
+    from aiohttp import web, web_response
 
-    from relay.app import create_admin_app, create_app
+    from relay.app import SERVER_HEADER, create_admin_app, create_app
+
+    # Answers aiohttp makes before any app sees the request (a malformed request line, an
+    # oversized header: 400) get its module default, which names Python's and aiohttp's
+    # versions; the apps' on_response_prepare cannot reach those.
+    web_response.SERVER_SOFTWARE = SERVER_HEADER  # type: ignore[attr-defined]
 
     server = config.server
     app = create_app(config)

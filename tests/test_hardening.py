@@ -888,3 +888,27 @@ async def test_oversized_headers_are_refused_and_the_relay_stays_healthy(
     async with http.post(f"{relay.url}{PATH}", data=body, headers=sign_headers(body)) as resp:
         assert resp.status == 202
     assert rows(db_path) == (1, 1)
+
+
+@pytest.mark.e2e
+async def test_the_running_relay_names_no_version_even_in_protocol_errors(
+    tmp_path: Path, start_relay: StartRelay
+) -> None:
+    """`relay serve` says `Server: faurya-relay` on every answer, including those aiohttp
+    makes before any app sees the request (a malformed request line): never Python's or
+    aiohttp's version."""
+    relay = await start_relay(config_copy(tmp_path))
+    requests = [
+        b"GARBAGE\r\n\r\n",
+        f"GET /healthz HTTP/1.1\r\nHost: 127.0.0.1:{relay.port}\r\n\r\n".encode(),
+    ]
+    for port in (relay.port, relay.admin_port):
+        for request in requests:
+            async with raw_connection(port) as (reader, writer):
+                writer.write(request)
+                await writer.drain()
+                async with asyncio.timeout(5):
+                    head = await reader.readuntil(b"\r\n\r\n")
+            assert b"\r\nServer: faurya-relay\r\n" in head, head
+            assert b"aiohttp" not in head.lower()
+            assert b"python" not in head.lower()
