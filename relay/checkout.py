@@ -147,8 +147,8 @@ class CheckoutEndpoint:
             return self._answer("forbidden", 403, {"error": "origin not allowed"}, {})
         client = resolve_client(
             request.remote,
-            request.headers.get("x-forwarded-for"),
-            request.headers.get("x-forwarded-proto"),
+            request.headers.getall("x-forwarded-for", ()),
+            request.headers.getall("x-forwarded-proto", ()),
             tls=request.secure,
             trusted_proxies=self._server.trusted_proxies,
         )

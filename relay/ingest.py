@@ -192,8 +192,8 @@ class WebhookIngest:
         """The allowlist and the HTTPS requirement (computed only when configured)."""
         client = resolve_client(
             request.remote,
-            request.headers.get("x-forwarded-for"),
-            request.headers.get("x-forwarded-proto"),
+            request.headers.getall("x-forwarded-for", ()),
+            request.headers.getall("x-forwarded-proto", ()),
             tls=request.secure,  # aiohttp: https only when this connection itself is TLS
             trusted_proxies=self._server.trusted_proxies,
         )

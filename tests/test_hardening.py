@@ -27,6 +27,7 @@ import pytest
 import structlog
 from aiohttp import web
 from aiohttp.test_utils import TestClient
+from multidict import CIMultiDict
 from prometheus_client.parser import text_string_to_metric_families
 from pytest_aiohttp import AiohttpClient
 
@@ -205,6 +206,49 @@ async def test_forwarded_for_without_trusted_proxies_is_ignored(
     assert received(client, "forbidden") == (1 if status == 403 else 0)
     for entry in logged(logs, "webhook_forbidden"):
         assert entry["client_ip"] == "127.0.0.1"
+
+
+async def test_every_forwarded_for_line_counts_not_only_the_first(
+    make_relay: MakeRelay, config: Config, db_path: Path, logs: LogList
+) -> None:
+    """Two X-Forwarded-For lines, the client's forged `10.1.1.1` then the one its proxy
+    appended (`203.0.113.9`, as HAProxy's `option forwardfor` does), read as one list: the
+    client is 203.0.113.9, outside allow_ips 10.0.0.0/8, so 403."""
+    config = with_server(config, trusted_proxies=parse_networks(["127.0.0.1/32"]))
+    client = await make_relay(with_allow_ips(config, "10.0.0.0/8"))
+    body = order_paid()
+    headers = CIMultiDict(sign_headers(body))
+    headers.add("X-Forwarded-For", "10.1.1.1")
+    headers.add("X-Forwarded-For", "203.0.113.9")
+
+    resp = await client.post(PATH, data=body, headers=headers)
+
+    assert resp.status == 403
+    assert rows(db_path) == (0, 0)
+    assert received(client, "forbidden") == 1
+    [entry] = logged(logs, "webhook_forbidden")
+    assert entry["client_ip"] == "203.0.113.9"
+
+
+async def test_every_forwarded_proto_line_counts_not_only_the_first(
+    make_relay: MakeRelay, config: Config, db_path: Path
+) -> None:
+    """Two X-Forwarded-Proto lines, a forged `https` then the proxy's `http`: the request came
+    over plain HTTP, so require_https refuses it."""
+    config = with_server(
+        config, trusted_proxies=parse_networks(["127.0.0.1/32"]), require_https=True
+    )
+    client = await make_relay(config)
+    body = order_paid()
+    headers = CIMultiDict(sign_headers(body))
+    headers.add("X-Forwarded-Proto", "https")
+    headers.add("X-Forwarded-Proto", "http")
+
+    resp = await client.post(PATH, data=body, headers=headers)
+
+    assert resp.status == 403
+    assert rows(db_path) == (0, 0)
+    assert received(client, "https_required") == 1
 
 
 # ---------------------------------------------------------------- require_https
