@@ -148,10 +148,14 @@ def _bound(runner: Any) -> tuple[str, int]:
     return str(address[0]), int(address[1])
 
 
+def _file_warnings(config: Config) -> list[str]:
+    return [] if config.storage.url is not None else hardening.file_warnings(config.storage.path)
+
+
 def cmd_serve(args: argparse.Namespace) -> int:
     config = load_config(args)
     logs.configure(config.log.level, config.log.format, cache=True)
-    for warning in hardening.warnings(config):
+    for warning in hardening.warnings(config) + _file_warnings(config):
         log.warning("unsafe_setting", warning=warning)
     asyncio.run(serve(config))
     return 0
@@ -221,7 +225,7 @@ def cmd_check(args: argparse.Namespace) -> int:
         if config.admin.listen
         else "admin: no admin listener (admin.listen): /metrics is not served"
     )
-    out += [f"warning: {w}" for w in hardening.warnings(config)]
+    out += [f"warning: {w}" for w in hardening.warnings(config) + _file_warnings(config)]
     print("\n".join(out))
     return 0
 

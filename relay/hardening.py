@@ -1,11 +1,14 @@
 """Security posture of a configuration: which addresses are loopback, which database URLs
 verify their server, and the warnings `relay check` (and `relay serve`, in its log) gives about
-unsafe settings a user keeps on purpose. Pure: reads a Config, never refuses one (refusals are
-config errors, in relay/config); docs/security.md lists every setting named here.
+unsafe settings a user keeps on purpose. Reads a Config (and the modes of the database
+files), never refuses one (refusals are config errors, in relay/config); docs/security.md lists
+every setting named here.
 """
 
 from __future__ import annotations
 
+import os
+import stat
 from urllib.parse import parse_qs, urlsplit
 
 from relay.access import is_loopback_host
@@ -24,6 +27,23 @@ def postgres_verifies_server(url: str) -> bool:
     host = query.get("host", "") or (parts.hostname or "")
     # No host, or a socket directory: a Unix socket on this machine.
     return not host or host.startswith("/") or is_loopback_host(host)
+
+
+def file_warnings(db_path: str) -> list[str]:
+    """The SQLite files, when others may read them (created by an older relay, or by hand; the
+    relay creates them 0600)."""
+    found = []
+    for path in (db_path, f"{db_path}-wal", f"{db_path}-shm"):
+        try:
+            mode = stat.S_IMODE(os.stat(path).st_mode)
+        except OSError:
+            continue  # absent: nothing to say
+        if mode & 0o077:
+            found.append(
+                f"storage.path: {path} is readable by other users (mode {mode:04o}); it holds "
+                "raw webhook bodies: chmod 600 it"
+            )
+    return found
 
 
 def warnings(config: Config) -> list[str]:

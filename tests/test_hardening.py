@@ -13,9 +13,11 @@ import asyncio
 import contextlib
 import dataclasses
 import json
+import os
 import shutil
 import sqlite3
 import ssl
+import stat
 import time
 import tomllib
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterator, MutableMapping
@@ -36,6 +38,7 @@ from relay.app import METRICS, create_app
 from relay.config import AdminConfig, Config, Secret, parse
 from relay.errors import ConfigError
 from relay.mapping import REDACTED, parse_path
+from relay.store import open_store
 from tests.helpers import (
     REPO,
     SITE_ID,
@@ -46,6 +49,7 @@ from tests.helpers import (
     order_paid,
     process_env,
     relay_command,
+    run_command,
     sign_headers,
     wait_until,
 )
@@ -956,3 +960,82 @@ async def test_the_running_relay_names_no_version_even_in_protocol_errors(
             assert b"\r\nServer: faurya-relay\r\n" in head, head
             assert b"aiohttp" not in head.lower()
             assert b"python" not in head.lower()
+
+
+# ---------------------------------------------------------------- file permissions
+
+
+@pytest.fixture
+def umask_022() -> Iterator[None]:
+    """The common default umask, under which files are created world-readable."""
+    old = os.umask(0o022)
+    try:
+        yield
+    finally:
+        os.umask(old)
+
+
+async def test_database_files_are_private_whatever_the_umask(
+    tmp_path: Path, umask_022: None
+) -> None:
+    """Under umask 022, the directory the relay creates is 0700 and relay.db, -wal, -shm and
+    .lock are 0600: raw webhook bodies (customer data) are readable by the relay's user only."""
+    db = tmp_path / "new" / "dir" / "relay.db"
+    store = await open_store(str(db), serve=True)
+    try:
+        await store.set_paused("faurya", True)  # a commit: the WAL and its index exist
+        modes = {
+            p.name: stat.S_IMODE(p.stat().st_mode)
+            for p in db.parent.iterdir()
+            if p.name.startswith("relay.db")
+        }
+    finally:
+        await store.close()
+    assert modes == {
+        "relay.db": 0o600,
+        "relay.db-wal": 0o600,
+        "relay.db-shm": 0o600,
+        "relay.db.lock": 0o600,
+    }
+    for directory in (db.parent, db.parent.parent):
+        assert stat.S_IMODE(directory.stat().st_mode) == 0o700, directory
+
+
+# ---------------------------------------------------------------- relay check warnings
+
+
+@pytest.mark.e2e
+async def test_check_warns_about_each_unsafe_setting_kept_on_purpose(tmp_path: Path) -> None:
+    """`relay check` accepts (exit 0) but prints one `warning:` line per unsafe setting: an
+    admin listener off loopback (token in clear text), trusted_proxies trusting everyone, and
+    a database file others can read; the shipped config as is prints none."""
+    db = tmp_path / "old.db"
+    db.write_bytes(b"")
+    db.chmod(0o644)
+    config = config_copy(tmp_path, server='trusted_proxies = ["0.0.0.0/0"]')
+    risky = process_env(
+        **env(RELAY_ADMIN_LISTEN="0.0.0.0:9090", RELAY_ADMIN_TOKEN=ADMIN_TOKEN, RELAY_DB=str(db))
+    )
+
+    result = await run_command(relay_command(), "check", "--config", str(config), environ=risky)
+    shipped = await run_command(
+        relay_command(),
+        "check",
+        "--config",
+        str(REPO / "relay.toml"),
+        environ=process_env(**env(RELAY_DB=str(tmp_path / "new.db"))),
+    )
+
+    assert result.code == 0, result.err
+    warnings = [line for line in result.out.splitlines() if line.startswith("warning: ")]
+    assert [w.split(":")[1].strip() for w in warnings] == [
+        "admin.listen",
+        "server.trusted_proxies",
+        "storage.path",
+    ], warnings
+    assert "admin token travels in clear text" in warnings[0]
+    assert f"{db} is readable by other users (mode 0644)" in warnings[2]
+    assert ADMIN_TOKEN not in result.out + result.err
+    assert shipped.code == 0, shipped.err
+    assert "warning:" not in shipped.out
+    assert "admin: /metrics on 127.0.0.1:0" in shipped.out
