@@ -18,7 +18,7 @@ import aiohttp
 from aiohttp import web
 
 from relay.access import bearer_ok
-from relay.checkout import CheckoutEndpoint
+from relay.checkout import CHECKOUT_MAX_WAIT_S, CheckoutEndpoint
 from relay.config import Config, DestinationConfig
 from relay.delivery import Attempts, Redactor, Sender, client_session
 from relay.delivery_process import ProcessSenders
@@ -41,6 +41,8 @@ WORKERS = web.AppKey("workers", Workers)
 DB_PATH = web.AppKey("db_path", str)
 POLL_INTERVAL_S = web.AppKey("poll_interval_s", float)
 POLAR_API = web.AppKey("polar_api", PolarApi)
+# The checkout's own budget: a flood of checkouts must not delay payment checks or reconcile.
+CHECKOUT_API = web.AppKey("checkout_api", PolarApi)
 
 
 def secret_values(config: Config) -> list[str]:
@@ -110,7 +112,7 @@ def create_app(
         app.router.add_post(source.path, ingest.handle)
     if config.checkout.enabled:
         checkout = CheckoutEndpoint(
-            config.checkout, config.server, lambda: app[POLAR_API], app[METRICS]
+            config.checkout, config.server, lambda: app[CHECKOUT_API], app[METRICS]
         )
         app.router.add_post(config.checkout.path, checkout.create)
         app.router.add_route("OPTIONS", config.checkout.path, checkout.preflight)
@@ -141,13 +143,24 @@ def create_admin_app(main: web.Application) -> web.Application:
 
 
 async def _polar_api_ctx(app: web.Application) -> AsyncIterator[None]:
-    """One client for Polar's API (checkouts, payment checks), when a token is configured."""
+    """Clients for Polar's API, when a token is configured: one for payment checks and
+    reconciliation, and one with its own bounded budget for the checkout endpoint."""
     config = app[CONFIG].polar_api
+    checkout = app[CONFIG].checkout
     assert config.token is not None
     async with aiohttp.ClientSession() as session:
         app[POLAR_API] = PolarApi(
             session, config.url, config.token.value, min_interval_s=config.min_interval_s
         )
+        if checkout.enabled:
+            app[CHECKOUT_API] = PolarApi(
+                session,
+                config.url,
+                config.token.value,
+                min_interval_s=60.0 / checkout.global_rate_limit_per_min,
+                # A browser waits: a short queue, and 503 past it.
+                max_wait_s=CHECKOUT_MAX_WAIT_S,
+            )
         yield
 
 

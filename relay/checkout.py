@@ -13,7 +13,10 @@ merchant's origins, a per-client rate limit, and the call to Polar. Off unless
 
 from __future__ import annotations
 
+import asyncio
+import ipaddress
 import json
+import math
 import re
 import time
 import uuid
@@ -26,11 +29,13 @@ from relay.access import resolve_client
 from relay.config import CheckoutConfig, ServerConfig
 from relay.logs import get_logger
 from relay.metrics import Metrics
-from relay.polar_api import PolarApiError
+from relay.polar_api import PolarApiBusy, PolarApiError
 
 log = get_logger("relay.checkout")
 
 MAX_BODY_BYTES = 4096
+# The checkout's Polar budget queues at most this long; past it, 503 with Retry-After.
+CHECKOUT_MAX_WAIT_S = 2.0
 _ID = re.compile(r"[A-Za-z0-9._:=+/\-]{1,512}")
 ID_FIELDS = ("faVisitorId", "faSessionId", "faAttributionToken")
 FIELDS = ("plan", "productId", *ID_FIELDS)
@@ -73,6 +78,20 @@ def validate(payload: Any, config: CheckoutConfig) -> tuple[str, dict[str, str]]
             )
         ids[name] = value
     return product_id, ids
+
+
+def client_key(ip: str | None) -> str:
+    """Whom the per-client limit counts: the address, or its /64 for IPv6 (one subscriber
+    gets a whole /64 and can pick any address in it)."""
+    if ip is None:
+        return "?"
+    try:
+        address = ipaddress.ip_address(ip)
+    except ValueError:
+        return ip
+    if isinstance(address, ipaddress.IPv6Address):
+        return str(ipaddress.IPv6Network((address, 64), strict=False))
+    return ip
 
 
 class RateLimiter:
@@ -140,6 +159,18 @@ class CheckoutEndpoint:
         self._metrics.checkouts.labels(outcome).inc()
         return web.json_response(body, status=status, headers=headers)
 
+    async def _read_body(self, request: web.Request) -> bytes | None:
+        """The whole body (however many TCP segments it came in), within
+        `server.body_timeout_s` as a webhook's (else TimeoutError); None past MAX_BODY_BYTES
+        (a chunked body has no Content-Length to refuse up front)."""
+        raw = bytearray()
+        async with asyncio.timeout(self._server.body_timeout_s):
+            while chunk := await request.content.read(MAX_BODY_BYTES + 1 - len(raw)):
+                raw += chunk
+                if len(raw) > MAX_BODY_BYTES:
+                    return None
+        return bytes(raw)
+
     async def create(self, request: web.Request) -> web.Response:
         allowed, headers = self._cors(request)
         if not allowed:
@@ -152,16 +183,20 @@ class CheckoutEndpoint:
             tls=request.secure,
             trusted_proxies=self._server.trusted_proxies,
         )
-        wait = self._limiter.take(client.ip or "?", time.monotonic())
+        wait = self._limiter.take(client_key(client.ip), time.monotonic())
         if wait > 0:
             headers["Retry-After"] = str(max(1, round(wait)))
             return self._answer("rate_limited", 429, {"error": "too many requests"}, headers)
         if (request.content_length or 0) > MAX_BODY_BYTES:
             return self._answer("invalid", 413, {"error": "body too large"}, headers)
         try:
-            raw = await request.content.read(MAX_BODY_BYTES + 1)
-            if len(raw) > MAX_BODY_BYTES:
-                raise BadCheckoutRequest("body too large")
+            raw = await self._read_body(request)
+        except TimeoutError:
+            log.info("checkout_rejected", reason="body too slow")
+            return self._answer("invalid", 408, {"error": "request body too slow"}, headers)
+        if raw is None:
+            return self._answer("invalid", 413, {"error": "body too large"}, headers)
+        try:
             product_id, ids = validate(json.loads(raw), self._config)
         except (ValueError, UnicodeDecodeError) as exc:
             message = str(exc) if isinstance(exc, BadCheckoutRequest) else "body must be JSON"
@@ -178,6 +213,10 @@ class CheckoutEndpoint:
             payload["return_url"] = self._config.return_url
         try:
             checkout = await self._api().create_checkout(payload)
+        except PolarApiBusy as exc:
+            log.warning("checkout_busy", retry_after_s=round(exc.retry_after_s, 2))
+            headers["Retry-After"] = str(max(1, math.ceil(exc.retry_after_s)))
+            return self._answer("busy", 503, {"error": "too many checkouts; try again"}, headers)
         except PolarApiError as exc:
             log.error("checkout_failed", error=exc.message, status=exc.status)
             return self._answer(

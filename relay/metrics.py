@@ -173,7 +173,7 @@ class Metrics:
         self.checkouts = Counter(
             "relay_checkouts_total",
             "Checkout endpoint requests, by outcome: created, invalid, forbidden, "
-            "rate_limited, failed.",
+            "rate_limited, busy (the checkout's Polar budget is full: 503), failed.",
             ["outcome"],
             registry=r,
         )

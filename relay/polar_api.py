@@ -55,6 +55,14 @@ class PolarApiError(RelayError):
         return self.status is None or self.status in (408, 425, 429) or self.status >= 500
 
 
+class PolarApiBusy(PolarApiError):
+    """This client's request budget is spent for now (its pacing queue is full)."""
+
+    def __init__(self, retry_after_s: float) -> None:
+        self.retry_after_s = retry_after_s
+        super().__init__(f"Polar API budget full; retry in {retry_after_s:.1f} s", None)
+
+
 class WrongOrder(PolarApiError):
     """Polar answered with an order other than the one asked for."""
 
@@ -68,7 +76,9 @@ class Page:
 
 
 class PolarApi:
-    """One client per process; `min_interval_s` spaces requests under the rate limit."""
+    """One client per budget; `min_interval_s` spaces requests under the rate limit. With
+    `max_wait_s`, a request that would wait longer than that for its slot is refused at once
+    (PolarApiBusy) instead of queueing: the queue stays bounded."""
 
     def __init__(
         self,
@@ -79,6 +89,7 @@ class PolarApi:
         min_interval_s: float = 0.15,
         max_tries: int = 5,
         timeout_s: float = 15.0,
+        max_wait_s: float | None = None,
     ) -> None:
         self._session = session
         self._base = base_url.rstrip("/")
@@ -88,6 +99,7 @@ class PolarApi:
             "user-agent": f"faurya-relay/{__version__}",
         }
         self._min_interval_s = min_interval_s
+        self._max_wait_s = max_wait_s
         self._max_tries = max_tries
         self._timeout = aiohttp.ClientTimeout(total=timeout_s)
         self._last_request_at = 0.0
@@ -99,8 +111,10 @@ class PolarApi:
         # checks, checkouts) queue up min_interval_s apart instead of all waking at once.
         now = time.monotonic()
         slot = max(now, self._last_request_at + self._min_interval_s)
-        self._last_request_at = slot
         wait = slot - now
+        if self._max_wait_s is not None and wait > self._max_wait_s:
+            raise PolarApiBusy(wait)  # the slot is not taken: the queue does not grow
+        self._last_request_at = slot
         if wait > 0:
             self.waited_s += wait
             await asyncio.sleep(wait)

@@ -139,6 +139,9 @@ def read_checkout(t: Table) -> CheckoutConfig:
         rate_limit_per_min=t.get(
             "rate_limit_per_min", int, d.rate_limit_per_min, between(1, 100_000)
         ),
+        global_rate_limit_per_min=t.get(
+            "global_rate_limit_per_min", int, d.global_rate_limit_per_min, between(1, 100_000)
+        ),
     )
     if c.enabled and not c.plans:
         t.problems.append(f"{t.path('plans')}: the checkout endpoint needs at least one plan")
