@@ -22,12 +22,12 @@ from relay.checkout import CHECKOUT_MAX_WAIT_S, CheckoutEndpoint
 from relay.config import Config, DestinationConfig
 from relay.delivery import Attempts, Redactor, Sender, client_session
 from relay.delivery_process import ProcessSenders
-from relay.errors import StorageUnavailable
 from relay.ingest import WebhookIngest
 from relay.logs import get_logger
 from relay.metrics import CONTENT_TYPE, Metrics
 from relay.models import Clock, MessageStatus, SystemClock
 from relay.polar_api import PolarApi
+from relay.readiness import Readiness
 from relay.store import BatchStats, Store, open_store
 from relay.workers import DestinationWorker, Workers
 
@@ -43,6 +43,7 @@ POLL_INTERVAL_S = web.AppKey("poll_interval_s", float)
 POLAR_API = web.AppKey("polar_api", PolarApi)
 # The checkout's own budget: a flood of checkouts must not delay payment checks or reconcile.
 CHECKOUT_API = web.AppKey("checkout_api", PolarApi)
+READINESS = web.AppKey("readiness", Readiness)
 
 
 def secret_values(config: Config) -> list[str]:
@@ -96,6 +97,7 @@ def create_app(
     app[CLOCK] = clock or SystemClock()
     app[DB_PATH] = db_path or config.storage.location
     app[POLL_INTERVAL_S] = poll_interval_s
+    app[READINESS] = _readiness_checks(app)
     if config.polar_api.token is not None:
         app.cleanup_ctx.append(_polar_api_ctx)
     app.cleanup_ctx.append(_store_ctx)
@@ -175,11 +177,16 @@ async def _store_ctx(app: web.Application) -> AsyncIterator[None]:
         serve=True,
     )
 
+    readiness = app[READINESS]
+
     def on_batch(stats: BatchStats) -> None:
         metrics.commit_duration.observe(stats.commit_s)
         metrics.commit_batch_size.observe(stats.size)
         if not stats.ok:
             metrics.commit_failures.inc()
+            readiness.commit_failed()
+        else:
+            readiness.committed()
 
     store.on_batch = on_batch
     # SQLite: we hold the serve lock, so every inflight row belongs to a process that died.
@@ -324,25 +331,21 @@ async def _healthz(request: web.Request) -> web.Response:
     return web.json_response({"status": "ok"})
 
 
+def _readiness_checks(app: web.Application) -> Readiness:
+    """The store (from its last commit, or a probe at most a second old) and the workers."""
+    readiness = Readiness()
+
+    def workers() -> str:
+        running = app.get(WORKERS)
+        return "ok" if running is not None and running.running else "not running"
+
+    readiness.add("store", lambda: readiness.store(app.get(STORE)))
+    readiness.add("workers", workers)
+    return readiness
+
+
 async def _ready(app: web.Application) -> tuple[bool, dict[str, str]]:
-    checks: dict[str, str] = {}
-    store = app.get(STORE)
-    if store is None:
-        checks["store"] = "not open"
-    else:
-        try:
-            await store.probe()
-            if not store.writer_running:
-                checks["store"] = "the group-commit writer is not running"
-            elif store.last_write_error is not None:
-                checks["store"] = f"last commit failed: {store.last_write_error}"
-            else:
-                checks["store"] = "ok"
-        except StorageUnavailable as exc:
-            checks["store"] = exc.message
-    workers = app.get(WORKERS)
-    checks["workers"] = "ok" if workers is not None and workers.running else "not running"
-    return all(v == "ok" for v in checks.values()), checks
+    return await app[READINESS].check()
 
 
 async def _readyz(request: web.Request) -> web.Response:

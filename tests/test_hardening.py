@@ -34,14 +34,16 @@ from prometheus_client.parser import text_string_to_metric_families
 from pytest_aiohttp import AiohttpClient
 
 from relay.access import parse_networks
-from relay.app import METRICS, create_app
+from relay.app import METRICS, READINESS, create_app
 from relay.config import AdminConfig, Config, Secret, parse
 from relay.errors import ConfigError
 from relay.mapping import REDACTED, parse_path
+from relay.readiness import Readiness
 from relay.store import open_store
 from tests.helpers import (
     REPO,
     SITE_ID,
+    FakeClock,
     FakeFaurya,
     RelayProcess,
     admin_get,
@@ -1039,3 +1041,56 @@ async def test_check_warns_about_each_unsafe_setting_kept_on_purpose(tmp_path: P
     assert shipped.code == 0, shipped.err
     assert "warning:" not in shipped.out
     assert "admin: /metrics on 127.0.0.1:0" in shipped.out
+
+
+# ---------------------------------------------------------------- /readyz costs no write
+
+
+def probe_row(db_path: Path) -> str | None:
+    """The value the store's probe write last left (its clock's time), or None."""
+    with contextlib.closing(sqlite3.connect(db_path)) as db:
+        found = db.execute("SELECT value FROM relay_meta WHERE key = 'probe'").fetchone()
+    return None if found is None else str(found[0])
+
+
+async def test_a_readyz_flood_costs_no_write(
+    aiohttp_client: AiohttpClient, config: Config, db_path: Path
+) -> None:
+    """224 /readyz calls, 32 at a time and the clock moving between rounds, right after a
+    webhook's commit, are all answered 200 from that commit's success: the probe row, which
+    each call used to rewrite with the time, changes at most once (a probe, if the flood took
+    the machine over a second)."""
+    clock = FakeClock(float(int(time.time())))
+    client = await aiohttp_client(create_app(config, clock=clock, poll_interval_s=30))
+    status, _ = await post_order(client)
+    assert status == 202
+    seen = [probe_row(db_path)]
+
+    for _ in range(7):
+        clock.advance(10)
+        answers = await asyncio.gather(*(client.get("/readyz") for _ in range(32)))
+        assert [a.status for a in answers] == [200] * 32
+        seen.append(probe_row(db_path))
+
+    assert len(set(seen)) <= 2, seen
+    assert client.app[READINESS].probes <= 1
+
+
+async def test_concurrent_readiness_checks_share_one_probe(tmp_path: Path) -> None:
+    """Without a recent commit, 50 concurrent checks run one probe write between them; its
+    success is trusted for max_age_s (1 s), then the next check probes again."""
+    now = [1000.0]
+    readiness = Readiness(clock=lambda: now[0])
+    store = await open_store(str(tmp_path / "relay.db"), serve=True)
+    try:
+        answers = await asyncio.gather(*(readiness.store(store) for _ in range(50)))
+        assert answers == ["ok"] * 50
+        assert readiness.probes == 1
+        now[0] += 0.9
+        assert await readiness.store(store) == "ok"
+        assert readiness.probes == 1
+        now[0] += 0.2
+        assert await readiness.store(store) == "ok"
+        assert readiness.probes == 2
+    finally:
+        await store.close()

@@ -43,7 +43,9 @@ def create_private(db_path: str) -> None:
         with contextlib.suppress(FileExistsError):
             directory.mkdir(mode=PRIVATE_DIR_MODE)
             os.chmod(directory, PRIVATE_DIR_MODE)  # mkdir's mode is masked by the umask
-    _create_file(db_path)
+    fd = _create_file(db_path)
+    if fd is not None:
+        os.close(fd)
 
 
 def _create_file(path: str) -> int | None:
@@ -53,7 +55,11 @@ def _create_file(path: str) -> int | None:
         fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_EXCL, PRIVATE_FILE_MODE)
     except FileExistsError:
         return None
-    os.fchmod(fd, PRIVATE_FILE_MODE)  # os.open's mode is masked by the umask
+    try:
+        os.fchmod(fd, PRIVATE_FILE_MODE)  # os.open's mode is masked by the umask
+    except OSError:
+        os.close(fd)
+        raise
     return fd
 
 
