@@ -33,6 +33,7 @@ from multidict import CIMultiDict
 from prometheus_client.parser import text_string_to_metric_families
 from pytest_aiohttp import AiohttpClient
 
+from relay import hardening
 from relay.access import parse_networks
 from relay.app import METRICS, READINESS, create_app
 from relay.config import AdminConfig, Config, Secret, parse
@@ -40,6 +41,7 @@ from relay.errors import ConfigError
 from relay.mapping import REDACTED, parse_path
 from relay.readiness import Readiness
 from relay.store import open_store
+from relay.store.postgres import _safe
 from tests.helpers import (
     REPO,
     SITE_ID,
@@ -1094,3 +1096,65 @@ async def test_concurrent_readiness_checks_share_one_probe(tmp_path: Path) -> No
         assert readiness.probes == 2
     finally:
         await store.close()
+
+
+# ---------------------------------------------------------------- database URLs
+
+
+def test_every_secret_query_parameter_of_a_database_url_is_masked() -> None:
+    """The password in the userinfo, password=, sslpassword= and any parameter named like a
+    secret are masked in the URL the relay logs and prints; the rest stays readable."""
+    url = (
+        "postgresql://relay:pw1@db.example:5432/relay?sslmode=verify-full"
+        "&sslpassword=keypass2&password=pw3&application_name=relay&auth_token=tok4"
+    )
+
+    shown = _safe(url)
+
+    assert shown == (
+        "postgresql://relay:***@db.example:5432/relay?sslmode=verify-full"
+        "&sslpassword=***&password=***&application_name=relay&auth_token=***"
+    )
+
+
+@pytest.mark.e2e
+async def test_a_database_url_password_never_reaches_the_output(tmp_path: Path) -> None:
+    """`relay migrate` with a PostgreSQL URL it cannot reach says so in one line, exit 1,
+    with sslpassword= and the userinfo password masked."""
+    url = "postgresql://relay:pw1@127.0.0.1:1/relay?sslmode=disable&sslpassword=keypass2"
+
+    result = await run_command(relay_command(), "migrate", "--db", url, environ=process_env())
+
+    assert result.code == 1
+    assert result.err.startswith(
+        "relay: error: cannot open database "
+        "postgresql://relay:***@127.0.0.1:1/relay?sslmode=disable&sslpassword=***: "
+    )
+    assert "keypass2" not in result.out + result.err
+    assert "pw1" not in result.out + result.err
+
+
+@pytest.mark.parametrize(
+    ("url", "warned"),
+    [
+        ("postgresql://relay@db.example/relay", True),
+        ("postgresql://relay@db.example/relay?sslmode=require", True),
+        ("postgresql://relay@10.0.0.5/relay?sslmode=verify-ca", True),
+        ("postgresql://relay@db.example/relay?sslmode=verify-full", False),
+        ("postgresql://relay@127.0.0.1:5432/relay", False),
+        ("postgresql://relay@localhost/relay", False),
+        ("postgresql:///relay?host=/var/run/postgresql", False),
+    ],
+)
+def test_check_warns_when_postgres_off_loopback_does_not_verify_the_server(
+    url: str, warned: bool
+) -> None:
+    """A PostgreSQL server reached over the network without sslmode=verify-full (certificate
+    and host name checked) gets a storage.url warning; loopback and Unix sockets do not."""
+    raw = tomllib.loads(SHIPPED_TEXT)
+    raw["storage"]["url"] = url
+
+    found = [w for w in hardening.warnings(parse(raw, env())) if w.startswith("storage.url")]
+
+    assert bool(found) is warned
+    assert all("sslmode=verify-full" in w for w in found)
