@@ -27,10 +27,14 @@ RUN python -m venv /opt/venv
 
 WORKDIR /src
 COPY . .
-# Plain install of the project and its runtime dependencies (no dev extras). Then drop pip
-# and setuptools from the venv: the relay does not need them at run time (~25 MB, and old
-# setuptools versions are what image scanners flag).
-RUN /opt/venv/bin/pip install --no-cache-dir . \
+# The runtime dependencies and the build backend exactly as requirements.lock pins them, each
+# file checked against its sha256 (a tampered or substituted package fails the build); then
+# the project itself, with no dependency resolution and no other download. The lock is made
+# by pip-compile (its header says how) and tests/test_lockfile.py keeps it in step with
+# pyproject.toml. Then drop pip and setuptools from the venv: the relay does not need them at
+# run time (~25 MB, and old setuptools versions are what image scanners flag).
+RUN /opt/venv/bin/pip install --no-cache-dir --require-hashes --no-deps -r requirements.lock \
+ && /opt/venv/bin/pip install --no-cache-dir --no-deps --no-build-isolation --no-index . \
  && /opt/venv/bin/pip uninstall --yes pip setuptools
 
 # ---------------------------------------------------------------- runtime
