@@ -215,6 +215,13 @@ def cmd_check(args: argparse.Namespace) -> int:
             f"{' (with conditions)' if route.when else ''} -> {route.destination}"
         )
         out.append(f"  idempotency key: {route.idempotency_key.text}")
+        if route.verify_order is not None:
+            from relay.order_check import compared_fields
+
+            compared = ", ".join(compared_fields(route)) or "nothing (only that it is paid)"
+            out.append(
+                f"  payment check: Polar order {route.verify_order.text}, compares {compared}"
+            )
         out.append("  body:")
         out += describe_rule(route.body, "    ")
     if not config.routes:

@@ -180,7 +180,8 @@ class Metrics:
         self.payment_checks = Counter(
             "relay_payment_checks_total",
             "Orders confirmed with Polar before delivery, by outcome: paid, not_paid, "
-            "mismatch (Polar's order differs from the message), bad_id, error.",
+            "mismatch (Polar's order differs from the message), bad_id, no_route (the route is "
+            "gone from the config), error.",
             ["outcome"],
             registry=r,
         )

@@ -231,14 +231,11 @@ class DestinationWorker:
         started = time.perf_counter()
         route = self._routes.get(msg.route or "")
         if not is_polar_id(ref):
-            return self._unverified(
-                msg, "bad_id", f"{shown_id(ref)} is not a Polar order id", started
-            )
+            return self._unverified("bad_id", f"{shown_id(ref)} is not a Polar order id", started)
         if route is None:
             # Config changed since ingest: nothing to compare the message with.
             return self._unverified(
-                msg,
-                "mismatch",
+                "no_route",
                 f"route {msg.route!r} is not configured any more: cannot compare order {ref}",
                 started,
             )
@@ -252,7 +249,7 @@ class DestinationWorker:
                 error = ""
             except WrongOrder as exc:
                 self._mismatched(msg, ref, ["id"])
-                return self._unverified(msg, "mismatch", exc.message, started)
+                return self._unverified("mismatch", exc.message, started)
             except PolarApiError as exc:
                 error = exc.message
         if error:
@@ -272,12 +269,11 @@ class DestinationWorker:
             )
         if order is None or not is_paid(order):
             state = "unknown to Polar" if order is None else f"{order.get('status')!s}"
-            return self._unverified(msg, "not_paid", f"Polar order {ref} is {state}", started)
+            return self._unverified("not_paid", f"Polar order {ref} is {state}", started)
         mismatches = order_check.compare(route, msg.body, order)
         if mismatches:
             self._mismatched(msg, ref, [m.field for m in mismatches])
             return self._unverified(
-                msg,
                 "mismatch",
                 f"Polar order {ref} differs from the message in "
                 + "; ".join(m.describe() for m in mismatches),
@@ -286,9 +282,7 @@ class DestinationWorker:
         self._metrics.payment_checks.labels("paid").inc()
         return None
 
-    def _unverified(
-        self, msg: ClaimedMessage, outcome: str, why: str, started: float
-    ) -> tuple[AttemptResult, Outcome]:
+    def _unverified(self, outcome: str, why: str, started: float) -> tuple[AttemptResult, Outcome]:
         """Dead-letter: the payment is not what the message claims (counted by `outcome`)."""
         self._metrics.payment_checks.labels(outcome).inc()
         reason = f"payment not verified: {why}"

@@ -21,6 +21,7 @@ from aiohttp import web
 from aiohttp.test_utils import TestClient
 from pytest_aiohttp import AiohttpClient, AiohttpServer
 
+from relay import order_check
 from relay.app import METRICS, STORE, create_app
 from relay.config import Config, parse
 from relay.errors import ConfigError
@@ -374,3 +375,26 @@ async def test_an_answer_about_another_order_is_dead(
         == 1
     )
     assert logged(logs, "payment_check_mismatch")[0]["fields"] == ["id"]
+
+
+def test_the_check_compares_the_fields_built_from_the_order_only(
+    faurya: FakeFaurya, db_path: Path, polar: FakePolar
+) -> None:
+    """With verify_order = "{data.id}" every body field read only from data.* is compared
+    (constants are not); a route whose verify_order names another object's id (a refund's
+    order) compares nothing, since its data is not that order."""
+    raw = raw_config(faurya, db_path, polar, polar.token)
+    raw["routes"][1]["verify_order"] = "{data.order_id}"
+    order_route, refund_route = parse(raw, env(FAURYA_URL=faurya.url)).routes
+
+    assert order_check.compared_fields(order_route) == [
+        "amount",
+        "currency",
+        "orderId",
+        "providerPaymentId",
+        "attribution.faVisitorId",
+        "attribution.faSessionId",
+        "attribution.faAttributionToken",
+    ]
+    assert order_check.compared_fields(refund_route) == []
+    assert order_check.compare(refund_route, b'{"amount": 1}', {"amount": 2}) == []
