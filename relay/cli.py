@@ -106,7 +106,15 @@ async def serve(config: Config) -> None:
             admin_runner = web.AppRunner(create_admin_app(app), access_log=None, **limits)
             await admin_runner.setup()
             admin_host, admin_port = config.admin.host_port
-            await web.TCPSite(admin_runner, admin_host, admin_port).start()
+            try:
+                await web.TCPSite(admin_runner, admin_host, admin_port).start()
+            except OSError as exc:
+                # 9090 is the shipped default, and Prometheus's own: say which key to change.
+                raise RelayError(
+                    f"admin.listen: cannot listen on {config.admin.listen}: "
+                    f"{os.strerror(exc.errno) if exc.errno else exc} "
+                    "(set RELAY_ADMIN_LISTEN to a free port)"
+                ) from None
             fields["admin_host"], fields["admin_port"] = _bound(admin_runner)
         log.info(
             "relay_listening",

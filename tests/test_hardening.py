@@ -15,6 +15,7 @@ import dataclasses
 import json
 import os
 import shutil
+import socket
 import sqlite3
 import ssl
 import stat
@@ -1158,3 +1159,26 @@ def test_check_warns_when_postgres_off_loopback_does_not_verify_the_server(
 
     assert bool(found) is warned
     assert all("sslmode=verify-full" in w for w in found)
+
+
+@pytest.mark.e2e
+async def test_a_busy_admin_port_is_a_one_line_error(
+    tmp_path: Path, faurya: FakeFaurya, db_path: Path
+) -> None:
+    """The admin port taken (9090 is also Prometheus's): `relay serve` exits 1 with one line
+    naming admin.listen and RELAY_ADMIN_LISTEN, no traceback."""
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        busy = f"127.0.0.1:{taken.getsockname()[1]}"
+        environ = process_env(**env(FAURYA_URL=faurya.url, RELAY_ADMIN_LISTEN=busy))
+        relay = RelayProcess(config_copy(tmp_path), db_path, environ)
+        await relay.launch()
+        code = await relay.wait(15)
+
+    assert code == 1
+    assert relay.lines[-1] == (
+        f"relay: error: admin.listen: cannot listen on {busy}: Address already in use "
+        "(set RELAY_ADMIN_LISTEN to a free port)"
+    )
+    assert not [line for line in relay.lines if "Traceback" in line]
