@@ -8,6 +8,13 @@
 #
 # Operator commands run against the same volume, e.g.
 #   docker exec relay relay outbox list
+#
+# /metrics is on the admin listener, which relay.toml puts on 127.0.0.1:9090: inside the
+# container, out of reach. To scrape it from outside, listen on every interface with a token
+# (the relay refuses a non-loopback admin listener without one) and publish the port to the
+# host's loopback or a private network only:
+#   -e RELAY_ADMIN_LISTEN=0.0.0.0:9090 -e RELAY_ADMIN_TOKEN=<long random> \
+#   -p 127.0.0.1:9090:9090
 
 # ---------------------------------------------------------------- builder
 FROM python:3.11-slim AS builder
@@ -20,10 +27,14 @@ RUN python -m venv /opt/venv
 
 WORKDIR /src
 COPY . .
-# Plain install of the project and its runtime dependencies (no dev extras). Then drop pip
-# and setuptools from the venv: the relay does not need them at run time (~25 MB, and old
-# setuptools versions are what image scanners flag).
-RUN /opt/venv/bin/pip install --no-cache-dir . \
+# The runtime dependencies and the build backend exactly as requirements.lock pins them, each
+# file checked against its sha256 (a tampered or substituted package fails the build); then
+# the project itself, with no dependency resolution and no other download. The lock is made
+# by pip-compile (its header says how) and tests/test_lockfile.py keeps it in step with
+# pyproject.toml. Then drop pip and setuptools from the venv: the relay does not need them at
+# run time (~25 MB, and old setuptools versions are what image scanners flag).
+RUN /opt/venv/bin/pip install --no-cache-dir --require-hashes --no-deps -r requirements.lock \
+ && /opt/venv/bin/pip install --no-cache-dir --no-deps --no-build-isolation --no-index . \
  && /opt/venv/bin/pip uninstall --yes pip setuptools
 
 # ---------------------------------------------------------------- runtime
@@ -53,7 +64,9 @@ WORKDIR /app
 COPY relay.toml /app/relay.toml
 
 VOLUME /data
-EXPOSE 8080
+# 8080: webhooks (and /checkout, /healthz, /readyz), the port Polar reaches. 9090: the admin
+# listener (/metrics), only once RELAY_ADMIN_LISTEN and RELAY_ADMIN_TOKEN are set (see above).
+EXPOSE 8080 9090
 
 USER 10001:10001
 

@@ -51,14 +51,29 @@ class Client:
     https: bool
 
 
+def header_list(lines: str | Sequence[str] | None) -> str:
+    """Every line of a repeated header as one comma-separated list, in order: a proxy that
+    appends its own line (HAProxy's `option forwardfor`) must not leave a client's forged
+    first line to decide."""
+    if lines is None:
+        return ""
+    if isinstance(lines, str):
+        return lines
+    return ",".join(lines)
+
+
 def resolve_client(
     peer: str | None,
-    forwarded_for: str | None,
-    forwarded_proto: str | None,
+    forwarded_for: str | Sequence[str] | None,
+    forwarded_proto: str | Sequence[str] | None,
     *,
     tls: bool,
     trusted_proxies: Sequence[Network],
 ) -> Client:
+    """`forwarded_for`/`forwarded_proto`: every line of the header (`headers.getall`), or one
+    value."""
+    forwarded_for = header_list(forwarded_for)
+    forwarded_proto = header_list(forwarded_proto)
     peer_address = _address(peer)
     if peer_address is None or not _within(peer_address, trusted_proxies):
         return Client(ip=str(peer_address) if peer_address else peer, https=tls)
@@ -75,6 +90,18 @@ def resolve_client(
     if forwarded_proto:
         https = forwarded_proto.split(",")[-1].strip().lower() == "https"
     return Client(ip=ip, https=https)
+
+
+def is_loopback_host(host: str) -> bool:
+    """An address only this machine can reach: localhost, 127.0.0.0/8, ::1. A host name other
+    than localhost may resolve to anything, so it is not."""
+    host = host.strip().strip("[]").lower()
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host.split("%", 1)[0]).is_loopback
+    except ValueError:
+        return False
 
 
 def allowed(ip: str | None, allowlist: Sequence[Network]) -> bool:

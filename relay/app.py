@@ -18,17 +18,17 @@ import aiohttp
 from aiohttp import web
 
 from relay.access import bearer_ok
-from relay.checkout import CheckoutEndpoint
+from relay.checkout import CHECKOUT_MAX_WAIT_S, CheckoutEndpoint
 from relay.config import Config, DestinationConfig
 from relay.delivery import Attempts, Redactor, Sender, client_session
 from relay.delivery_process import ProcessSenders
 from relay.diskspace import DiskSpace
-from relay.errors import StorageUnavailable
 from relay.ingest import WebhookIngest
 from relay.logs import get_logger
 from relay.metrics import CONTENT_TYPE, Metrics
 from relay.models import Clock, MessageStatus, SystemClock, is_postgres_url
 from relay.polar_api import PolarApi
+from relay.readiness import Readiness
 from relay.store import BatchStats, Store, open_store
 from relay.workers import DestinationWorker, Workers
 
@@ -43,6 +43,9 @@ DB_PATH = web.AppKey("db_path", str)
 POLL_INTERVAL_S = web.AppKey("poll_interval_s", float)
 POLAR_API = web.AppKey("polar_api", PolarApi)
 DISK = web.AppKey("disk", DiskSpace)
+# The checkout's own budget: a flood of checkouts must not delay payment checks or reconcile.
+CHECKOUT_API = web.AppKey("checkout_api", PolarApi)
+READINESS = web.AppKey("readiness", Readiness)
 
 
 def secret_values(config: Config) -> list[str]:
@@ -57,6 +60,15 @@ def secret_values(config: Config) -> list[str]:
         if token is not None:
             values.append(token.value)
     return values
+
+
+SERVER_HEADER = "faurya-relay"
+
+
+async def _server_header(request: web.Request, response: web.StreamResponse) -> None:
+    """No versions in `Server` (aiohttp's default names Python's and its own): they only help
+    an attacker pick an exploit."""
+    response.headers["Server"] = SERVER_HEADER
 
 
 @web.middleware
@@ -81,6 +93,7 @@ def create_app(
     poll_interval_s: float = 1.0,
 ) -> web.Application:
     app = web.Application(client_max_size=config.server.max_body_bytes, middlewares=[_errors])
+    app.on_response_prepare.append(_server_header)
     app[CONFIG] = config
     app[METRICS] = Metrics()
     app[CLOCK] = clock or SystemClock()
@@ -88,6 +101,7 @@ def create_app(
     app[POLL_INTERVAL_S] = poll_interval_s
     if config.storage.min_free_bytes and not is_postgres_url(app[DB_PATH]):
         app[DISK] = DiskSpace(app[DB_PATH], config.storage.min_free_bytes)
+    app[READINESS] = _readiness_checks(app)
     if config.polar_api.token is not None:
         app.cleanup_ctx.append(_polar_api_ctx)
     app.cleanup_ctx.append(_store_ctx)
@@ -104,21 +118,23 @@ def create_app(
         app.router.add_post(source.path, ingest.handle)
     if config.checkout.enabled:
         checkout = CheckoutEndpoint(
-            config.checkout, config.server, lambda: app[POLAR_API], app[METRICS]
+            config.checkout, config.server, lambda: app[CHECKOUT_API], app[METRICS]
         )
         app.router.add_post(config.checkout.path, checkout.create)
         app.router.add_route("OPTIONS", config.checkout.path, checkout.preflight)
+    # The public port (Polar and browsers reach it) serves nothing else: /metrics shows
+    # revenue and the backlog, so it lives on the admin listener only.
     app.router.add_get("/healthz", _healthz)
     app.router.add_get("/readyz", _readyz)
-    if not config.admin.listen:
-        app.router.add_get("/metrics", _metrics)
     return app
 
 
 def create_admin_app(main: web.Application) -> web.Application:
-    """The admin listener (`admin.listen`): /metrics, /healthz and /readyz of `main`, e.g. on
-    loopback only, away from the public webhook port."""
+    """The admin listener (`admin.listen`, loopback by default): /metrics, /healthz and
+    /readyz of `main`, away from the public webhook port. Off loopback the config requires
+    `admin.token`, which /metrics then asks for."""
     admin = web.Application(middlewares=[_errors])
+    admin.on_response_prepare.append(_server_header)
 
     async def metrics(request: web.Request) -> web.Response:
         return await _render_metrics(main, request)
@@ -133,13 +149,24 @@ def create_admin_app(main: web.Application) -> web.Application:
 
 
 async def _polar_api_ctx(app: web.Application) -> AsyncIterator[None]:
-    """One client for Polar's API (checkouts, payment checks), when a token is configured."""
+    """Clients for Polar's API, when a token is configured: one for payment checks and
+    reconciliation, and one with its own bounded budget for the checkout endpoint."""
     config = app[CONFIG].polar_api
+    checkout = app[CONFIG].checkout
     assert config.token is not None
     async with aiohttp.ClientSession() as session:
         app[POLAR_API] = PolarApi(
             session, config.url, config.token.value, min_interval_s=config.min_interval_s
         )
+        if checkout.enabled:
+            app[CHECKOUT_API] = PolarApi(
+                session,
+                config.url,
+                config.token.value,
+                min_interval_s=60.0 / checkout.global_rate_limit_per_min,
+                # A browser waits: a short queue, and 503 past it.
+                max_wait_s=CHECKOUT_MAX_WAIT_S,
+            )
         yield
 
 
@@ -154,11 +181,16 @@ async def _store_ctx(app: web.Application) -> AsyncIterator[None]:
         serve=True,
     )
 
+    readiness = app[READINESS]
+
     def on_batch(stats: BatchStats) -> None:
         metrics.commit_duration.observe(stats.commit_s)
         metrics.commit_batch_size.observe(stats.size)
         if not stats.ok:
             metrics.commit_failures.inc()
+            readiness.commit_failed()
+        else:
+            readiness.committed()
 
     store.on_batch = on_batch
 
@@ -226,6 +258,7 @@ async def _workers_ctx(app: web.Application) -> AsyncIterator[None]:
                 app[METRICS],
                 poll_interval_s=app[POLL_INTERVAL_S],
                 polar=lambda: app.get(POLAR_API),
+                routes={route.name: route for route in config.routes},
             )
             for dest in destinations
         )
@@ -320,27 +353,24 @@ async def _healthz(request: web.Request) -> web.Response:
     return web.json_response({"status": "ok"})
 
 
-async def _ready(app: web.Application) -> tuple[bool, dict[str, str]]:
-    checks: dict[str, str] = {}
-    store = app.get(STORE)
-    if store is None:
-        checks["store"] = "not open"
-    else:
-        try:
-            await store.probe()
-            if not store.writer_running:
-                checks["store"] = "the group-commit writer is not running"
-            elif store.last_write_error is not None:
-                checks["store"] = f"last commit failed: {store.last_write_error}"
-            else:
-                checks["store"] = "ok"
-        except StorageUnavailable as exc:
-            checks["store"] = exc.message
-    workers = app.get(WORKERS)
-    checks["workers"] = "ok" if workers is not None and workers.running else "not running"
+def _readiness_checks(app: web.Application) -> Readiness:
+    """The store (from its last commit, or a probe at most a second old), the workers, and
+    free space on the database's filesystem (where storage.min_free_bytes is set)."""
+    readiness = Readiness()
+
+    def workers() -> str:
+        running = app.get(WORKERS)
+        return "ok" if running is not None and running.running else "not running"
+
+    readiness.add("store", lambda: readiness.store(app.get(STORE)))
+    readiness.add("workers", workers)
     if DISK in app:
-        checks["disk"] = _disk_check(app)
-    return all(v == "ok" for v in checks.values()), checks
+        readiness.add("disk", lambda: _disk_check(app))
+    return readiness
+
+
+async def _ready(app: web.Application) -> tuple[bool, dict[str, str]]:
+    return await app[READINESS].check()
 
 
 def _disk_check(app: web.Application) -> str:
@@ -362,10 +392,6 @@ async def _readiness(app: web.Application) -> web.Response:
     ready, checks = await _ready(app)
     app[METRICS].ready.set(1 if ready else 0)
     return web.json_response({"ready": ready, "checks": checks}, status=200 if ready else 503)
-
-
-async def _metrics(request: web.Request) -> web.Response:
-    return await _render_metrics(request.app, request)
 
 
 async def _render_metrics(app: web.Application, request: web.Request) -> web.Response:

@@ -13,7 +13,10 @@ merchant's origins, a per-client rate limit, and the call to Polar. Off unless
 
 from __future__ import annotations
 
+import asyncio
+import ipaddress
 import json
+import math
 import re
 import time
 import uuid
@@ -26,7 +29,7 @@ from relay.access import resolve_client
 from relay.config import CheckoutConfig, ServerConfig
 from relay.logs import get_logger
 from relay.metrics import Metrics
-from relay.polar_api import PolarApiError
+from relay.polar_api import PolarApiBusy, PolarApiError
 
 log = get_logger("relay.checkout")
 
@@ -35,6 +38,8 @@ MAX_BODY_BYTES = 4096
 # or empty ones make Polar refuse the whole checkout, which would block the sale.
 MAX_ID_CHARS = 500
 _ID = re.compile(rf"[A-Za-z0-9._:=+/\-]{{1,{MAX_ID_CHARS}}}")
+# The checkout's Polar budget queues at most this long; past it, 503 with Retry-After.
+CHECKOUT_MAX_WAIT_S = 2.0
 ID_FIELDS = ("faVisitorId", "faSessionId", "faAttributionToken")
 FIELDS = ("plan", "productId", *ID_FIELDS)
 
@@ -78,6 +83,20 @@ def validate(payload: Any, config: CheckoutConfig) -> tuple[str, dict[str, str]]
             )
         ids[name] = value
     return product_id, ids
+
+
+def client_key(ip: str | None) -> str:
+    """Whom the per-client limit counts: the address, or its /64 for IPv6 (one subscriber
+    gets a whole /64 and can pick any address in it)."""
+    if ip is None:
+        return "?"
+    try:
+        address = ipaddress.ip_address(ip)
+    except ValueError:
+        return ip
+    if isinstance(address, ipaddress.IPv6Address):
+        return str(ipaddress.IPv6Network((address, 64), strict=False))
+    return ip
 
 
 class RateLimiter:
@@ -145,6 +164,18 @@ class CheckoutEndpoint:
         self._metrics.checkouts.labels(outcome).inc()
         return web.json_response(body, status=status, headers=headers)
 
+    async def _read_body(self, request: web.Request) -> bytes | None:
+        """The whole body (however many TCP segments it came in), within
+        `server.body_timeout_s` as a webhook's (else TimeoutError); None past MAX_BODY_BYTES
+        (a chunked body has no Content-Length to refuse up front)."""
+        raw = bytearray()
+        async with asyncio.timeout(self._server.body_timeout_s):
+            while chunk := await request.content.read(MAX_BODY_BYTES + 1 - len(raw)):
+                raw += chunk
+                if len(raw) > MAX_BODY_BYTES:
+                    return None
+        return bytes(raw)
+
     async def create(self, request: web.Request) -> web.Response:
         allowed, headers = self._cors(request)
         if not allowed:
@@ -152,21 +183,25 @@ class CheckoutEndpoint:
             return self._answer("forbidden", 403, {"error": "origin not allowed"}, {})
         client = resolve_client(
             request.remote,
-            request.headers.get("x-forwarded-for"),
-            request.headers.get("x-forwarded-proto"),
+            request.headers.getall("x-forwarded-for", ()),
+            request.headers.getall("x-forwarded-proto", ()),
             tls=request.secure,
             trusted_proxies=self._server.trusted_proxies,
         )
-        wait = self._limiter.take(client.ip or "?", time.monotonic())
+        wait = self._limiter.take(client_key(client.ip), time.monotonic())
         if wait > 0:
             headers["Retry-After"] = str(max(1, round(wait)))
             return self._answer("rate_limited", 429, {"error": "too many requests"}, headers)
         if (request.content_length or 0) > MAX_BODY_BYTES:
             return self._answer("invalid", 413, {"error": "body too large"}, headers)
         try:
-            raw = await request.content.read(MAX_BODY_BYTES + 1)
-            if len(raw) > MAX_BODY_BYTES:
-                raise BadCheckoutRequest("body too large")
+            raw = await self._read_body(request)
+        except TimeoutError:
+            log.info("checkout_rejected", reason="body too slow")
+            return self._answer("invalid", 408, {"error": "request body too slow"}, headers)
+        if raw is None:
+            return self._answer("invalid", 413, {"error": "body too large"}, headers)
+        try:
             product_id, ids = validate(json.loads(raw), self._config)
         except (ValueError, UnicodeDecodeError) as exc:
             message = str(exc) if isinstance(exc, BadCheckoutRequest) else "body must be JSON"
@@ -183,6 +218,10 @@ class CheckoutEndpoint:
             payload["return_url"] = self._config.return_url
         try:
             checkout = await self._api().create_checkout(payload)
+        except PolarApiBusy as exc:
+            log.warning("checkout_busy", retry_after_s=round(exc.retry_after_s, 2))
+            headers["Retry-After"] = str(max(1, math.ceil(exc.retry_after_s)))
+            return self._answer("busy", 503, {"error": "too many checkouts; try again"}, headers)
         except PolarApiError as exc:
             log.error("checkout_failed", error=exc.message, status=exc.status)
             return self._answer(

@@ -16,7 +16,7 @@ import sys
 from collections.abc import Sequence
 from typing import Any
 
-from relay import __version__, logs
+from relay import __version__, hardening, logs
 from relay.config import (
     Config,
     RetentionConfig,
@@ -78,9 +78,14 @@ def _db_path(args: argparse.Namespace) -> str:
 async def serve(config: Config) -> None:
     # aiohttp and the app load only for the commands that need them: `relay check` and the
     # operator commands start in a fraction of the time.
-    from aiohttp import web
+    from aiohttp import web, web_response
 
-    from relay.app import create_admin_app, create_app
+    from relay.app import SERVER_HEADER, create_admin_app, create_app
+
+    # Answers aiohttp makes before any app sees the request (a malformed request line, an
+    # oversized header: 400) get its module default, which names Python's and aiohttp's
+    # versions; the apps' on_response_prepare cannot reach those.
+    web_response.SERVER_SOFTWARE = SERVER_HEADER  # type: ignore[attr-defined]
 
     server = config.server
     app = create_app(config)
@@ -122,7 +127,8 @@ async def serve(config: Config) -> None:
                 web.TCPSite(admin_runner, admin_host, admin_port),
                 (admin_host, admin_port),
                 "admin.listen",
-                "admin.listen",
+                # 9090 is the shipped default, and Prometheus's own: say which key to change.
+                "RELAY_ADMIN_LISTEN (admin.listen)",
             )
             fields["admin_host"], fields["admin_port"] = _bound(admin_runner)
         log.info(
@@ -183,9 +189,15 @@ def _bound(runner: Any) -> tuple[str, int]:
     return str(address[0]), int(address[1])
 
 
+def _file_warnings(config: Config) -> list[str]:
+    return [] if config.storage.url is not None else hardening.file_warnings(config.storage.path)
+
+
 def cmd_serve(args: argparse.Namespace) -> int:
     config = load_config(args)
     logs.configure(config.log.level, config.log.format, cache=True)
+    for warning in hardening.warnings(config) + _file_warnings(config):
+        log.warning("unsafe_setting", warning=warning)
     asyncio.run(serve(config))
     return 0
 
@@ -264,11 +276,25 @@ def cmd_check(args: argparse.Namespace) -> int:
             f"{' (with conditions)' if route.when else ''} -> {route.destination}"
         )
         out.append(f"  idempotency key: {route.idempotency_key.text}")
+        if route.verify_order is not None:
+            from relay.order_check import compared_fields
+
+            compared = ", ".join(compared_fields(route)) or "nothing (only that it is paid)"
+            out.append(
+                f"  payment check: Polar order {route.verify_order.text}, compares {compared}"
+            )
         out.append("  body:")
         out += describe_rule(route.body, "    ")
     if not config.routes:
         out.append("no routes: every event is acknowledged and ignored")
     out.append(_reconcile_line(config))
+    out.append(
+        f"admin: /metrics on {config.admin.listen}"
+        + (" (bearer token)" if config.admin.token else "")
+        if config.admin.listen
+        else "admin: no admin listener (admin.listen): /metrics is not served"
+    )
+    out += [f"warning: {w}" for w in hardening.warnings(config) + _file_warnings(config)]
     print("\n".join(out))
     note_unset(config)
     return 0

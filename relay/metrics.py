@@ -193,14 +193,23 @@ class Metrics:
         self.checkouts = Counter(
             "relay_checkouts_total",
             "Checkout endpoint requests, by outcome: created, invalid, forbidden, "
-            "rate_limited, failed.",
+            "rate_limited, busy (the checkout's Polar budget is full: 503), failed.",
             ["outcome"],
             registry=r,
         )
         self.payment_checks = Counter(
             "relay_payment_checks_total",
-            "Orders confirmed with Polar before delivery, by outcome: paid, not_paid, error.",
+            "Orders confirmed with Polar before delivery, by outcome: paid, not_paid, "
+            "mismatch (Polar's order differs from the message), bad_id, no_route (the route is "
+            "gone from the config), error.",
             ["outcome"],
+            registry=r,
+        )
+        self.payment_check_mismatches = Counter(
+            "relay_payment_check_mismatches_total",
+            "Payment checks that dead-lettered a message because a field differed from Polar's "
+            "order, by route and body field.",
+            ["route", "field"],
             registry=r,
         )
         self.ready = Gauge(

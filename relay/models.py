@@ -125,6 +125,7 @@ class ClaimedMessage:
     lease_token: str
     request_id: str | None = None
     verify_ref: str | None = None
+    route: str | None = None  # the route that built it (the payment check compares by it)
 
 
 @dataclass(frozen=True, slots=True)

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import time
+import urllib.parse
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
 from typing import Any
@@ -18,6 +19,7 @@ import aiohttp
 
 from relay import __version__, retry
 from relay.errors import RelayError
+from relay.order_check import is_polar_id, shown_id
 
 PRODUCTION_URL = "https://api.polar.sh"
 SANDBOX_URL = "https://sandbox-api.polar.sh"
@@ -53,6 +55,18 @@ class PolarApiError(RelayError):
         return self.status is None or self.status in (408, 425, 429) or self.status >= 500
 
 
+class PolarApiBusy(PolarApiError):
+    """This client's request budget is spent for now (its pacing queue is full)."""
+
+    def __init__(self, retry_after_s: float) -> None:
+        self.retry_after_s = retry_after_s
+        super().__init__(f"Polar API budget full; retry in {retry_after_s:.1f} s", None)
+
+
+class WrongOrder(PolarApiError):
+    """Polar answered with an order other than the one asked for."""
+
+
 @dataclass(frozen=True, slots=True)
 class Page:
     items: list[dict[str, Any]]
@@ -62,7 +76,9 @@ class Page:
 
 
 class PolarApi:
-    """One client per process; `min_interval_s` spaces requests under the rate limit."""
+    """One client per budget; `min_interval_s` spaces requests under the rate limit. With
+    `max_wait_s`, a request that would wait longer than that for its slot is refused at once
+    (PolarApiBusy) instead of queueing: the queue stays bounded."""
 
     def __init__(
         self,
@@ -73,6 +89,7 @@ class PolarApi:
         min_interval_s: float = 0.15,
         max_tries: int = 5,
         timeout_s: float = 15.0,
+        max_wait_s: float | None = None,
     ) -> None:
         self._session = session
         self._base = base_url.rstrip("/")
@@ -82,6 +99,7 @@ class PolarApi:
             "user-agent": f"faurya-relay/{__version__}",
         }
         self._min_interval_s = min_interval_s
+        self._max_wait_s = max_wait_s
         self._max_tries = max_tries
         self._timeout = aiohttp.ClientTimeout(total=timeout_s)
         self._last_request_at = 0.0
@@ -93,8 +111,10 @@ class PolarApi:
         # checks, checkouts) queue up min_interval_s apart instead of all waking at once.
         now = time.monotonic()
         slot = max(now, self._last_request_at + self._min_interval_s)
-        self._last_request_at = slot
         wait = slot - now
+        if self._max_wait_s is not None and wait > self._max_wait_s:
+            raise PolarApiBusy(wait)  # the slot is not taken: the queue does not grow
+        self._last_request_at = slot
         if wait > 0:
             self.waited_s += wait
             await asyncio.sleep(wait)
@@ -184,13 +204,24 @@ class PolarApi:
             page += 1
 
     async def get_order(self, order_id: str) -> dict[str, Any] | None:
-        """One order, or None when Polar has no such order (404)."""
-        status, body = await self.request("GET", f"/v1/orders/{order_id}")
+        """One order, or None when Polar has no such order (404). The id may come from a
+        forged webhook: it must be a Polar id, goes into the URL as one escaped path segment,
+        and the order Polar returns must carry that same id."""
+        if not is_polar_id(order_id):
+            raise PolarApiError(f"{shown_id(order_id)} is not a Polar order id", 400)
+        path = f"/v1/orders/{urllib.parse.quote(order_id, safe='')}"
+        status, body = await self.request("GET", path)
         if status == 404:
             return None
         _refuse_token(status, "orders:read")
         if status != 200 or not isinstance(body, dict):
             raise PolarApiError(f"unexpected answer {status} for order {order_id}", status)
+        if body.get("id") != order_id:
+            raise WrongOrder(
+                f"Polar answered for order {order_id} with another order "
+                f"({shown_id(str(body.get('id')))})",
+                status,
+            )
         return body
 
     async def create_checkout(self, payload: dict[str, Any]) -> dict[str, Any]:

@@ -17,17 +17,19 @@ import asyncio
 import contextlib
 import random
 import time
-from collections.abc import Callable, Coroutine, Iterable
+from collections.abc import Callable, Coroutine, Iterable, Mapping
 from typing import Any
 
-from relay import retry, revenue
+from relay import order_check, retry, revenue
 from relay.config import DestinationConfig
 from relay.delivery import AttemptResult, Attempts
 from relay.errors import StorageError
 from relay.logs import get_logger
+from relay.mapping import Route
 from relay.metrics import Metrics, status_class
 from relay.models import ClaimedMessage, Clock, Dead, Delivered, ErrorKind, Outcome, RetryLater
-from relay.polar_api import PolarApi, PolarApiError, is_paid
+from relay.order_check import is_polar_id, shown_id
+from relay.polar_api import PolarApi, PolarApiError, WrongOrder, is_paid
 from relay.store import Store
 
 log = get_logger("relay.workers")
@@ -51,6 +53,7 @@ class DestinationWorker:
         poll_interval_s: float = 1.0,
         rand: Callable[[], float] = random.random,
         polar: Callable[[], PolarApi | None] | None = None,
+        routes: Mapping[str, Route] | None = None,
     ) -> None:
         self.destination = destination
         self._store = store
@@ -60,6 +63,7 @@ class DestinationWorker:
         self._poll_interval_s = poll_interval_s
         self._rand = rand
         self._polar = polar
+        self._routes = routes or {}  # by name: what a payment check compares a message with
         self._wake = asyncio.Event()
         self._attempts: set[asyncio.Task[None]] = set()
         self._writes: set[asyncio.Task[None]] = set()
@@ -221,19 +225,36 @@ class DestinationWorker:
         self._background(self._record(msg, result, outcome))
 
     async def _check_payment(self, msg: ClaimedMessage) -> tuple[AttemptResult, Outcome] | None:
-        """Confirm with Polar that the order is paid before sending (routes with
-        `verify_order`). None when it is; else what to record instead of a delivery: a retry
-        when Polar could not answer, dead when the order is unknown or unpaid."""
-        assert msg.verify_ref is not None
-        api = self._polar() if self._polar is not None else None
+        """Confirm with Polar that the order is paid and is the one the message describes,
+        before sending (routes with `verify_order`). None when it is; else what to record
+        instead of a delivery: a retry when Polar could not answer; dead when the id is not a
+        Polar id, Polar returns another order, the order is unknown or unpaid, or a field the
+        message sends differs from Polar's order (relay/order_check.py says why the stored body
+        is kept and compared, not rebuilt from Polar's order)."""
+        ref = msg.verify_ref
+        assert ref is not None
         started = time.perf_counter()
+        route = self._routes.get(msg.route or "")
+        if not is_polar_id(ref):
+            return self._unverified("bad_id", f"{shown_id(ref)} is not a Polar order id", started)
+        if route is None:
+            # Config changed since ingest: nothing to compare the message with.
+            return self._unverified(
+                "no_route",
+                f"route {msg.route!r} is not configured any more: cannot compare order {ref}",
+                started,
+            )
+        api = self._polar() if self._polar is not None else None
         now = self._clock.now()
         order = None
         error = "no Polar API client (polar_api.token)"
         if api is not None:
             try:
-                order = await api.get_order(msg.verify_ref)
+                order = await api.get_order(ref)
                 error = ""
+            except WrongOrder as exc:
+                self._mismatched(msg, ref, ["id"])
+                return self._unverified("mismatch", exc.message, started)
             except PolarApiError as exc:
                 error = exc.message
         if error:
@@ -251,18 +272,42 @@ class DestinationWorker:
                 retry_after_s=None,
                 rand=self._rand(),
             )
-        if order is not None and is_paid(order):
-            self._metrics.payment_checks.labels("paid").inc()
-            return None
-        self._metrics.payment_checks.labels("not_paid").inc()
-        state = "unknown to Polar" if order is None else f"{order.get('status')!s}"
+        if order is None or not is_paid(order):
+            state = "unknown to Polar" if order is None else f"{order.get('status')!s}"
+            return self._unverified("not_paid", f"Polar order {ref} is {state}", started)
+        mismatches = order_check.compare(route, msg.body, order)
+        if mismatches:
+            self._mismatched(msg, ref, [m.field for m in mismatches])
+            return self._unverified(
+                "mismatch",
+                f"Polar order {ref} differs from the message in "
+                + "; ".join(m.describe() for m in mismatches),
+                started,
+            )
+        self._metrics.payment_checks.labels("paid").inc()
+        return None
+
+    def _unverified(self, outcome: str, why: str, started: float) -> tuple[AttemptResult, Outcome]:
+        """Dead-letter: the payment is not what the message claims (counted by `outcome`)."""
+        self._metrics.payment_checks.labels(outcome).inc()
         result = AttemptResult.failed(
-            ErrorKind.PAYMENT_NOT_VERIFIED,
-            f"Polar order {msg.verify_ref} is {state}",
-            time.perf_counter() - started,
+            ErrorKind.PAYMENT_NOT_VERIFIED, why, time.perf_counter() - started
         )
         assert result.error is not None
         return result, Dead(result.error, None)
+
+    def _mismatched(self, msg: ClaimedMessage, order_id: str, fields: list[str]) -> None:
+        route = msg.route or ""
+        for name in fields:
+            self._metrics.payment_check_mismatches.labels(route, name).inc()
+        log.error(
+            "payment_check_mismatch",
+            destination=self.destination.name,
+            message_id=msg.id,
+            route=route,
+            order_id=order_id,
+            fields=fields,
+        )
 
     def _background(self, coro: Coroutine[Any, Any, None]) -> None:
         task = asyncio.create_task(coro)

@@ -144,6 +144,9 @@ def env(**overrides: str) -> dict[str, str]:
         "FAURYA_URL": "http://127.0.0.1:9",
         "FAURYA_SITE_ID": SITE_ID,
         "FAURYA_WRITE_KEY": WRITE_KEY,
+        # The shipped relay.toml's admin listener, on a port of the OS's choosing: relays of
+        # tests running side by side must not fight over 9090.
+        "RELAY_ADMIN_LISTEN": "127.0.0.1:0",
     }
     base.update(overrides)
     return base
@@ -168,6 +171,8 @@ RELAY_ENV_VARS = (
     "RELAY_DB",
     "RELAY_PORT",
     "RELAY_CONFIG",
+    "RELAY_ADMIN_LISTEN",
+    "RELAY_ADMIN_TOKEN",
 )
 
 
@@ -186,6 +191,7 @@ def process_env(**variables: str) -> dict[str, str]:
     import os
 
     base = {k: v for k, v in os.environ.items() if k not in RELAY_ENV_VARS}
+    base["RELAY_ADMIN_LISTEN"] = "127.0.0.1:0"  # as in env(): no two test relays on 9090
     base.update(variables)
     return base
 
@@ -212,6 +218,7 @@ class RelayProcess:
         self.lines: list[str] = []
         self.events: list[dict[str, Any]] = []
         self.port = 0
+        self.admin_port = 0  # 0: no admin listener
         self._proc: asyncio.subprocess.Process | None = None
         self._reader: asyncio.Task[None] | None = None
         self._changed = asyncio.Event()
@@ -219,6 +226,12 @@ class RelayProcess:
     @property
     def url(self) -> str:
         return f"http://127.0.0.1:{self.port}"
+
+    @property
+    def admin_url(self) -> str:
+        """The admin listener (/metrics), on loopback."""
+        assert self.admin_port, "no admin listener"
+        return f"http://127.0.0.1:{self.admin_port}"
 
     @property
     def proc(self) -> asyncio.subprocess.Process:
@@ -241,6 +254,7 @@ class RelayProcess:
         await self.launch()
         listening = await self.wait_log("relay_listening", timeout_s)
         self.port = int(listening["port"])
+        self.admin_port = int(listening.get("admin_port", 0))
         return self
 
     async def _read_stderr(self) -> None:
@@ -386,3 +400,26 @@ async def settled(
     await wait_until(done, timeout_s=5)
     assert record is not None
     return record
+
+
+@dataclass(frozen=True)
+class Scrape:
+    status: int
+    text: str
+    headers: dict[str, str]
+
+
+async def admin_get(
+    relay: TestClient[web.Request, web.Application],
+    path: str = "/metrics",
+    headers: dict[str, str] | None = None,
+) -> Scrape:
+    """GET `path` from the admin listener of an in-process relay: `create_admin_app` around the
+    running app, served on its own loopback port (the public app has no /metrics)."""
+    from aiohttp.test_utils import TestServer
+
+    from relay.app import create_admin_app
+
+    async with TestClient(TestServer(create_admin_app(relay.app))) as admin:
+        resp = await admin.get(path, headers=headers)
+        return Scrape(resp.status, await resp.text(), dict(resp.headers))

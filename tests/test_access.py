@@ -152,3 +152,16 @@ def test_bearer_scheme_is_case_insensitive(scheme: str) -> None:
     """RFC 7235: the auth scheme is case-insensitive; the token itself is not."""
     assert bearer_ok(f"{scheme} tok-123", "tok-123")
     assert not bearer_ok(f"{scheme} TOK-123", "tok-123")
+
+
+def test_resolve_client_reads_every_header_line_in_order() -> None:
+    """Header lines as `headers.getall` gives them are one list: a forged first line cannot
+    name the client when the trusted proxy appended the real address on a line of its own."""
+    got = resolve_client(
+        "127.0.0.1",
+        ["10.1.1.1", "203.0.113.9"],
+        ["https", "http"],
+        tls=False,
+        trusted_proxies=parse_networks(["127.0.0.1/32"]),
+    )
+    assert got == Client("203.0.113.9", https=False)

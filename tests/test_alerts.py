@@ -29,7 +29,7 @@ from prometheus_client.parser import text_string_to_metric_families
 from relay.app import METRICS
 from relay.metrics import Metrics
 from relay.models import MessageStatus
-from tests.helpers import REPO, FakeFaurya, order_paid, sign_headers, wait_until
+from tests.helpers import REPO, FakeFaurya, admin_get, order_paid, sign_headers, wait_until
 
 CONFIG = REPO / "config"
 ALERTS = CONFIG / "alerts.yml"
@@ -263,9 +263,9 @@ async def exposed(relay: TestClient[web.Request, web.Application], faurya: FakeF
 
     await faurya.wait_for(1)
     await wait_until(counted)
-    scrape = await relay.get("/metrics")
+    scrape = await admin_get(relay)
     assert scrape.status == 200
-    return parse_exposition(await scrape.text(), declared_labels(relay.app[METRICS]))
+    return parse_exposition(scrape.text, declared_labels(relay.app[METRICS]))
 
 
 def problems_with(where: str, expr: str, exposed: Exposed, legend: str = "") -> Iterator[str]:

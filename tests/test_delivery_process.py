@@ -44,6 +44,7 @@ from tests.helpers import (
     WRITE_KEY,
     FakeFaurya,
     RelayProcess,
+    admin_get,
     env,
     order_paid,
     run_command,
@@ -803,7 +804,7 @@ async def test_metrics_show_each_childs_cpu_and_memory(
     samples: dict[str, float] = {}
 
     async def child_measured() -> bool:
-        text = await (await client.get("/metrics")).text()
+        text = (await admin_get(client)).text
         samples.clear()
         for family in text_string_to_metric_families(text):
             for sample in family.samples:

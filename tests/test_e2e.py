@@ -342,7 +342,7 @@ async def test_health_readiness_and_metrics_over_http(
     await faurya.wait_for(1)
 
     async def scrape() -> str:
-        async with http.get(f"{relay.url}/metrics") as resp:
+        async with http.get(f"{relay.admin_url}/metrics") as resp:
             assert resp.status == 200
             assert resp.headers["Content-Type"].startswith("text/plain")
             return await resp.text()

@@ -41,6 +41,7 @@ from tests.helpers import (
     REPO,
     FakeClock,
     FakeFaurya,
+    admin_get,
     env,
     order_paid,
     process_env,
@@ -184,8 +185,7 @@ async def drain(relay: Client) -> None:
 
 async def scraped(relay: Client, name: str, **labels: str) -> float:
     """One sample as GET /metrics shows it (backlog gauges are read at scrape time)."""
-    async with relay.get("/metrics") as resp:
-        text = await resp.text()
+    text = (await admin_get(relay)).text
     for family in text_string_to_metric_families(text):
         for found in family.samples:
             if found.name == name and found.labels == labels:

@@ -341,7 +341,9 @@ class Burst:
 async def fill_up(relay: Client | Remote) -> Burst:
     """Eight big webhooks one by one, then small ones until one is refused too, then /readyz
     until its one-row probe no longer fits either (a failed commit leaves room in the WAL that
-    the next, smaller one reuses: only then is the storage full to the last byte)."""
+    the next, smaller one reuses: only then is the storage full to the last byte). /readyz
+    trusts a successful probe for a second, but a refused webhook voids that: each /readyz
+    after one probes again."""
     big = [Webhook(pad=BIG) for _ in range(8)]
     big_answers = [await webhook.send(relay) for webhook in big]
     small: list[Webhook] = []
@@ -351,7 +353,14 @@ async def fill_up(relay: Client | Remote) -> Burst:
         return await small[-1].send(relay)
 
     small_answers = await until(send_small, 503)
-    ready_answers = await until(lambda: ready_status(relay), 503)
+    ready_answers: list[int] = []
+
+    async def refused_then_ready() -> int:
+        small_answers.append(await send_small())
+        ready_answers.append(await ready_status(relay))
+        return ready_answers[-1]
+
+    await until(refused_then_ready, 503)
     answers = dict(zip(big + small, big_answers + small_answers, strict=True))
     return Burst(big_answers, answers, ready_answers)
 
@@ -518,7 +527,7 @@ async def test_a_file_size_limit_answers_503_and_a_restart_serves_the_intact_dat
     burst = await fill_up(relay)
 
     assert_whole_or_absent(db_path, burst)
-    async with http.get(f"{limited.url}/metrics") as resp:
+    async with http.get(f"{limited.admin_url}/metrics") as resp:
         exposition = await resp.text()
     failed = {"source": "polar", "event_type": "order.paid", "outcome": "storage_error"}
     assert metric(exposition, "relay_webhooks_received_total", failed) == len(burst.refused)

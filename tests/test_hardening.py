@@ -13,9 +13,12 @@ import asyncio
 import contextlib
 import dataclasses
 import json
+import os
 import shutil
+import socket
 import sqlite3
 import ssl
+import stat
 import time
 import tomllib
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterator, MutableMapping
@@ -27,23 +30,31 @@ import pytest
 import structlog
 from aiohttp import web
 from aiohttp.test_utils import TestClient
+from multidict import CIMultiDict
 from prometheus_client.parser import text_string_to_metric_families
 from pytest_aiohttp import AiohttpClient
 
+from relay import hardening
 from relay.access import parse_networks
-from relay.app import METRICS, create_app
+from relay.app import METRICS, READINESS, create_app
 from relay.config import AdminConfig, Config, Secret, parse
 from relay.errors import ConfigError
 from relay.mapping import REDACTED, parse_path
+from relay.readiness import Readiness
+from relay.store import open_store
+from relay.store.postgres import _safe
 from tests.helpers import (
     REPO,
     SITE_ID,
+    FakeClock,
     FakeFaurya,
     RelayProcess,
+    admin_get,
     env,
     order_paid,
     process_env,
     relay_command,
+    run_command,
     sign_headers,
     wait_until,
 )
@@ -206,6 +217,49 @@ async def test_forwarded_for_without_trusted_proxies_is_ignored(
         assert entry["client_ip"] == "127.0.0.1"
 
 
+async def test_every_forwarded_for_line_counts_not_only_the_first(
+    make_relay: MakeRelay, config: Config, db_path: Path, logs: LogList
+) -> None:
+    """Two X-Forwarded-For lines, the client's forged `10.1.1.1` then the one its proxy
+    appended (`203.0.113.9`, as HAProxy's `option forwardfor` does), read as one list: the
+    client is 203.0.113.9, outside allow_ips 10.0.0.0/8, so 403."""
+    config = with_server(config, trusted_proxies=parse_networks(["127.0.0.1/32"]))
+    client = await make_relay(with_allow_ips(config, "10.0.0.0/8"))
+    body = order_paid()
+    headers = CIMultiDict(sign_headers(body))
+    headers.add("X-Forwarded-For", "10.1.1.1")
+    headers.add("X-Forwarded-For", "203.0.113.9")
+
+    resp = await client.post(PATH, data=body, headers=headers)
+
+    assert resp.status == 403
+    assert rows(db_path) == (0, 0)
+    assert received(client, "forbidden") == 1
+    [entry] = logged(logs, "webhook_forbidden")
+    assert entry["client_ip"] == "203.0.113.9"
+
+
+async def test_every_forwarded_proto_line_counts_not_only_the_first(
+    make_relay: MakeRelay, config: Config, db_path: Path
+) -> None:
+    """Two X-Forwarded-Proto lines, a forged `https` then the proxy's `http`: the request came
+    over plain HTTP, so require_https refuses it."""
+    config = with_server(
+        config, trusted_proxies=parse_networks(["127.0.0.1/32"]), require_https=True
+    )
+    client = await make_relay(config)
+    body = order_paid()
+    headers = CIMultiDict(sign_headers(body))
+    headers.add("X-Forwarded-Proto", "https")
+    headers.add("X-Forwarded-Proto", "http")
+
+    resp = await client.post(PATH, data=body, headers=headers)
+
+    assert resp.status == 403
+    assert rows(db_path) == (0, 0)
+    assert received(client, "https_required") == 1
+
+
 # ---------------------------------------------------------------- require_https
 
 
@@ -250,21 +304,68 @@ async def test_require_https_believes_only_a_trusted_proxy(
 # ---------------------------------------------------------------- /metrics token, in process
 
 
-async def test_metrics_token_on_the_main_listener(make_relay: MakeRelay, config: Config) -> None:
-    """With admin.token and no admin listener, /metrics on the main port needs the bearer
-    token: 401 (with WWW-Authenticate) without it or with a wrong one, 200 with it."""
+async def test_the_public_port_has_no_metrics_even_with_a_token(
+    make_relay: MakeRelay, config: Config
+) -> None:
+    """The webhook port serves only the webhook path, /healthz and /readyz: /metrics (revenue,
+    backlog) is 404 there with or without the admin token, and is served by the admin app,
+    which asks for the bearer token (401 with WWW-Authenticate without it or with a wrong one)."""
     client = await make_relay(dataclasses.replace(config, admin=AdminConfig(token=Secret("t0k"))))
 
-    for headers in ({}, {"authorization": "Bearer nope"}, {"authorization": "t0k"}):
+    for headers in ({}, {"authorization": "Bearer t0k"}):
         resp = await client.get("/metrics", headers=headers)
-        assert resp.status == 401, headers
-        assert resp.headers["WWW-Authenticate"].startswith("Bearer")
-        assert "relay_ready" not in await resp.text()
-    resp = await client.get("/metrics", headers={"authorization": "Bearer t0k"})
-    assert resp.status == 200
-    assert "relay_webhooks_received_total" in await resp.text()
+        assert resp.status == 404, headers
+        assert "relay_" not in await resp.text()
+    for headers in ({}, {"authorization": "Bearer nope"}, {"authorization": "t0k"}):
+        scraped = await admin_get(client, headers=headers)
+        assert scraped.status == 401, headers
+        assert scraped.headers["WWW-Authenticate"].startswith("Bearer")
+        assert "relay_ready" not in scraped.text
+    scraped = await admin_get(client, headers={"authorization": "Bearer t0k"})
+    assert scraped.status == 200
+    assert "relay_webhooks_received_total" in scraped.text
     # Health checks stay open: orchestrators probe them without credentials.
     assert (await client.get("/readyz")).status == 200
+    assert (await client.get("/healthz")).status == 200
+
+
+async def test_the_public_port_routes_nothing_else(make_relay: MakeRelay, config: Config) -> None:
+    """Every route of the public app is the webhook path, /checkout (when enabled), /healthz or
+    /readyz: nothing that shows data or changes state."""
+    client = await make_relay(config)
+
+    paths = {r.resource.canonical for r in client.app.router.routes() if r.resource is not None}
+
+    assert paths == {"/webhooks/polar", "/healthz", "/readyz"}
+
+
+@pytest.mark.parametrize("listen", ["0.0.0.0:9090", "[::]:9090", "10.0.0.5:9090", "relay:9090"])
+def test_an_admin_listener_off_loopback_needs_a_token(listen: str) -> None:
+    """An admin listener on an address other machines can reach, without admin.token, is a
+    configuration error naming admin.listen; loopback needs no token, and a token makes any
+    address acceptable."""
+    raw = tomllib.loads(SHIPPED_TEXT)
+
+    with pytest.raises(ConfigError) as caught:
+        parse(raw, env(RELAY_ADMIN_LISTEN=listen))
+    assert caught.value.problems == [
+        f"admin.listen: {listen} is not a loopback address, so admin.token "
+        "(RELAY_ADMIN_TOKEN) is required"
+    ]
+    for loopback in ("127.0.0.1:9090", "[::1]:9090", "localhost:9090", "127.0.0.2:0"):
+        assert parse(raw, env(RELAY_ADMIN_LISTEN=loopback)).admin.token is None
+    config = parse(raw, env(RELAY_ADMIN_LISTEN=listen, RELAY_ADMIN_TOKEN=ADMIN_TOKEN))
+    assert config.admin.listen == listen
+
+
+def test_the_shipped_config_has_the_admin_listener_on_loopback() -> None:
+    """relay.toml as shipped puts /metrics on 127.0.0.1:9090, with no token needed there."""
+    environ = {k: v for k, v in env().items() if k != "RELAY_ADMIN_LISTEN"}
+
+    shipped = parse(tomllib.loads(SHIPPED_TEXT), environ)
+
+    assert shipped.admin.listen == "127.0.0.1:9090"
+    assert shipped.admin.token is None
 
 
 # ---------------------------------------------------------------- redaction and request ids
@@ -663,13 +764,13 @@ async def test_check_rejects_a_missing_certificate(tmp_path: Path, faurya: FakeF
 async def test_admin_listener_serves_metrics_apart(
     tmp_path: Path, start_relay: StartRelay, http: aiohttp.ClientSession
 ) -> None:
-    """With admin.listen, /metrics is on the admin port only (404 on the webhook port), and
-    the admin port also answers the health checks."""
-    config = config_copy(tmp_path, tail='[admin]\nlisten = "127.0.0.1:0"')
-    relay = await start_relay(config)
+    """The shipped config serves /metrics on the admin listener only (404 on the webhook
+    port), and the admin port also answers the health checks."""
+    relay = await start_relay(config_copy(tmp_path))
     listening = relay.logged("relay_listening")[0]
-    admin = f"http://127.0.0.1:{listening['admin_port']}"
+    admin = relay.admin_url
     assert listening["admin_port"] not in (0, relay.port)
+    assert listening["admin_host"] == "127.0.0.1"
 
     async with http.get(f"{relay.url}/metrics") as resp:
         assert resp.status == 404
@@ -683,16 +784,31 @@ async def test_admin_listener_serves_metrics_apart(
 
 
 @pytest.mark.e2e
+async def test_serve_refuses_an_open_admin_listener_without_a_token(
+    tmp_path: Path, faurya: FakeFaurya, db_path: Path
+) -> None:
+    """`relay serve` with RELAY_ADMIN_LISTEN=0.0.0.0:... and no RELAY_ADMIN_TOKEN stops at
+    once with a one-line config error naming admin.listen, exit 2, nothing listening."""
+    environ = process_env(**env(FAURYA_URL=faurya.url, RELAY_ADMIN_LISTEN="0.0.0.0:0"))
+    relay = RelayProcess(config_copy(tmp_path), db_path, environ)
+    await relay.launch()
+    code = await relay.wait(15)
+
+    assert code == 2
+    assert relay.lines == [
+        "relay: config error: admin.listen: 0.0.0.0:0 is not a loopback address, so "
+        "admin.token (RELAY_ADMIN_TOKEN) is required"
+    ]
+
+
+@pytest.mark.e2e
 async def test_admin_token_guards_metrics_and_is_never_logged(
     tmp_path: Path, start_relay: StartRelay, http: aiohttp.ClientSession
 ) -> None:
     """With admin.token from the environment, the admin /metrics answers 401 without the
     bearer token or with a wrong one and 200 with it; the token appears in no log line."""
-    config = config_copy(
-        tmp_path, tail='[admin]\nlisten = "127.0.0.1:0"\ntoken = "${RELAY_ADMIN_TOKEN}"'
-    )
-    relay = await start_relay(config, RELAY_ADMIN_TOKEN=ADMIN_TOKEN)
-    admin = f"http://127.0.0.1:{relay.logged('relay_listening')[0]['admin_port']}"
+    relay = await start_relay(config_copy(tmp_path), RELAY_ADMIN_TOKEN=ADMIN_TOKEN)
+    admin = relay.admin_url
 
     for headers in ({}, {"authorization": "Bearer wrong"}, {"authorization": ADMIN_TOKEN}):
         async with http.get(f"{admin}/metrics", headers=headers) as resp:
@@ -784,7 +900,7 @@ async def test_a_slow_body_gets_408_and_nothing_is_stored(
     entry = await relay.wait_log("webhook_body_timeout", 5)
     assert entry["timeout_s"] == 1
     assert rows(db_path) == (0, 0)
-    text = await scrape(http, relay.url)
+    text = await scrape(http, relay.admin_url)
     labels = {"source": "polar", "outcome": "timeout"}
     assert sample(text, "relay_webhooks_received_total", labels) == 1
 
@@ -825,3 +941,244 @@ async def test_oversized_headers_are_refused_and_the_relay_stays_healthy(
     async with http.post(f"{relay.url}{PATH}", data=body, headers=sign_headers(body)) as resp:
         assert resp.status == 202
     assert rows(db_path) == (1, 1)
+
+
+@pytest.mark.e2e
+async def test_the_running_relay_names_no_version_even_in_protocol_errors(
+    tmp_path: Path, start_relay: StartRelay
+) -> None:
+    """`relay serve` says `Server: faurya-relay` on every answer, including those aiohttp
+    makes before any app sees the request (a malformed request line): never Python's or
+    aiohttp's version."""
+    relay = await start_relay(config_copy(tmp_path))
+    requests = [
+        b"GARBAGE\r\n\r\n",
+        f"GET /healthz HTTP/1.1\r\nHost: 127.0.0.1:{relay.port}\r\n\r\n".encode(),
+    ]
+    for port in (relay.port, relay.admin_port):
+        for request in requests:
+            async with raw_connection(port) as (reader, writer):
+                writer.write(request)
+                await writer.drain()
+                async with asyncio.timeout(5):
+                    head = await reader.readuntil(b"\r\n\r\n")
+            assert b"\r\nServer: faurya-relay\r\n" in head, head
+            assert b"aiohttp" not in head.lower()
+            assert b"python" not in head.lower()
+
+
+# ---------------------------------------------------------------- file permissions
+
+
+@pytest.fixture
+def umask_022() -> Iterator[None]:
+    """The common default umask, under which files are created world-readable."""
+    old = os.umask(0o022)
+    try:
+        yield
+    finally:
+        os.umask(old)
+
+
+async def test_database_files_are_private_whatever_the_umask(
+    tmp_path: Path, umask_022: None
+) -> None:
+    """Under umask 022, the directory the relay creates is 0700 and relay.db, -wal, -shm and
+    .lock are 0600: raw webhook bodies (customer data) are readable by the relay's user only."""
+    db = tmp_path / "new" / "dir" / "relay.db"
+    store = await open_store(str(db), serve=True)
+    try:
+        await store.set_paused("faurya", True)  # a commit: the WAL and its index exist
+        modes = {
+            p.name: stat.S_IMODE(p.stat().st_mode)
+            for p in db.parent.iterdir()
+            if p.name.startswith("relay.db")
+        }
+    finally:
+        await store.close()
+    assert modes == {
+        "relay.db": 0o600,
+        "relay.db-wal": 0o600,
+        "relay.db-shm": 0o600,
+        "relay.db.lock": 0o600,
+    }
+    for directory in (db.parent, db.parent.parent):
+        assert stat.S_IMODE(directory.stat().st_mode) == 0o700, directory
+
+
+# ---------------------------------------------------------------- relay check warnings
+
+
+@pytest.mark.e2e
+async def test_check_warns_about_each_unsafe_setting_kept_on_purpose(tmp_path: Path) -> None:
+    """`relay check` accepts (exit 0) but prints one `warning:` line per unsafe setting: an
+    admin listener off loopback (token in clear text), trusted_proxies trusting everyone, and
+    a database file others can read; the shipped config as is prints none."""
+    db = tmp_path / "old.db"
+    db.write_bytes(b"")
+    db.chmod(0o644)
+    config = config_copy(tmp_path, server='trusted_proxies = ["0.0.0.0/0"]')
+    risky = process_env(
+        **env(RELAY_ADMIN_LISTEN="0.0.0.0:9090", RELAY_ADMIN_TOKEN=ADMIN_TOKEN, RELAY_DB=str(db))
+    )
+
+    result = await run_command(relay_command(), "check", "--config", str(config), environ=risky)
+    shipped = await run_command(
+        relay_command(),
+        "check",
+        "--config",
+        str(REPO / "relay.toml"),
+        environ=process_env(**env(RELAY_DB=str(tmp_path / "new.db"))),
+    )
+
+    assert result.code == 0, result.err
+    warnings = [line for line in result.out.splitlines() if line.startswith("warning: ")]
+    assert [w.split(":")[1].strip() for w in warnings] == [
+        "admin.listen",
+        "server.trusted_proxies",
+        "storage.path",
+    ], warnings
+    assert "admin token travels in clear text" in warnings[0]
+    assert f"{db} is readable by other users (mode 0644)" in warnings[2]
+    assert ADMIN_TOKEN not in result.out + result.err
+    assert shipped.code == 0, shipped.err
+    assert "warning:" not in shipped.out
+    assert "admin: /metrics on 127.0.0.1:0" in shipped.out
+
+
+# ---------------------------------------------------------------- /readyz costs no write
+
+
+def probe_row(db_path: Path) -> str | None:
+    """The value the store's probe write last left (its clock's time), or None."""
+    with contextlib.closing(sqlite3.connect(db_path)) as db:
+        found = db.execute("SELECT value FROM relay_meta WHERE key = 'probe'").fetchone()
+    return None if found is None else str(found[0])
+
+
+async def test_a_readyz_flood_costs_no_write(
+    aiohttp_client: AiohttpClient, config: Config, db_path: Path
+) -> None:
+    """224 /readyz calls, 32 at a time and the clock moving between rounds, right after a
+    webhook's commit, are all answered 200 from that commit's success: the probe row, which
+    each call used to rewrite with the time, changes at most once (a probe, if the flood took
+    the machine over a second)."""
+    clock = FakeClock(float(int(time.time())))
+    client = await aiohttp_client(create_app(config, clock=clock, poll_interval_s=30))
+    status, _ = await post_order(client)
+    assert status == 202
+    seen = [probe_row(db_path)]
+
+    for _ in range(7):
+        clock.advance(10)
+        answers = await asyncio.gather(*(client.get("/readyz") for _ in range(32)))
+        assert [a.status for a in answers] == [200] * 32
+        seen.append(probe_row(db_path))
+
+    assert len(set(seen)) <= 2, seen
+    assert client.app[READINESS].probes <= 1
+
+
+async def test_concurrent_readiness_checks_share_one_probe(tmp_path: Path) -> None:
+    """Without a recent commit, 50 concurrent checks run one probe write between them; its
+    success is trusted for max_age_s (1 s), then the next check probes again."""
+    now = [1000.0]
+    readiness = Readiness(clock=lambda: now[0])
+    store = await open_store(str(tmp_path / "relay.db"), serve=True)
+    try:
+        answers = await asyncio.gather(*(readiness.store(store) for _ in range(50)))
+        assert answers == ["ok"] * 50
+        assert readiness.probes == 1
+        now[0] += 0.9
+        assert await readiness.store(store) == "ok"
+        assert readiness.probes == 1
+        now[0] += 0.2
+        assert await readiness.store(store) == "ok"
+        assert readiness.probes == 2
+    finally:
+        await store.close()
+
+
+# ---------------------------------------------------------------- database URLs
+
+
+def test_every_secret_query_parameter_of_a_database_url_is_masked() -> None:
+    """The password in the userinfo, password=, sslpassword= and any parameter named like a
+    secret are masked in the URL the relay logs and prints; the rest stays readable."""
+    url = (
+        "postgresql://relay:pw1@db.example:5432/relay?sslmode=verify-full"
+        "&sslpassword=keypass2&password=pw3&application_name=relay&auth_token=tok4"
+    )
+
+    shown = _safe(url)
+
+    assert shown == (
+        "postgresql://relay:***@db.example:5432/relay?sslmode=verify-full"
+        "&sslpassword=***&password=***&application_name=relay&auth_token=***"
+    )
+
+
+@pytest.mark.e2e
+async def test_a_database_url_password_never_reaches_the_output(tmp_path: Path) -> None:
+    """`relay migrate` with a PostgreSQL URL it cannot reach says so in one line, exit 1,
+    with sslpassword= and the userinfo password masked."""
+    url = "postgresql://relay:pw1@127.0.0.1:1/relay?sslmode=disable&sslpassword=keypass2"
+
+    result = await run_command(relay_command(), "migrate", "--db", url, environ=process_env())
+
+    assert result.code == 1
+    assert result.err.startswith(
+        "relay: error: cannot open database "
+        "postgresql://relay:***@127.0.0.1:1/relay?sslmode=disable&sslpassword=***: "
+    )
+    assert "keypass2" not in result.out + result.err
+    assert "pw1" not in result.out + result.err
+
+
+@pytest.mark.parametrize(
+    ("url", "warned"),
+    [
+        ("postgresql://relay@db.example/relay", True),
+        ("postgresql://relay@db.example/relay?sslmode=require", True),
+        ("postgresql://relay@10.0.0.5/relay?sslmode=verify-ca", True),
+        ("postgresql://relay@db.example/relay?sslmode=verify-full", False),
+        ("postgresql://relay@127.0.0.1:5432/relay", False),
+        ("postgresql://relay@localhost/relay", False),
+        ("postgresql:///relay?host=/var/run/postgresql", False),
+    ],
+)
+def test_check_warns_when_postgres_off_loopback_does_not_verify_the_server(
+    url: str, warned: bool
+) -> None:
+    """A PostgreSQL server reached over the network without sslmode=verify-full (certificate
+    and host name checked) gets a storage.url warning; loopback and Unix sockets do not."""
+    raw = tomllib.loads(SHIPPED_TEXT)
+    raw["storage"]["url"] = url
+
+    found = [w for w in hardening.warnings(parse(raw, env())) if w.startswith("storage.url")]
+
+    assert bool(found) is warned
+    assert all("sslmode=verify-full" in w for w in found)
+
+
+@pytest.mark.e2e
+async def test_a_busy_admin_port_is_a_one_line_error(
+    tmp_path: Path, faurya: FakeFaurya, db_path: Path
+) -> None:
+    """The admin port taken (9090 is also Prometheus's): `relay serve` exits 1 with one line
+    naming admin.listen and RELAY_ADMIN_LISTEN, no traceback."""
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        busy = f"127.0.0.1:{taken.getsockname()[1]}"
+        environ = process_env(**env(FAURYA_URL=faurya.url, RELAY_ADMIN_LISTEN=busy))
+        relay = RelayProcess(config_copy(tmp_path), db_path, environ)
+        await relay.launch()
+        code = await relay.wait(15)
+
+    assert code == 1
+    assert relay.lines[-1] == (
+        f"relay: error: admin.listen: cannot listen on {busy}: Address already in use "
+        "(set RELAY_ADMIN_LISTEN to a free port)"
+    )
+    assert not [line for line in relay.lines if "Traceback" in line]

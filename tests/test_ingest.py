@@ -30,6 +30,7 @@ from tests.helpers import (
     STANDARD_SECRET,
     WRITE_KEY,
     FakeFaurya,
+    admin_get,
     fixture_body,
     order_paid,
     shipped_config,
@@ -330,14 +331,47 @@ async def test_unverified_webhook_is_401_and_stores_nothing(
     status, answer = await post(relay, body, make_headers(body))
 
     assert status == 401
-    assert answer["error"] == "invalid signature"
+    assert answer == {"error": "invalid signature"}  # the same for every failure
     assert rows(db_path) == (0, 0)
     [entry] = logged(logs, "signature_rejected")
     assert entry["outcome"] == outcome
-    assert entry["reason"] == answer["reason"]
+    assert entry["reason"]
     assert received(relay, outcome, "unknown") == 1
     other = "stale_timestamp" if outcome == "bad_signature" else "bad_signature"
     assert received(relay, other, "unknown") == 0
+
+
+async def test_a_stale_genuine_webhook_and_a_forgery_get_the_same_401(relay: Client) -> None:
+    """A captured genuine webhook replayed after the tolerance and a forged one get
+    byte-identical 401 answers (headers aside from Date), so an outsider cannot use the relay
+    to tell a genuine capture from a forgery."""
+    body = order_paid()
+    stale = sign_headers(body, timestamp=int(time.time()) - 3600)
+    forged = sign_headers(body, "polar_whs_SomeoneElsesSecret00000000000")
+
+    answers = []
+    for headers in (stale, forged):
+        resp = await relay.post(PATH, data=body, headers=headers)
+        answers.append((resp.status, await resp.read(), resp.headers.get("Server")))
+
+    assert answers[0] == answers[1]
+    assert answers[0][0] == 401
+    assert received(relay, "stale_timestamp", "unknown") == 1
+    assert received(relay, "bad_signature", "unknown") == 1
+
+
+@pytest.mark.parametrize(
+    ("method", "path"),
+    [("POST", PATH), ("GET", "/healthz"), ("GET", "/readyz"), ("GET", "/nope"), ("PUT", PATH)],
+)
+async def test_no_version_in_the_server_header(relay: Client, method: str, path: str) -> None:
+    """Every answer of the relay, 2xx, 4xx or 404, says `Server: faurya-relay` and names no
+    Python or aiohttp version."""
+    resp = await relay.request(method, path, data=b"{}")
+
+    assert resp.headers["Server"] == "faurya-relay"
+    admin = await admin_get(relay, path)
+    assert admin.headers["Server"] == "faurya-relay"
 
 
 # ---------------------------------------------------------------- rejected: 400
@@ -520,11 +554,11 @@ async def test_metrics_text_has_the_relay_metrics_and_no_secret(
 
     await wait_until(delivered)
 
-    resp = await relay.get("/metrics")
-    text = await resp.text()
+    resp = await admin_get(relay)
+    text = resp.text
 
     assert resp.status == 200
-    assert resp.content_type == "text/plain"
+    assert resp.headers["Content-Type"].startswith("text/plain")
     assert (
         'relay_webhooks_received_total{event_type="order.paid",outcome="accepted",'
         'source="polar"} 1.0'

@@ -7,6 +7,7 @@ workers), a retry only once the test moves the clock and drains with `run_until_
 
 from __future__ import annotations
 
+import json
 import time
 import tomllib
 import uuid
@@ -20,6 +21,7 @@ from aiohttp import web
 from aiohttp.test_utils import TestClient
 from pytest_aiohttp import AiohttpClient, AiohttpServer
 
+from relay import order_check
 from relay.app import METRICS, STORE, create_app
 from relay.config import Config, parse
 from relay.errors import ConfigError
@@ -79,9 +81,15 @@ async def relay(aiohttp_client: AiohttpClient, config: Config, clock: FakeClock)
     return await aiohttp_client(create_app(config, clock=clock, poll_interval_s=30))
 
 
-async def post_order(relay: Client, order_id: str) -> MessageRecord:
-    """A signed order.paid for `order_id`; its committed message."""
+async def post_order(relay: Client, order_id: str, **data: Any) -> MessageRecord:
+    """A signed order.paid for `order_id` (with `data` fields, and keys of `metadata`,
+    overridden as a forger with the webhook secret would); its committed message."""
     body = order_paid(order_id)
+    if data:
+        event = json.loads(body)
+        event["data"]["metadata"].update(data.pop("metadata", {}))
+        event["data"].update(data)
+        body = json.dumps(event).encode()
     resp = await relay.post("/webhooks/polar", data=body, headers=sign_headers(body))
     assert resp.status == 202, await resp.text()
     [message] = [
@@ -243,3 +251,150 @@ def test_verify_order_needs_a_token(faurya: FakeFaurya, db_path: Path, polar: Fa
     assert caught.value.problems == [
         "polar_api.token: routes with verify_order need a Polar access token"
     ]
+
+
+# ---------------------------------------------------------------- forgeries (issue 15 item 1)
+
+
+@pytest.mark.parametrize(
+    "forged", ["{id}?x=1", "anything/../{id}", "{id}#frag", "{id}/", "{ID}", "%2e%2e/{id}"]
+)
+async def test_an_id_that_is_not_a_polar_id_is_dead_without_asking_polar(
+    relay: Client, polar: FakePolar, faurya: FakeFaurya, logs: LogList, forged: str
+) -> None:
+    """A forged order.paid whose data.id only leads to a paid order once pasted into a URL
+    (a query, "..", a fragment, another case) is dead-lettered before any request to Polar,
+    and Faurya hears nothing."""
+    paid = polar.add_order()
+    order_id = forged.format(id=paid["id"], ID=paid["id"].upper())
+
+    message = await post_order(relay, order_id, net_amount=99999999)
+    record = await settled(relay, message.id)
+
+    assert record.status is MessageStatus.DEAD
+    assert record.last_error is not None
+    assert record.last_error.startswith(
+        f"payment_not_verified: {order_id!r} is not a Polar order id"
+    )
+    assert polar.calls == []
+    assert faurya.received == []
+    assert checks(relay, "bad_id") == 1
+    assert checks(relay, "paid") == 0
+    [dead] = logged(logs, "delivery_dead_lettered")
+    assert dead["message_id"] == message.id
+
+
+@pytest.mark.parametrize(
+    ("field", "data", "shown"),
+    [
+        (
+            "amount",
+            {"net_amount": 99999999},
+            "amount (data.net_amount): the message sends 99999999, Polar's order gives 4410",
+        ),
+        ("currency", {"currency": "eur"}, "currency (data.currency)"),
+        (
+            "attribution.faSessionId",
+            {"metadata": {"faSessionId": "s_forged"}},
+            "attribution.faSessionId (data.metadata.faSessionId)",
+        ),
+    ],
+)
+async def test_a_paid_order_with_a_forged_field_is_dead_naming_the_field(
+    relay: Client,
+    polar: FakePolar,
+    faurya: FakeFaurya,
+    logs: LogList,
+    field: str,
+    data: dict[str, Any],
+    shown: str,
+) -> None:
+    """A forged order.paid with a real, paid order's id but another amount (or currency, or
+    attribution) is dead-lettered with a reason naming the field that differs from Polar's
+    order, counted by field and logged; Faurya hears nothing."""
+    order = polar.add_order()
+
+    message = await post_order(relay, order["id"], **data)
+    record = await settled(relay, message.id)
+
+    assert record.status is MessageStatus.DEAD
+    assert record.last_error is not None
+    assert record.last_error.startswith(
+        f"payment_not_verified: Polar order {order['id']} differs from the message in {shown}"
+    )
+    assert faurya.received == []
+    assert checks(relay, "mismatch") == 1
+    assert checks(relay, "paid") == 0
+    mismatches = "relay_payment_check_mismatches_total"
+    assert metric(relay, mismatches, route="polar-order-paid", field=field) == 1
+    [logged_mismatch] = logged(logs, "payment_check_mismatch")
+    assert logged_mismatch["fields"] == [field]
+    assert logged_mismatch["order_id"] == order["id"]
+    # Customer data stays out of the reason: only numbers are quoted.
+    assert "s_forged" not in record.last_error
+
+
+async def test_an_answer_about_another_order_is_dead(
+    aiohttp_client: AiohttpClient,
+    aiohttp_server: AiohttpServer,
+    faurya: FakeFaurya,
+    db_path: Path,
+    polar: FakePolar,
+    clock: FakeClock,
+    logs: LogList,
+) -> None:
+    """An API that answers GET /v1/orders/{id} with a paid order of another id (a proxy or
+    cache that ignores the path) cannot vouch for the message: dead-lettered, field "id"."""
+    other = polar.add_order()
+
+    async def any_order(request: web.Request) -> web.Response:
+        return web.json_response(other)
+
+    wrong = web.Application()
+    wrong.router.add_get("/v1/orders/{id}", any_order)
+    server = await aiohttp_server(wrong)
+    raw = raw_config(faurya, db_path, polar, polar.token)
+    raw["polar_api"]["url"] = str(server.make_url(""))
+    relay = await aiohttp_client(
+        create_app(parse(raw, env(FAURYA_URL=faurya.url)), clock=clock, poll_interval_s=30)
+    )
+    asked = str(uuid.uuid4())
+
+    message = await post_order(relay, asked)
+    record = await settled(relay, message.id)
+
+    assert record.status is MessageStatus.DEAD
+    assert record.last_error is not None
+    assert record.last_error.startswith(
+        f"payment_not_verified: Polar answered for order {asked} with another order"
+    )
+    assert faurya.received == []
+    assert checks(relay, "mismatch") == 1
+    assert (
+        metric(relay, "relay_payment_check_mismatches_total", route="polar-order-paid", field="id")
+        == 1
+    )
+    assert logged(logs, "payment_check_mismatch")[0]["fields"] == ["id"]
+
+
+def test_the_check_compares_the_fields_built_from_the_order_only(
+    faurya: FakeFaurya, db_path: Path, polar: FakePolar
+) -> None:
+    """With verify_order = "{data.id}" every body field read only from data.* is compared
+    (constants are not); a route whose verify_order names another object's id (a refund's
+    order) compares nothing, since its data is not that order."""
+    raw = raw_config(faurya, db_path, polar, polar.token)
+    raw["routes"][1]["verify_order"] = "{data.order_id}"
+    order_route, refund_route = parse(raw, env(FAURYA_URL=faurya.url)).routes
+
+    assert order_check.compared_fields(order_route) == [
+        "amount",
+        "currency",
+        "orderId",
+        "providerPaymentId",
+        "attribution.faVisitorId",
+        "attribution.faSessionId",
+        "attribution.faAttributionToken",
+    ]
+    assert order_check.compared_fields(refund_route) == []
+    assert order_check.compare(refund_route, b'{"amount": 1}', {"amount": 2}) == []

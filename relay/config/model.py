@@ -191,7 +191,10 @@ class CheckoutConfig:
     allow_origins: tuple[str, ...] = ()  # CORS: the merchant's page origins
     success_url: str = ""
     return_url: str = ""
-    rate_limit_per_min: int = 10  # per client address
+    rate_limit_per_min: int = 10  # per client address (per /64 for IPv6)
+    # All clients together: the checkout's own Polar API budget, apart from the payment checks'
+    # and reconciliation's; past it (a queue of CHECKOUT_MAX_WAIT_S) the answer is 503.
+    global_rate_limit_per_min: int = 60
 
     def product_for(self, plan: str) -> str | None:
         return dict(self.plans).get(plan)

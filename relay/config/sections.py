@@ -7,6 +7,7 @@ from collections.abc import Mapping
 from typing import Any
 from urllib.parse import urlsplit
 
+from relay.access import is_loopback_host
 from relay.config.model import (
     RECONCILE_DEFAULT_INTERVAL_S,
     AdminConfig,
@@ -146,6 +147,9 @@ def read_checkout(t: Table) -> CheckoutConfig:
         rate_limit_per_min=t.get(
             "rate_limit_per_min", int, d.rate_limit_per_min, between(1, 100_000)
         ),
+        global_rate_limit_per_min=t.get(
+            "global_rate_limit_per_min", int, d.global_rate_limit_per_min, between(1, 100_000)
+        ),
     )
     if c.enabled and not c.plans:
         t.problems.append(f"{t.path('plans')}: the checkout endpoint needs at least one plan")
@@ -157,7 +161,16 @@ def read_admin(t: Table) -> AdminConfig:
     listen = t.get("listen", str, "", listen_address)
     token = t.get("token", str, "")
     t.done()
-    return AdminConfig(listen=listen, token=Secret(token) if token else None)
+    admin = AdminConfig(listen=listen, token=Secret(token) if token else None)
+    # Metrics show revenue and the backlog: off loopback, only behind a token.
+    if listen and not token and not listen_address(listen):
+        host = admin.host_port[0]
+        if not is_loopback_host(host):
+            t.problems.append(
+                f"{t.path('listen')}: {listen} is not a loopback address, so admin.token "
+                "(RELAY_ADMIN_TOKEN) is required"
+            )
+    return admin
 
 
 def _storage_url(t: Table) -> Secret | None:

@@ -16,7 +16,6 @@ import contextlib
 import os
 import sqlite3
 from collections.abc import Callable, Sequence
-from pathlib import Path
 from typing import Any
 
 from relay.errors import StorageError, StorageUnavailable
@@ -31,7 +30,7 @@ from relay.models import (
 )
 from relay.store import writer as w
 from relay.store.admin import AdminQueries
-from relay.store.schema import PRAGMAS, ServeLock, connect, migrate
+from relay.store.schema import PRAGMAS, ServeLock, connect, create_private, migrate
 from relay.store.writer import Db
 
 # How often a serving relay on SQLite looks for commits of operator commands run in another
@@ -94,7 +93,7 @@ class Store(AdminQueries):
         write on its own."""
         lock = None
         try:
-            Path(path).parent.mkdir(parents=True, exist_ok=True)
+            create_private(path)
             if serve:
                 lock = ServeLock(path)
                 lock.acquire()

@@ -290,7 +290,13 @@ class PgStore(Store):
         return int(rows[0][0])
 
 
+# Query parameters whose value is a secret: password, sslpassword (the client key's
+# passphrase), and anything else named like one (a token, a secret, a key).
+_SECRET_PARAM = re.compile(r"(?i)([?&][^=&#]*(?:pass|secret|token|key)[^=&#]*=)[^&#]*")
+
+
 def _safe(url: str) -> str:
-    """The URL without its password (user:password@ or ?password=), for messages and logs."""
+    """The URL without its secrets (user:password@, ?password=, ?sslpassword=, any parameter
+    named like a secret), for messages and logs."""
     url = re.sub(r"(://[^:/@]*):[^@]*@", r"\1:***@", url)
-    return re.sub(r"(?i)([?&]password=)[^&]*", r"\1***", url)
+    return _SECRET_PARAM.sub(r"\1***", url)

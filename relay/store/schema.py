@@ -1,4 +1,5 @@
-"""Connections, pragmas, numbered migrations and the one-server lock file.
+"""Connections, pragmas, numbered migrations, the one-server lock file, and the permissions
+of what the relay creates on disk.
 
 Schema = the numbered files in relay/migrations, applied in order inside one transaction each,
 tracked by `PRAGMA user_version`.
@@ -8,8 +9,10 @@ from __future__ import annotations
 
 import contextlib
 import fcntl
+import os
 import sqlite3
 from importlib import resources
+from pathlib import Path
 from typing import IO
 
 import aiosqlite
@@ -19,6 +22,45 @@ from relay.errors import StoreLocked
 # FULL: the WAL is fsynced at every commit, so a 2xx survives power loss, not just a process
 # crash. Group commit keeps this affordable.
 PRAGMAS = {"journal_mode": "wal", "synchronous": 2, "foreign_keys": 1}  # 2 = FULL
+
+# The database holds raw webhook bodies with customer data: only the relay's user may read it,
+# whatever the umask. SQLite creates -wal and -shm with the database file's own mode.
+PRIVATE_FILE_MODE = 0o600
+PRIVATE_DIR_MODE = 0o700
+
+
+def create_private(db_path: str) -> None:
+    """Create the database's directory (and missing parents) 0700 and the database file 0600
+    when they do not exist yet; existing ones keep their modes (`relay check` warns)."""
+    if db_path == ":memory:" or db_path.startswith("file:"):
+        return
+    missing = []
+    directory = Path(db_path).absolute().parent
+    while not directory.exists():
+        missing.append(directory)
+        directory = directory.parent
+    for directory in reversed(missing):
+        with contextlib.suppress(FileExistsError):
+            directory.mkdir(mode=PRIVATE_DIR_MODE)
+            os.chmod(directory, PRIVATE_DIR_MODE)  # mkdir's mode is masked by the umask
+    fd = _create_file(db_path)
+    if fd is not None:
+        os.close(fd)
+
+
+def _create_file(path: str) -> int | None:
+    """Create `path` 0600 (an empty file is an empty SQLite database); None if it existed,
+    else its open descriptor, for the caller to use or close."""
+    try:
+        fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_EXCL, PRIVATE_FILE_MODE)
+    except FileExistsError:
+        return None
+    try:
+        os.fchmod(fd, PRIVATE_FILE_MODE)  # os.open's mode is masked by the umask
+    except OSError:
+        os.close(fd)
+        raise
+    return fd
 
 
 def migrations() -> list[tuple[int, str]]:
@@ -32,6 +74,7 @@ def migrations() -> list[tuple[int, str]]:
 
 
 async def connect(path: str, busy_timeout_ms: int) -> aiosqlite.Connection:
+    create_private(path)
     # isolation_level=None: we issue BEGIN/COMMIT ourselves; single statements autocommit.
     db = await aiosqlite.connect(path, isolation_level=None)
     try:
@@ -88,7 +131,10 @@ class ServeLock:
         self.file: IO[str] | None = None
 
     def acquire(self) -> None:
-        handle = open(self.path, "a+")  # noqa: SIM115 - held for the life of the process
+        fd = _create_file(self.path)
+        if fd is None:
+            fd = os.open(self.path, os.O_RDWR | os.O_APPEND)
+        handle = os.fdopen(fd, "a+")  # held for the life of the process
         try:
             fcntl.flock(handle.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:

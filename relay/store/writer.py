@@ -463,7 +463,7 @@ async def claim(
         "WHERE destination = ? AND status = 'pending' AND next_attempt_at <= ? "
         f"ORDER BY next_attempt_at, id LIMIT ?{skip_locked}) "
         "RETURNING id, destination, idempotency_key, body, attempts, created_at, "
-        "retry_from_at, request_id, verify_ref",
+        "retry_from_at, request_id, verify_ref, route",
         (now + lease_s, token, now, destination, now, limit),
     )
     claimed = [
@@ -478,6 +478,7 @@ async def claim(
             token,
             r[7],
             r[8],
+            r[9],
         )
         for r in rows
     ]
