@@ -237,8 +237,9 @@ def _reconcile_line(config: Config) -> str:
     what Polar gave up on, everything while an endpoint is disabled, and every lost dispute)."""
     missed = "webhooks Polar gave up on and lost disputes will never reach Faurya"
     if config.polar_api.token is None:
+        # Not a warning: relaying webhooks needs no token. But say what is given up.
         return (
-            f"warning: reconcile: off, no polar_api.token: {missed}; set POLAR_ACCESS_TOKEN "
+            f"reconcile: off, no polar_api.token: {missed}; set POLAR_ACCESS_TOKEN "
             f"(an organization access token with {RECONCILE_SCOPES})"
         )
     if config.reconcile.interval_s <= 0:

@@ -524,7 +524,11 @@ async def test_a_busy_admin_port_says_so_in_one_line_and_exits_2(
     """An admin.listen address that is taken: exit 2 and one line naming admin.listen."""
     config = tmp_path / "relay.toml"
     minimal = (REPO / "config" / "relay.minimal.toml").read_text()
-    config.write_text(minimal + f'\n[admin]\nlisten = "127.0.0.1:{busy_port}"\n')
+    config.write_text(
+        minimal.replace(
+            'listen = "${RELAY_ADMIN_LISTEN:-127.0.0.1:9090}"', f'listen = "127.0.0.1:{busy_port}"'
+        )
+    )
 
     result = await relay(
         "serve", "--config", str(config), "--host", "127.0.0.1", "--port", "0",
@@ -534,7 +538,7 @@ async def test_a_busy_admin_port_says_so_in_one_line_and_exits_2(
     assert result.code == 2
     assert one_line(result.err) == (
         f"relay: config error: admin.listen: 127.0.0.1:{busy_port} is already in use (another "
-        "process listens there); change it with admin.listen"
+        "process listens there); change it with RELAY_ADMIN_LISTEN (admin.listen)"
     )
 
 

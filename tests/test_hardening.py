@@ -1165,8 +1165,9 @@ def test_check_warns_when_postgres_off_loopback_does_not_verify_the_server(
 async def test_a_busy_admin_port_is_a_one_line_error(
     tmp_path: Path, faurya: FakeFaurya, db_path: Path
 ) -> None:
-    """The admin port taken (9090 is also Prometheus's): `relay serve` exits 1 with one line
-    naming admin.listen and RELAY_ADMIN_LISTEN, no traceback."""
+    """The admin port taken (9090 is also Prometheus's): `relay serve` exits 2 (a
+    configuration error) with one line naming admin.listen and RELAY_ADMIN_LISTEN, no
+    traceback."""
     with socket.socket() as taken:
         taken.bind(("127.0.0.1", 0))
         taken.listen()
@@ -1176,9 +1177,9 @@ async def test_a_busy_admin_port_is_a_one_line_error(
         await relay.launch()
         code = await relay.wait(15)
 
-    assert code == 1
+    assert code == 2
     assert relay.lines[-1] == (
-        f"relay: error: admin.listen: cannot listen on {busy}: Address already in use "
-        "(set RELAY_ADMIN_LISTEN to a free port)"
+        f"relay: config error: admin.listen: {busy} is already in use (another process listens "
+        "there); change it with RELAY_ADMIN_LISTEN (admin.listen)"
     )
     assert not [line for line in relay.lines if "Traceback" in line]

@@ -384,8 +384,12 @@ def test_the_check_compares_the_fields_built_from_the_order_only(
     (constants are not); a route whose verify_order names another object's id (a refund's
     order) compares nothing, since its data is not that order."""
     raw = raw_config(faurya, db_path, polar, polar.token)
-    raw["routes"][1]["verify_order"] = "{data.order_id}"
-    order_route, refund_route = parse(raw, env(FAURYA_URL=faurya.url)).routes
+    refund_index = next(
+        i for i, r in enumerate(raw["routes"]) if r["name"].startswith("polar-refund")
+    )
+    raw["routes"][refund_index]["verify_order"] = "{data.order_id}"
+    routes = parse(raw, env(FAURYA_URL=faurya.url)).routes
+    order_route, refund_route = routes[0], routes[refund_index]
 
     assert order_check.compared_fields(order_route) == [
         "amount",
