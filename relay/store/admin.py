@@ -5,7 +5,7 @@ reprocess. Mixed into `Store`; writes go through its single writer like every ot
 from __future__ import annotations
 
 from collections.abc import Iterable, Sequence
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from relay.models import (
     Clock,
@@ -22,6 +22,9 @@ from relay.models import (
     StoredEvent,
 )
 from relay.store.writer import Db, Writer, insert_messages
+
+if TYPE_CHECKING:
+    from relay.console.service import AuditEntry, Cursor, Job, ListFilters, MessageItem
 
 _MESSAGE_COLUMNS = (
     "m.id, m.event_id, m.route, m.destination, m.idempotency_key, m.status, m.attempts, "
@@ -276,6 +279,25 @@ class AdminQueries:
             self._notify({m.destination for m in messages})
             await self._announce()
         return result
+
+    # ------------------------------------------------------------ console
+
+    async def console_messages(
+        self, filters: ListFilters, cursor: Cursor | None, limit: int
+    ) -> list[MessageItem]:
+        return []
+
+    async def console_count_dead(self, filters: ListFilters) -> int:
+        return 0
+
+    async def audit_entries(self, limit: int, before_id: int | None) -> list[AuditEntry]:
+        return []
+
+    async def console_jobs(self, limit: int) -> list[Job]:
+        return []
+
+    async def console_job(self, job_id: int) -> Job | None:
+        return None
 
     async def event_count(self) -> int:
         rows = await self._fetch("SELECT COUNT(*) FROM inbound_events")

@@ -1,0 +1,720 @@
+"""What the operator console can see and do: one typed service that the JSON API
+(relay/console/api.py) and the HTML pages (relay/console/pages.py) both call.
+
+Owns: the console's view types (frozen dataclasses, no I/O), the filters and cursors of the
+message list, and the actions (retry, replay, discard, pause, resume, bulk replay) with their
+audit record. Reads and writes go through the store's interface only; secrets never reach a
+view (headers are masked, bodies shown as stored: already redacted at ingest).
+"""
+
+from __future__ import annotations
+
+import base64
+import binascii
+import json
+import time
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
+from enum import StrEnum
+from typing import TYPE_CHECKING, Any
+
+from relay.errors import RelayError
+from relay.logs import get_logger
+from relay.models import Clock, MessageStatus
+
+if TYPE_CHECKING:
+    from relay.config import Config
+    from relay.console.jobs import Jobs
+    from relay.console.rejected import RejectedLog
+    from relay.store import Store
+
+log = get_logger("relay.console")
+
+DEFAULT_LIMIT = 50
+MAX_LIMIT = 500
+# A pending purchase older than this counts as "at risk" on the overview.
+LONG_PENDING_S = 3600.0
+# Headers never shown, whatever their value: the signature proves nothing to a reader and
+# the write key is the destination's secret.
+HIDDEN_HEADERS = frozenset({"webhook-signature", "authorization", "cookie", "x-api-key"})
+MASK = "***"
+
+
+class ConsoleError(RelayError):
+    """A console request that cannot be served as asked (a bad filter, an unknown id, an
+    action that does not apply). The API answers it as `{"error": ...}` with `http_status`."""
+
+    def __init__(self, message: str, http_status: int = 400) -> None:
+        super().__init__(message)
+        self.http_status = http_status
+
+
+class NotFound(ConsoleError):
+    def __init__(self, message: str) -> None:
+        super().__init__(message, 404)
+
+
+class Role(StrEnum):
+    """What a caller may do: `act` (admin.token, or local without a token) or `read`."""
+
+    READ = "read"
+    ACT = "act"
+
+
+@dataclass(frozen=True, slots=True)
+class Caller:
+    """Who is calling: `actor` is what the audit records (`admin`, `read`, or `local`)."""
+
+    actor: str
+    role: Role
+
+    @property
+    def can_act(self) -> bool:
+        return self.role is Role.ACT
+
+
+class StatusClass(StrEnum):
+    """The last HTTP answer of a message, as a filter: 2xx..5xx, `error` (no HTTP answer:
+    timeout, connection), `none` (never attempted)."""
+
+    S2XX = "2xx"
+    S3XX = "3xx"
+    S4XX = "4xx"
+    S5XX = "5xx"
+    ERROR = "error"
+    NONE = "none"
+
+
+class Sort(StrEnum):
+    NEWEST = "newest"  # by id, newest first (the default)
+    AMOUNT = "amount"  # by amount_minor, largest first (the dead-letter triage)
+
+
+@dataclass(frozen=True, slots=True)
+class ListFilters:
+    """The message list's filters, as kept in the URL query (see `from_query`)."""
+
+    statuses: tuple[MessageStatus, ...] = ()
+    destination: str | None = None
+    route: str | None = None
+    event_type: str | None = None
+    status_class: StatusClass | None = None
+    since: float | None = None  # created_at >= since
+    until: float | None = None  # created_at < until
+    q: str | None = None  # an order id, refund id, payment ref, webhook id or idempotency key
+    sort: Sort = Sort.NEWEST
+
+    @classmethod
+    def from_query(cls, query: Mapping[str, str] | Any, now: float) -> ListFilters:
+        """Read filters from a URL query (a MultiDict: `status` may repeat, or be
+        comma-separated). Raises ConsoleError naming the bad parameter."""
+        from relay.operator import BadTime, parse_time
+
+        getall = getattr(query, "getall", None)
+        raw_statuses: list[str] = list(getall("status", [])) if getall else []
+        if not getall and query.get("status"):
+            raw_statuses = [query["status"]]
+        statuses: list[MessageStatus] = []
+        for chunk in raw_statuses:
+            for name in chunk.split(","):
+                name = name.strip()
+                if not name:
+                    continue
+                try:
+                    statuses.append(MessageStatus(name))
+                except ValueError:
+                    allowed = ", ".join(s.value for s in MessageStatus)
+                    raise ConsoleError(f"unknown status {name!r}: use {allowed}") from None
+        status_class = None
+        if text := (query.get("status_class") or "").strip():
+            try:
+                status_class = StatusClass(text)
+            except ValueError:
+                allowed = ", ".join(s.value for s in StatusClass)
+                raise ConsoleError(f"unknown status_class {text!r}: use {allowed}") from None
+        sort = Sort.NEWEST
+        if text := (query.get("sort") or "").strip():
+            try:
+                sort = Sort(text)
+            except ValueError:
+                raise ConsoleError(f"unknown sort {text!r}: use newest or amount") from None
+        try:
+            since = parse_time(query.get("since") or None, now)
+            until = parse_time(query.get("until") or None, now)
+        except BadTime as exc:
+            raise ConsoleError(str(exc)) from None
+
+        def text_of(name: str) -> str | None:
+            value = (query.get(name) or "").strip()
+            return value or None
+
+        return cls(
+            statuses=tuple(dict.fromkeys(statuses)),
+            destination=text_of("destination"),
+            route=text_of("route"),
+            event_type=text_of("event_type"),
+            status_class=status_class,
+            since=since,
+            until=until,
+            q=text_of("q"),
+            sort=sort,
+        )
+
+    def to_query(self) -> dict[str, str]:
+        """The filters as URL query parameters (times as epoch seconds)."""
+        out: dict[str, str] = {}
+        if self.statuses:
+            out["status"] = ",".join(s.value for s in self.statuses)
+        for name in ("destination", "route", "event_type", "q"):
+            value = getattr(self, name)
+            if value:
+                out[name] = value
+        if self.status_class is not None:
+            out["status_class"] = self.status_class.value
+        if self.since is not None:
+            out["since"] = _iso(self.since)
+        if self.until is not None:
+            out["until"] = _iso(self.until)
+        if self.sort is not Sort.NEWEST:
+            out["sort"] = self.sort.value
+        return out
+
+
+@dataclass(frozen=True, slots=True)
+class Cursor:
+    """Where the next page starts (keyset): after the message `after_id` (and, sorted by
+    amount, after `after_amount`). Opaque in URLs: base64 of a small JSON."""
+
+    after_id: int
+    after_amount: int | None = None
+
+    def encode(self) -> str:
+        data = {"id": self.after_id}
+        if self.after_amount is not None:
+            data["a"] = self.after_amount
+        raw = json.dumps(data, separators=(",", ":")).encode()
+        return base64.urlsafe_b64encode(raw).decode().rstrip("=")
+
+    @classmethod
+    def decode(cls, text: str | None) -> Cursor | None:
+        if not text:
+            return None
+        try:
+            raw = base64.urlsafe_b64decode(text + "=" * (-len(text) % 4))
+            data = json.loads(raw)
+            after_id = data["id"]
+            amount = data.get("a")
+            if not isinstance(after_id, int) or not (amount is None or isinstance(amount, int)):
+                raise ValueError
+        except (ValueError, KeyError, TypeError, binascii.Error):
+            raise ConsoleError("bad cursor: use the `next` value of a previous page") from None
+        return cls(after_id, amount)
+
+
+@dataclass(frozen=True, slots=True)
+class MessageItem:
+    """One row of the message list (and the head of a message's detail)."""
+
+    id: int
+    status: MessageStatus
+    destination: str
+    route: str
+    event_type: str
+    webhook_id: str
+    idempotency_key: str
+    order_id: str | None
+    payment_ref: str | None
+    refund_id: str | None
+    event_kind: str | None  # the body's "event": purchase, refund, ...
+    amount_minor: int | None
+    currency: str | None
+    attempts: int
+    last_status: int | None
+    last_error: str | None
+    created_at: float
+    next_attempt_at: float | None  # None once delivered, dead or discarded
+    delivered_at: float | None
+    discarded_at: float | None = None
+    discard_reason: str | None = None
+
+    @property
+    def retrying(self) -> bool:
+        """Pending after at least one failed attempt."""
+        return self.status is MessageStatus.PENDING and self.attempts > 0
+
+    def to_json(self) -> dict[str, Any]:
+        out: dict[str, Any] = _plain(self)
+        return out
+
+
+@dataclass(frozen=True, slots=True)
+class MessagePage:
+    items: tuple[MessageItem, ...]
+    next: Cursor | None
+
+
+@dataclass(frozen=True, slots=True)
+class Attempt:
+    """One delivery attempt as recorded with its outcome."""
+
+    number: int
+    at: float
+    status: int | None  # the HTTP status, when there was an answer
+    error_kind: str | None  # relay.models.ErrorKind value, when there was none
+    duration_s: float
+    response_snippet: str  # truncated, secret-free
+    outcome: str  # delivered, retry, dead
+
+
+@dataclass(frozen=True, slots=True)
+class Inbound:
+    """The webhook a message came from: headers without the signature, the body as stored
+    (redacted at ingest; None once retention cleared it)."""
+
+    id: int
+    source: str
+    webhook_id: str
+    event_type: str
+    received_at: float
+    status: str
+    reason: str | None
+    headers: tuple[tuple[str, str], ...]
+    body: str | None
+    request_id: str | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class RouteInfo:
+    """The route that built a message, and why it took the event."""
+
+    name: str
+    exists: bool  # False: the config no longer has it
+    events: tuple[str, ...] = ()
+    condition: str | None = None  # the route's `when`, described
+    why: str = ""
+
+
+@dataclass(frozen=True, slots=True)
+class SentRequest:
+    """The request exactly as sent (or as it will be), the write key masked."""
+
+    method: str
+    url: str
+    headers: tuple[tuple[str, str], ...]
+    body: str
+
+
+@dataclass(frozen=True, slots=True)
+class MessageDetail:
+    message: MessageItem
+    inbound: Inbound | None
+    route: RouteInfo
+    request: SentRequest | None  # None when the destination is no longer configured
+    attempts: tuple[Attempt, ...]
+    related: tuple[MessageItem, ...]  # a refund and its purchase, other routes of the event
+
+    def to_json(self) -> dict[str, Any]:
+        out = self.message.to_json()
+        out["inbound"] = None if self.inbound is None else _plain(self.inbound)
+        out["route_info"] = _plain(self.route)
+        out["request"] = None if self.request is None else _plain(self.request)
+        out["attempts"] = [_plain(a) for a in self.attempts]
+        out["related"] = [r.to_json() for r in self.related]
+        return out
+
+
+@dataclass(frozen=True, slots=True)
+class DestinationState:
+    """One destination on the overview."""
+
+    name: str
+    pending: int
+    inflight: int
+    retrying: int  # pending with at least one failed attempt (also counted in `pending`)
+    dead: int
+    discarded: int
+    delivered: int
+    oldest_pending_age_s: float | None
+    paused: bool
+    configured: bool  # False: messages exist for a destination the config no longer has
+    last_success_at: float | None
+    last_error: str | None
+    last_error_at: float | None
+
+
+@dataclass(frozen=True, slots=True)
+class MinuteCount:
+    """Delivered and failed attempts in one minute (the overview's chart)."""
+
+    minute_at: float  # start of the minute, epoch seconds
+    delivered: int
+    failed: int
+
+
+@dataclass(frozen=True, slots=True)
+class Money:
+    """An amount in minor units of one currency (`major` is for display)."""
+
+    currency: str
+    amount_minor: int
+    count: int = 0
+
+    @property
+    def major(self) -> str:
+        from relay.currency import exponent
+
+        digits = exponent(self.currency)
+        if digits is None or digits == 0:
+            return f"{self.amount_minor} {self.currency}"
+        sign = "-" if self.amount_minor < 0 else ""
+        whole, frac = divmod(abs(self.amount_minor), 10**digits)
+        return f"{sign}{whole:,}.{frac:0{digits}d} {self.currency}"
+
+
+@dataclass(frozen=True, slots=True)
+class Revenue:
+    """Purchases delivered to Faurya, per currency, and the share without attribution."""
+
+    today: tuple[Money, ...]
+    week: tuple[Money, ...]  # the last 7 days, today included
+    unattributed_share: float | None  # of the week's purchases (by count); None: none yet
+
+
+@dataclass(frozen=True, slots=True)
+class AtRisk:
+    """Money in dead purchase messages and in purchases pending longer than LONG_PENDING_S."""
+
+    dead: tuple[Money, ...]
+    long_pending: tuple[Money, ...]
+
+
+@dataclass(frozen=True, slots=True)
+class Retention:
+    bodies_s: float
+    rows_s: float
+    store_size_bytes: int | None
+
+
+@dataclass(frozen=True, slots=True)
+class ReconcileRun:
+    """The last reconcile run of this relay (None before the first)."""
+
+    at: float
+    ok: bool
+    seen: int = 0
+    enqueued: int = 0
+    already_recorded: int = 0
+    unmappable: int = 0
+    error: str | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class Summary:
+    """The overview."""
+
+    generated_at: float
+    destinations: tuple[DestinationState, ...]
+    chart: tuple[MinuteCount, ...]  # the last 60 minutes, oldest first
+    revenue: Revenue
+    at_risk: AtRisk
+    retention: Retention
+    reconcile: ReconcileRun | None
+    open_access: bool  # loopback listener without a token: anyone local may act
+    jobs: tuple[Job, ...] = ()  # running or interrupted bulk jobs
+
+    def to_json(self) -> dict[str, Any]:
+        return _plain(self)  # type: ignore[no-any-return]
+
+
+@dataclass(frozen=True, slots=True)
+class Rejected:
+    """One request the relay refused before it could be trusted. No body, ever."""
+
+    at: float
+    address: str
+    reason: str  # bad_signature, stale_timestamp, refused_address, too_large, unknown_path, ...
+    path: str
+    webhook_id: str | None
+    source: str | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class AuditEntry:
+    id: int
+    at: float
+    actor: str
+    action: str
+    target: str  # message ids ("12,13"), a destination, or a filter as a URL query
+    detail: str | None
+    count: int
+
+
+@dataclass(frozen=True, slots=True)
+class ActionResult:
+    """What an action did: `count` messages changed (`ids` when few enough to list)."""
+
+    action: str
+    count: int
+    ids: tuple[int, ...] = ()
+    job: Job | None = None
+    message: str = ""
+
+    def to_json(self) -> dict[str, Any]:
+        return _plain(self)  # type: ignore[no-any-return]
+
+
+class JobStatus(StrEnum):
+    RUNNING = "running"
+    DONE = "done"
+    CANCELLED = "cancelled"
+    FAILED = "failed"
+    INTERRUPTED = "interrupted"  # its relay stopped while it ran; it can be restarted
+
+
+@dataclass(frozen=True, slots=True)
+class Job:
+    """A background bulk replay over everything a filter matches."""
+
+    id: int
+    kind: str  # "replay_dead"
+    filter_query: str  # the filter, as a URL query string
+    actor: str
+    status: JobStatus
+    total: int
+    done: int
+    created_at: float
+    updated_at: float
+    owner: str  # the relay process running it
+    error: str | None = None
+
+    @property
+    def active(self) -> bool:
+        return self.status is JobStatus.RUNNING
+
+
+@dataclass(frozen=True, slots=True)
+class DryRunRoute:
+    """What one route would do with a pasted event."""
+
+    route: str
+    destination: str
+    selected: bool
+    reason: str  # why it is (not) selected, or why it failed
+    idempotency_key: str | None = None
+    body: str | None = None  # pretty JSON of what would be sent
+
+
+@dataclass(frozen=True, slots=True)
+class DryRun:
+    event_type: str | None
+    status: str  # routed, ignored, unmappable (as `relay map` says)
+    reason: str | None
+    routes: tuple[DryRunRoute, ...]
+
+    def to_json(self) -> dict[str, Any]:
+        return _plain(self)  # type: ignore[no-any-return]
+
+
+def _iso(ts: float) -> str:
+    return time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(ts))
+
+
+def _plain(value: Any) -> Any:
+    """A view as JSON-ready data (enums as values, tuples as lists)."""
+    import dataclasses
+
+    if dataclasses.is_dataclass(value) and not isinstance(value, type):
+        out = {f.name: _plain(getattr(value, f.name)) for f in dataclasses.fields(value)}
+        if isinstance(value, Money):
+            out["major"] = value.major
+        return out
+    if isinstance(value, StrEnum):
+        return value.value
+    if isinstance(value, (tuple, list)):
+        return [_plain(v) for v in value]
+    if isinstance(value, dict):
+        return {str(k): _plain(v) for k, v in value.items()}
+    return value
+
+
+class ConsoleService:
+    """The console's reads and actions, over the store of the running relay.
+
+    `store` is a callable because the store opens after the app is made; `paused` reports
+    the live pause state of a destination's worker (None: not serving it here).
+    """
+
+    def __init__(
+        self,
+        store: Callable[[], Store | None],
+        config: Config,
+        clock: Clock,
+        rejected: RejectedLog,
+        jobs: Jobs | None = None,
+        *,
+        open_access: bool = False,
+        paused: Callable[[str], bool | None] | None = None,
+        last_reconcile: Callable[[], ReconcileRun | None] | None = None,
+    ) -> None:
+        self._store = store
+        self.config = config
+        self.clock = clock
+        self.rejected_log = rejected
+        self.jobs = jobs
+        self.open_access = open_access
+        self._paused = paused or (lambda name: None)
+        self._last_reconcile = last_reconcile or (lambda: None)
+
+    @property
+    def store(self) -> Store:
+        store = self._store()
+        if store is None:
+            raise ConsoleError("the store is not open yet; retry in a moment", 503)
+        return store
+
+    # ------------------------------------------------------------------ reads
+
+    async def summary(self) -> Summary:
+        return await self._summary()
+
+    async def list_messages(
+        self, filters: ListFilters, cursor: Cursor | None = None, limit: int = DEFAULT_LIMIT
+    ) -> MessagePage:
+        if not 1 <= limit <= MAX_LIMIT:
+            raise ConsoleError(f"limit must be between 1 and {MAX_LIMIT}")
+        items = await self.store.console_messages(filters, cursor, limit + 1)
+        page = tuple(items[:limit])
+        more = len(items) > limit
+        nxt = None
+        if more and page:
+            last = page[-1]
+            nxt = Cursor(last.id, (last.amount_minor or 0) if filters.sort is Sort.AMOUNT else None)
+        return MessagePage(page, nxt)
+
+    async def message_detail(self, message_id: int) -> MessageDetail:
+        return await self._message_detail(message_id)
+
+    def rejected(self, limit: int = 200) -> tuple[Rejected, ...]:
+        """The most recent requests refused by this relay process, newest first."""
+        return self.rejected_log.recent(limit)
+
+    async def audit(self, limit: int = 200, before_id: int | None = None) -> list[AuditEntry]:
+        return await self.store.audit_entries(limit, before_id)
+
+    async def dry_run(self, event: Any, source: str | None = None) -> DryRun:
+        return await self._dry_run(event, source)
+
+    async def list_jobs(self, limit: int = 20) -> list[Job]:
+        return await self.store.console_jobs(limit)
+
+    async def job(self, job_id: int) -> Job:
+        found = await self.store.console_job(job_id)
+        if found is None:
+            raise NotFound(f"no job with id {job_id}")
+        return found
+
+    # ------------------------------------------------------------------ actions
+
+    async def retry(self, caller: Caller, message_id: int) -> ActionResult:
+        """A dead or pending message becomes due now with a fresh retry budget."""
+        return await self._retry(caller, message_id)
+
+    async def replay(self, caller: Caller, message_id: int) -> ActionResult:
+        """Send again (a delivered message too), under the same idempotency key."""
+        return await self._replay(caller, message_id)
+
+    async def discard(self, caller: Caller, message_id: int, reason: str) -> ActionResult:
+        """Give up on a dead message, with a reason."""
+        return await self._discard(caller, message_id, reason)
+
+    async def pause(self, caller: Caller, destination: str) -> ActionResult:
+        return await self._set_paused(caller, destination, True)
+
+    async def resume(self, caller: Caller, destination: str) -> ActionResult:
+        return await self._set_paused(caller, destination, False)
+
+    async def bulk_replay_preview(self, filters: ListFilters) -> int:
+        """How many dead messages `bulk_replay(filters)` would replay (the confirmation)."""
+        return await self.store.console_count_dead(filters)
+
+    async def bulk_replay(self, caller: Caller, filters: ListFilters) -> ActionResult:
+        """Replay every DEAD message the filter matches, as a background job."""
+        return await self._bulk_replay(caller, filters)
+
+    async def cancel_job(self, caller: Caller, job_id: int) -> ActionResult:
+        return await self._cancel_job(caller, job_id)
+
+    async def restart_job(self, caller: Caller, job_id: int) -> ActionResult:
+        """Start an interrupted (or cancelled) job again from where it stopped."""
+        return await self._restart_job(caller, job_id)
+
+    # ------------------------------------------------------------------ bodies
+
+    async def _summary(self) -> Summary:
+        raise ConsoleError("not implemented yet", 501)
+
+    async def _message_detail(self, message_id: int) -> MessageDetail:
+        raise ConsoleError("not implemented yet", 501)
+
+    async def _dry_run(self, event: Any, source: str | None) -> DryRun:
+        raise ConsoleError("not implemented yet", 501)
+
+    async def _retry(self, caller: Caller, message_id: int) -> ActionResult:
+        raise ConsoleError("not implemented yet", 501)
+
+    async def _replay(self, caller: Caller, message_id: int) -> ActionResult:
+        raise ConsoleError("not implemented yet", 501)
+
+    async def _discard(self, caller: Caller, message_id: int, reason: str) -> ActionResult:
+        raise ConsoleError("not implemented yet", 501)
+
+    async def _set_paused(self, caller: Caller, destination: str, paused: bool) -> ActionResult:
+        raise ConsoleError("not implemented yet", 501)
+
+    async def _bulk_replay(self, caller: Caller, filters: ListFilters) -> ActionResult:
+        raise ConsoleError("not implemented yet", 501)
+
+    async def _cancel_job(self, caller: Caller, job_id: int) -> ActionResult:
+        raise ConsoleError("not implemented yet", 501)
+
+    async def _restart_job(self, caller: Caller, job_id: int) -> ActionResult:
+        raise ConsoleError("not implemented yet", 501)
+
+
+__all__ = [
+    "DEFAULT_LIMIT",
+    "HIDDEN_HEADERS",
+    "MASK",
+    "MAX_LIMIT",
+    "ActionResult",
+    "AtRisk",
+    "Attempt",
+    "AuditEntry",
+    "Caller",
+    "ConsoleError",
+    "ConsoleService",
+    "Cursor",
+    "DestinationState",
+    "DryRun",
+    "DryRunRoute",
+    "Inbound",
+    "Job",
+    "JobStatus",
+    "ListFilters",
+    "MessageDetail",
+    "MessageItem",
+    "MessagePage",
+    "MinuteCount",
+    "Money",
+    "NotFound",
+    "ReconcileRun",
+    "Rejected",
+    "Retention",
+    "Revenue",
+    "Role",
+    "RouteInfo",
+    "SentRequest",
+    "Sort",
+    "StatusClass",
+    "Summary",
+]
