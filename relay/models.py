@@ -83,6 +83,62 @@ class OutboundDraft:
     idempotency_key: str
     body: bytes
     verify_ref: str | None = None  # a Polar order id to confirm as paid before sending
+    # Fields of the body the console searches and sums; derived from `body`, so not compared.
+    facts: BodyFacts | None = field(default=None, compare=False)
+
+
+@dataclass(frozen=True, slots=True)
+class BodyFacts:
+    """Fields of a message body, extracted once by the mapping (which holds the body as a dict)
+    into indexed columns: the console searches and sums them without parsing JSON per row."""
+
+    order_id: str | None = None  # body "orderId"
+    payment_ref: str | None = None  # body "providerPaymentId" (Polar's order id)
+    refund_id: str | None = None  # body "refundId"
+    event_kind: str | None = None  # body "event": purchase, refund, ...
+    amount_minor: int | None = None  # body "amount", when an integer
+    currency: str | None = None  # body "currency", upper case
+    attributed: bool | None = None  # a faSessionId or faAttributionToken in "attribution"
+
+    @classmethod
+    def of(cls, body: object) -> BodyFacts | None:
+        """The facts of a body dict (None for any other shape)."""
+        if not isinstance(body, dict):
+            return None
+
+        def text(name: str) -> str | None:
+            value = body.get(name)
+            if isinstance(value, (str, int)) and not isinstance(value, bool):
+                return str(value)[:200]
+            return None
+
+        amount = body.get("amount")
+        if isinstance(amount, bool) or not isinstance(amount, int):
+            amount = None
+        currency = body.get("currency")
+        attribution = body.get("attribution")
+        return cls(
+            order_id=text("orderId"),
+            payment_ref=text("providerPaymentId"),
+            refund_id=text("refundId"),
+            event_kind=text("event"),
+            amount_minor=amount,
+            currency=currency.upper()[:16] if isinstance(currency, str) else None,
+            attributed=isinstance(attribution, dict)
+            and bool(attribution.get("faSessionId") or attribution.get("faAttributionToken")),
+        )
+
+
+@dataclass(frozen=True, slots=True)
+class AttemptRecord:
+    """One delivery attempt, stored with its outcome (mark_delivered / mark_retry / mark_dead)
+    in the same transaction. `snippet` is already cut and redacted by the sender."""
+
+    at: float
+    status: int | None  # the HTTP status, when there was an answer
+    error_kind: str | None  # an ErrorKind value, when there was none
+    duration_s: float
+    snippet: str = ""
 
 
 @dataclass(frozen=True, slots=True)

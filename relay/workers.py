@@ -27,7 +27,16 @@ from relay.errors import StorageError
 from relay.logs import get_logger
 from relay.mapping import Route
 from relay.metrics import Metrics, status_class
-from relay.models import ClaimedMessage, Clock, Dead, Delivered, ErrorKind, Outcome, RetryLater
+from relay.models import (
+    AttemptRecord,
+    ClaimedMessage,
+    Clock,
+    Dead,
+    Delivered,
+    ErrorKind,
+    Outcome,
+    RetryLater,
+)
 from relay.order_check import is_polar_id, shown_id
 from relay.polar_api import PolarApi, PolarApiError, WrongOrder, is_paid
 from relay.store import Store
@@ -342,15 +351,23 @@ class DestinationWorker:
         }
         if result.kind is not None:
             fields["error_kind"] = result.kind.value
+        # The console's attempt timeline: stored with the outcome, in its transaction.
+        attempt = AttemptRecord(
+            at=self._clock.now(),
+            status=result.status,
+            error_kind=None if result.kind is None else result.kind.value,
+            duration_s=result.duration_s,
+            snippet=result.snippet,
+        )
         try:
             if isinstance(outcome, Delivered):
-                changed = await self._store.mark_delivered(msg, outcome.status)
+                changed = await self._store.mark_delivered(msg, outcome.status, attempt)
                 self._outcomes["delivered"].inc()
                 log.info("delivery_succeeded", **fields)
                 if changed:
                     self._count_revenue(msg, fields)
             elif isinstance(outcome, RetryLater):
-                changed = await self._store.mark_retry(msg, outcome, detail[:1000])
+                changed = await self._store.mark_retry(msg, outcome, detail[:1000], attempt)
                 self._outcomes["retry"].inc()
                 if outcome.retry_after_s is not None:
                     # What we actually wait, not what was asked (it is clamped).
@@ -365,7 +382,7 @@ class DestinationWorker:
             else:
                 assert isinstance(outcome, Dead)
                 changed = await self._store.mark_dead(
-                    msg, outcome, f"{outcome.reason}; {detail}"[:1000]
+                    msg, outcome, f"{outcome.reason}; {detail}"[:1000], attempt
                 )
                 self._outcomes["dead"].inc()
                 log.error(

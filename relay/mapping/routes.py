@@ -16,7 +16,7 @@ from relay.mapping.conditions import Condition
 from relay.mapping.paths import Path, PathPart
 from relay.mapping.templates import Template
 from relay.mapping.values import ObjectRule
-from relay.models import EventStatus, OutboundDraft
+from relay.models import BodyFacts, EventStatus, OutboundDraft
 
 # ---------------------------------------------------------------- routes
 
@@ -102,6 +102,8 @@ class Route:
             idempotency_key=key,
             body=encode(body),
             verify_ref=verify_ref,
+            # Extracted here, where the body is still a dict: ingest parses no JSON for them.
+            facts=BodyFacts.of(body),
         )
 
 

@@ -20,6 +20,7 @@ from typing import Any
 
 from relay.errors import StorageError, StorageUnavailable
 from relay.models import (
+    AttemptRecord,
     ClaimedMessage,
     Clock,
     Dead,
@@ -237,10 +238,19 @@ class Store(AdminQueries):
         now = self._clock.now()
         return await self._writer.run(lambda db: w.claim(db, destination, limit, lease_s, now))
 
-    async def mark_delivered(self, msg: ClaimedMessage, status: int) -> bool:
-        return await self._writer.delivered(msg, status)
+    async def mark_delivered(
+        self, msg: ClaimedMessage, status: int, attempt: AttemptRecord | None = None
+    ) -> bool:
+        """`attempt`: recorded in the same transaction as the outcome (the console shows it)."""
+        return await self._writer.delivered(msg, status, attempt)
 
-    async def mark_retry(self, msg: ClaimedMessage, outcome: RetryLater, error: str) -> bool:
+    async def mark_retry(
+        self,
+        msg: ClaimedMessage,
+        outcome: RetryLater,
+        error: str,
+        attempt: AttemptRecord | None = None,
+    ) -> bool:
         # A throttled attempt (429/503 with Retry-After) gives its attempt back.
         refund = 0 if outcome.counts_attempt else 1
         return await self._settle(
@@ -248,11 +258,17 @@ class Store(AdminQueries):
             "status = 'pending', next_attempt_at = ?, last_status = ?, last_error = ?, "
             "attempts = attempts - ?",
             (outcome.at, outcome.status, error, refund),
+            ("retry", attempt),
         )
 
-    async def mark_dead(self, msg: ClaimedMessage, outcome: Dead, error: str) -> bool:
+    async def mark_dead(
+        self, msg: ClaimedMessage, outcome: Dead, error: str, attempt: AttemptRecord | None = None
+    ) -> bool:
         return await self._settle(
-            msg, "status = 'dead', last_status = ?, last_error = ?", (outcome.status, error)
+            msg,
+            "status = 'dead', last_status = ?, last_error = ?",
+            (outcome.status, error),
+            ("dead", attempt),
         )
 
     async def release(self, msg: ClaimedMessage) -> bool:
@@ -263,9 +279,22 @@ class Store(AdminQueries):
             (self._clock.now(),),
         )
 
-    async def _settle(self, msg: ClaimedMessage, assignments: str, params: tuple[Any, ...]) -> bool:
+    async def _settle(
+        self,
+        msg: ClaimedMessage,
+        assignments: str,
+        params: tuple[Any, ...],
+        record: tuple[str, AttemptRecord | None] | None = None,
+    ) -> bool:
         now = self._clock.now()
-        return await self._writer.run(lambda db: w.settle(db, msg, assignments, params, now))
+
+        async def work(db: Db) -> bool:
+            changed = await w.settle(db, msg, assignments, params, now)
+            if changed and record is not None and record[1] is not None:
+                await w.record_attempts(db, [(msg, record[0], record[1])])
+            return changed
+
+        return await self._writer.run(work)
 
     async def requeue_inflight(self, *, expired_only: bool = True) -> int:
         """Return leased messages to pending: all of them at start-up (their owner is dead:

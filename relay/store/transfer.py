@@ -53,9 +53,30 @@ _TABLES = {
         "verify_ref",
         "discarded_at",
         "discard_reason",
+        "order_id",
+        "payment_ref",
+        "refund_id",
+        "event_kind",
+        "amount_minor",
+        "currency",
+        "attributed",
     ),
     "destination_state": ("destination", "paused", "updated_at"),
+    # The console's history: attempts and the audit (jobs are per running relay: not copied).
+    "message_attempts": (
+        "id",
+        "message_id",
+        "attempt",
+        "at",
+        "outcome",
+        "http_status",
+        "error_kind",
+        "duration_s",
+        "response_snippet",
+    ),
+    "console_audit": ("id", "at", "actor", "action", "target", "detail", "count"),
 }
+_SEQUENCED = ("inbound_events", "outbound_messages", "message_attempts", "console_audit")
 _BATCH_ROWS = 1000
 
 
@@ -99,7 +120,7 @@ async def copy_sqlite_to_postgres(sqlite_path: str, url: str) -> TransferResult:
                 "lease_token = NULL, attempts = GREATEST(attempts - 1, 0) "
                 "WHERE status = 'inflight'"
             )
-            for table in ("inbound_events", "outbound_messages"):
+            for table in _SEQUENCED:
                 await target.execute(
                     f"SELECT setval(pg_get_serial_sequence('{table}', 'id'), "
                     f"GREATEST((SELECT max(id) FROM {table}), 1))"
@@ -123,6 +144,8 @@ async def _copy_table(
     # not migrated): those stay NULL in PostgreSQL.
     present = {str(r[1]) for r in source.execute(f"PRAGMA table_info({table})")}
     columns = tuple(c for c in columns if c in present)
+    if not columns:
+        return  # a table an older relay did not have
     names = ", ".join(columns)
     cursor = source.execute(f"SELECT {names} FROM {table} ORDER BY 1")
     while rows := cursor.fetchmany(_BATCH_ROWS):

@@ -27,6 +27,8 @@ import aiosqlite
 
 from relay.errors import StorageUnavailable
 from relay.models import (
+    AttemptRecord,
+    BodyFacts,
     ClaimedMessage,
     Clock,
     EnqueueResult,
@@ -44,6 +46,8 @@ Work = Callable[[Db], Awaitable[Any]]
 
 # SQLite's default limit is 32766 bound variables per statement; stay far below it.
 ROWS_PER_STATEMENT = 500
+# What an attempt row keeps of the answer (the sender already cut and redacted it).
+SNIPPET_CHARS = 512
 
 
 @dataclass(frozen=True, slots=True)
@@ -60,6 +64,7 @@ class _Job:
     future: asyncio.Future[Any]
     draft: InboundDraft | None = None  # an enqueue
     delivered: tuple[ClaimedMessage, int] | None = None  # an ack of a 2xx/409
+    attempt: AttemptRecord | None = None  # the ack's attempt, recorded with it
     work: Work | None = None  # anything else: claims, retries, operator writes
     result: Any = field(default=None)
 
@@ -118,8 +123,12 @@ class Writer:
         result: EnqueueResult = await self._submit(_Job(self._future(), draft=draft))
         return result
 
-    async def delivered(self, msg: ClaimedMessage, status: int) -> bool:
-        changed: bool = await self._submit(_Job(self._future(), delivered=(msg, status)))
+    async def delivered(
+        self, msg: ClaimedMessage, status: int, attempt: AttemptRecord | None = None
+    ) -> bool:
+        changed: bool = await self._submit(
+            _Job(self._future(), delivered=(msg, status), attempt=attempt)
+        )
         return changed
 
     async def run(self, work: Callable[[Db], Awaitable[T]]) -> T:
@@ -251,6 +260,14 @@ class Writer:
                 for job in acks:
                     assert job.delivered is not None
                     job.result = job.delivered[0].id in changed
+                await record_attempts(
+                    db,
+                    [
+                        (job.delivered[0], "delivered", job.attempt)
+                        for job in acks
+                        if job.delivered and job.attempt and job.result
+                    ],
+                )
             for job in jobs:
                 if job.work is not None:
                     job.result = await job.work(db)
@@ -422,6 +439,7 @@ async def insert_messages(
             now,
             request_id,
             m.verify_ref,
+            *_facts(m.facts),
         )
         for event_id, m, request_id in messages
     ]
@@ -430,14 +448,57 @@ async def insert_messages(
         returned = await db.execute_fetchall(
             "INSERT INTO outbound_messages (event_id, route, destination, idempotency_key, "
             "body, status, created_at, retry_from_at, next_attempt_at, updated_at, "
-            "request_id, verify_ref) VALUES "
-            + ",".join(["(?,?,?,?,?,?,?,?,?,?,?,?)"] * len(chunk))
+            "request_id, verify_ref, order_id, payment_ref, refund_id, event_kind, amount_minor, "
+            "currency, attributed) VALUES "
+            + ",".join(["(?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?)"] * len(chunk))
             + " ON CONFLICT (destination, idempotency_key) DO NOTHING "
             "RETURNING id, destination, idempotency_key",
             [v for row in chunk for v in row],
         )
         new_messages.update({(r[1], r[2]): int(r[0]) for r in returned})
     return new_messages
+
+
+def _facts(facts: BodyFacts | None) -> tuple[Any, ...]:
+    if facts is None:
+        return (None,) * 7
+    attributed = None if facts.attributed is None else int(facts.attributed)
+    return (
+        facts.order_id,
+        facts.payment_ref,
+        facts.refund_id,
+        facts.event_kind,
+        facts.amount_minor,
+        facts.currency,
+        attributed,
+    )
+
+
+async def record_attempts(
+    db: Db, rows: Sequence[tuple[ClaimedMessage, str, AttemptRecord]]
+) -> None:
+    """Store (message, outcome, attempt) rows: called inside the transaction that writes the
+    outcome, only for messages whose outcome was written (a lost lease records nothing)."""
+    for chunk in chunks(rows):
+        await db.execute(
+            "INSERT INTO message_attempts (message_id, attempt, at, outcome, http_status, "
+            "error_kind, duration_s, response_snippet) VALUES "
+            + ",".join(["(?,?,?,?,?,?,?,?)"] * len(chunk)),
+            [
+                v
+                for msg, outcome, a in chunk
+                for v in (
+                    msg.id,
+                    msg.attempt,
+                    a.at,
+                    outcome,
+                    a.status,
+                    a.error_kind,
+                    a.duration_s,
+                    a.snippet[:SNIPPET_CHARS],
+                )
+            ],
+        )
 
 
 async def claim(
