@@ -651,34 +651,398 @@ class ConsoleService:
     # ------------------------------------------------------------------ bodies
 
     async def _summary(self) -> Summary:
-        raise ConsoleError("not implemented yet", 501)
+        store = self.store
+        now = self.clock.now()
+        counts = await store.console_status_counts()
+        activity = await store.console_activity()
+        overrides = await store.paused_overrides()
+        names = list(self.config.destinations)
+        names += sorted({row[0] for row in counts} - set(names))
+        destinations = []
+        for name in names:
+            mine = {row[1]: row for row in counts if row[0] == name}
+
+            def count(status: MessageStatus, mine: Mapping[str, Any] = mine) -> int:
+                row = mine.get(status.value)
+                return int(row[2]) if row else 0
+
+            oldest = [
+                row[4]
+                for status in ("pending", "inflight")
+                if (row := mine.get(status)) is not None and row[4] is not None
+            ]
+            pending_row = mine.get("pending")
+            paused = self._paused(name)
+            if paused is None:
+                configured = self.config.destinations.get(name)
+                paused = overrides.get(name, configured.paused if configured else False)
+            success_at, error, error_at = activity.get(name, (None, None, None))
+            destinations.append(
+                DestinationState(
+                    name=name,
+                    pending=count(MessageStatus.PENDING),
+                    inflight=count(MessageStatus.INFLIGHT),
+                    retrying=int(pending_row[3]) if pending_row else 0,
+                    dead=count(MessageStatus.DEAD),
+                    discarded=count(MessageStatus.DISCARDED),
+                    delivered=count(MessageStatus.DELIVERED),
+                    oldest_pending_age_s=max(0.0, now - min(oldest)) if oldest else None,
+                    paused=paused,
+                    configured=name in self.config.destinations,
+                    last_success_at=success_at,
+                    last_error=error,
+                    last_error_at=error_at,
+                )
+            )
+        first_minute = int(now // 60) - 59
+        by_minute = {m: [0, 0] for m in range(first_minute, first_minute + 60)}
+        for minute, outcome, n in await store.console_minutes(first_minute * 60.0):
+            if minute in by_minute:
+                by_minute[minute][0 if outcome == "delivered" else 1] += n
+        chart = tuple(MinuteCount(m * 60.0, d, f) for m, (d, f) in sorted(by_minute.items()))
+        day_start = now - (now % 86400)
+        week_rows = await store.console_revenue(now - 7 * 86400)
+        today_rows = await store.console_revenue(day_start)
+        purchases = sum(r[3] for r in week_rows if r[0] == "purchase")
+        unattributed = sum(r[4] for r in week_rows if r[0] == "purchase")
+        revenue = Revenue(
+            today=_money(today_rows),
+            week=_money(week_rows),
+            unattributed_share=(unattributed / purchases) if purchases else None,
+        )
+        risk = await store.console_at_risk(now - LONG_PENDING_S)
+        at_risk = AtRisk(
+            dead=tuple(
+                sorted(
+                    (Money(c, a, n) for kind, c, a, n in risk if kind == "dead"),
+                    key=lambda m: -m.amount_minor,
+                )
+            ),
+            long_pending=tuple(
+                sorted(
+                    (Money(c, a, n) for kind, c, a, n in risk if kind == "pending"),
+                    key=lambda m: -m.amount_minor,
+                )
+            ),
+        )
+        try:
+            size: int | None = await store.db_size_bytes()
+        except Exception:  # the size is a nicety; the overview still answers
+            size = None
+        jobs = tuple(j for j in await store.console_jobs(5) if j.status in _SHOWN_JOBS)
+        return Summary(
+            generated_at=now,
+            destinations=tuple(destinations),
+            chart=chart,
+            revenue=revenue,
+            at_risk=at_risk,
+            retention=Retention(self.config.retention.bodies_s, self.config.retention.rows_s, size),
+            reconcile=self._last_reconcile(),
+            open_access=self.open_access,
+            jobs=jobs,
+        )
 
     async def _message_detail(self, message_id: int) -> MessageDetail:
-        raise ConsoleError("not implemented yet", 501)
+        store = self.store
+        item = await store.console_message(message_id)
+        stored = await store.console_message_body(message_id)
+        if item is None or stored is None:
+            raise NotFound(f"no message with id {message_id}")
+        event_id, body = stored
+        inbound = await store.console_event(event_id)
+        if inbound is not None:
+            inbound = _without_hidden(inbound)
+        route = next((r for r in self.config.routes if r.name == item.route), None)
+        if route is None:
+            info = RouteInfo(item.route, False, why="the config no longer has this route")
+        else:
+            condition = None if route.when is None else _describe_condition(route.when)
+            why = f"it takes {', '.join(route.events)} from source {route.source}"
+            if condition:
+                why += f", when {condition}"
+            info = RouteInfo(route.name, True, route.events, condition, why)
+        destination = self.config.destinations.get(item.destination)
+        request = None
+        if destination is not None:
+            from relay.delivery import USER_AGENT
+
+            headers = [(h.name, h.shown()) for h in destination.headers]
+            headers = [
+                (name, MASK if name.lower() in HIDDEN_HEADERS else value) for name, value in headers
+            ]
+            headers += [
+                ("content-type", "application/json"),
+                ("user-agent", USER_AGENT),
+                ("idempotency-key", item.idempotency_key),
+            ]
+            request = SentRequest(
+                "POST", masked_url(destination.url), tuple(headers), _pretty(body)
+            )
+        attempts = tuple(await store.console_attempts(message_id))
+        related = tuple(await store.console_related(item, event_id))
+        return MessageDetail(item, inbound, info, request, attempts, related)
 
     async def _dry_run(self, event: Any, source: str | None) -> DryRun:
-        raise ConsoleError("not implemented yet", 501)
+        from relay.ingest import resolve_lookups
+        from relay.mapping import map_event, select
+        from relay.models import EventStatus
+
+        if not isinstance(event, dict):
+            raise ConsoleError("the event must be a JSON object (a Polar webhook body)")
+        source = source or next(iter(self.config.sources), None)
+        if source is None or source not in self.config.sources:
+            raise ConsoleError(f"no source named {source!r}")
+        event_type = event.get("type")
+        if not isinstance(event_type, str):
+            raise ConsoleError('the event has no string "type"')
+        routes = list(self.config.routes)
+        found = await resolve_lookups(self.store, routes, source, event)
+        mapped = map_event(routes, source, event, found)
+        chosen = {r.name for r in select(routes, source, event, found)}
+        built = {m.route: m for m in mapped.messages}
+        out = []
+        for route in routes:
+            if route.name in built:
+                m = built[route.name]
+                out.append(
+                    DryRunRoute(
+                        route.name,
+                        route.destination,
+                        True,
+                        "selected",
+                        m.idempotency_key,
+                        _pretty(m.body),
+                    )
+                )
+            elif route.name in chosen:
+                out.append(
+                    DryRunRoute(route.name, route.destination, True, mapped.reason or "not built")
+                )
+            else:
+                if route.source != source:
+                    why = f"another source ({route.source})"
+                elif not route.takes(event_type):
+                    why = f"takes {', '.join(route.events)}, not {event_type}"
+                else:
+                    why = "its condition does not hold"
+                out.append(DryRunRoute(route.name, route.destination, False, why))
+        status = mapped.status
+        return DryRun(
+            event_type,
+            status.value if isinstance(status, EventStatus) else str(status),
+            mapped.reason,
+            tuple(out),
+        )
+
+    async def _one(self, message_id: int) -> MessageItem:
+        item = await self.store.console_message(message_id)
+        if item is None:
+            raise NotFound(f"no message with id {message_id}")
+        return item
+
+    async def _audit(
+        self,
+        caller: Caller,
+        action: str,
+        target: str,
+        count: int,
+        detail: str | None = None,
+    ) -> None:
+        """Record an action in the store and the log (the audit page shows the store)."""
+        await self.store.add_audit(caller.actor, action, target, detail, count)
+        log.info(
+            "console_action",
+            actor=caller.actor,
+            action=action,
+            target=target,
+            count=count,
+            detail=detail,
+        )
+
+    def _must_act(self, caller: Caller) -> None:
+        if not caller.can_act:
+            raise ConsoleError("this token can only read; actions need admin.token", 403)
 
     async def _retry(self, caller: Caller, message_id: int) -> ActionResult:
-        raise ConsoleError("not implemented yet", 501)
+        from relay.models import MessageFilter
+
+        self._must_act(caller)
+        item = await self._one(message_id)
+        if item.status not in (MessageStatus.DEAD, MessageStatus.PENDING):
+            raise ConsoleError(
+                f"message {message_id} is {item.status.value}: only dead or pending messages "
+                "are retried (a delivered one can be replayed)",
+                409,
+            )
+        count = await self.store.replay(
+            MessageFilter(ids=(message_id,), statuses=(MessageStatus.DEAD, MessageStatus.PENDING))
+        )
+        await self._audit(caller, "retry", str(message_id), count)
+        return ActionResult(
+            "retry",
+            count,
+            (message_id,) if count else (),
+            message=(f"message {message_id} will be sent now" if count else "nothing to retry"),
+        )
 
     async def _replay(self, caller: Caller, message_id: int) -> ActionResult:
-        raise ConsoleError("not implemented yet", 501)
+        from relay.models import MessageFilter
+
+        self._must_act(caller)
+        item = await self._one(message_id)
+        if item.status in (MessageStatus.INFLIGHT, MessageStatus.DISCARDED):
+            raise ConsoleError(
+                f"message {message_id} is {item.status.value}: it cannot be replayed", 409
+            )
+        count = await self.store.replay(MessageFilter(ids=(message_id,)))
+        await self._audit(caller, "replay", str(message_id), count)
+        return ActionResult(
+            "replay",
+            count,
+            (message_id,) if count else (),
+            message=(f"message {message_id} will be sent again under the same idempotency key"),
+        )
 
     async def _discard(self, caller: Caller, message_id: int, reason: str) -> ActionResult:
-        raise ConsoleError("not implemented yet", 501)
+        from relay.models import MessageFilter
+
+        self._must_act(caller)
+        reason = " ".join(reason.split())
+        if not reason:
+            raise ConsoleError("a discard needs a reason")
+        if len(reason) > 500:
+            raise ConsoleError("the reason is longer than 500 characters")
+        item = await self._one(message_id)
+        if item.status is not MessageStatus.DEAD:
+            raise ConsoleError(
+                f"message {message_id} is {item.status.value}: only dead messages are discarded",
+                409,
+            )
+        ids = await self.store.discard(MessageFilter(ids=(message_id,)), reason)
+        await self._audit(caller, "discard", str(message_id), len(ids), reason)
+        return ActionResult(
+            "discard",
+            len(ids),
+            tuple(ids),
+            message=(f"message {message_id} discarded" if ids else "nothing discarded"),
+        )
 
     async def _set_paused(self, caller: Caller, destination: str, paused: bool) -> ActionResult:
-        raise ConsoleError("not implemented yet", 501)
+        self._must_act(caller)
+        if destination not in self.config.destinations:
+            raise NotFound(f"no destination named {destination!r}")
+        await self.store.set_paused(destination, paused)
+        action = "pause" if paused else "resume"
+        await self._audit(caller, action, destination, 1)
+        return ActionResult(action, 1, message=f"{destination} {'paused' if paused else 'resumed'}")
 
     async def _bulk_replay(self, caller: Caller, filters: ListFilters) -> ActionResult:
-        raise ConsoleError("not implemented yet", 501)
+        self._must_act(caller)
+        if self.jobs is None:
+            raise ConsoleError("bulk jobs run only on a serving relay", 409)
+        job = await self.jobs.start(caller, filters)
+        await self._audit(
+            caller, "bulk_replay", "?" + _query_text(filters), job.total, f"job {job.id}"
+        )
+        return ActionResult(
+            "bulk_replay",
+            job.total,
+            job=job,
+            message=f"job {job.id}: replaying {job.total} dead message(s) in the background",
+        )
 
     async def _cancel_job(self, caller: Caller, job_id: int) -> ActionResult:
-        raise ConsoleError("not implemented yet", 501)
+        self._must_act(caller)
+        await self.job(job_id)
+        changed = await self.store.set_job_status(
+            job_id, "cancelled", from_statuses=("running", "interrupted")
+        )
+        if not changed:
+            raise ConsoleError(f"job {job_id} is not running", 409)
+        await self._audit(caller, "cancel_job", f"job {job_id}", 0)
+        return ActionResult("cancel_job", 0, job=await self.job(job_id), message="cancelled")
 
     async def _restart_job(self, caller: Caller, job_id: int) -> ActionResult:
-        raise ConsoleError("not implemented yet", 501)
+        self._must_act(caller)
+        if self.jobs is None:
+            raise ConsoleError("bulk jobs run only on a serving relay", 409)
+        job = await self.job(job_id)
+        if job.status not in (JobStatus.INTERRUPTED, JobStatus.CANCELLED, JobStatus.FAILED):
+            raise ConsoleError(f"job {job_id} is {job.status.value}: nothing to restart", 409)
+        job = await self.jobs.restart(job)
+        await self._audit(caller, "restart_job", f"job {job_id}", job.total - job.done)
+        return ActionResult("restart_job", job.total - job.done, job=job, message="restarted")
+
+
+_SHOWN_JOBS = (JobStatus.RUNNING, JobStatus.INTERRUPTED)
+
+
+def _query_text(filters: ListFilters) -> str:
+    from urllib.parse import urlencode
+
+    return urlencode(filters.to_query())
+
+
+def _money(rows: list[tuple[str, str, int, int, int]]) -> tuple[Money, ...]:
+    """Purchases minus refunds per currency, largest first."""
+    net: dict[str, list[int]] = {}
+    for kind, currency, amount, count, _ in rows:
+        entry = net.setdefault(currency, [0, 0])
+        if kind == "purchase":
+            entry[0] += amount
+            entry[1] += count
+        else:
+            entry[0] -= amount
+    return tuple(
+        sorted((Money(c, a, n) for c, (a, n) in net.items()), key=lambda m: -m.amount_minor)
+    )
+
+
+def _pretty(body: bytes) -> str:
+    try:
+        return json.dumps(json.loads(body), indent=2, ensure_ascii=False)
+    except ValueError:
+        return body.decode("utf-8", errors="replace")
+
+
+def _without_hidden(inbound: Inbound) -> Inbound:
+    import dataclasses
+
+    kept = tuple((k, v) for k, v in inbound.headers if k.lower() not in HIDDEN_HEADERS)
+    return dataclasses.replace(inbound, headers=kept)
+
+
+def _describe_condition(condition: Any) -> str:
+    """A route's `when`, in words: `data.currency eq "usd" and not (...)`."""
+    from relay.mapping import format_path
+
+    op = condition.op
+    if op in ("all", "any"):
+        joiner = " and " if op == "all" else " or "
+        return "(" + joiner.join(_describe_condition(c) for c in condition.children) + ")"
+    if op == "not":
+        return f"not {_describe_condition(condition.children[0])}"
+    path = format_path(condition.path)
+    if op == "exists":
+        return f"{path} {'exists' if condition.value else 'is absent'}"
+    return f"{path} {op} {json.dumps(condition.value, default=str)}"
+
+
+def masked_url(url: str) -> str:
+    """A destination URL as shown: no user:password, and the query (which may carry a key)
+    masked."""
+    from urllib.parse import urlsplit, urlunsplit
+
+    try:
+        parts = urlsplit(url)
+        host = parts.hostname or ""
+        if ":" in host:
+            host = f"[{host}]"
+        if parts.port is not None:
+            host = f"{host}:{parts.port}"
+    except ValueError:
+        return MASK
+    return urlunsplit((parts.scheme, host, parts.path, MASK if parts.query else "", ""))
 
 
 __all__ = [

@@ -53,6 +53,15 @@ CREATE INDEX message_attempts_message ON message_attempts (message_id, attempt);
 -- The overview's chart: attempts per minute over the last hour, from the index alone.
 CREATE INDEX message_attempts_at ON message_attempts (at, outcome, message_id);
 
+-- Each destination's last success and last failed attempt, for the overview (written with the
+-- outcomes; apart from destination_state, whose rows are pause overrides).
+CREATE TABLE destination_activity (
+    destination     TEXT PRIMARY KEY,
+    last_success_at REAL,
+    last_error      TEXT,
+    last_error_at   REAL
+);
+
 -- 3. What operators did on the console.
 CREATE TABLE console_audit (
     id      INTEGER PRIMARY KEY,

@@ -4,6 +4,7 @@ reprocess. Mixed into `Store`; writes go through its single writer like every ot
 
 from __future__ import annotations
 
+import json
 from collections.abc import Iterable, Sequence
 from typing import TYPE_CHECKING, Any
 
@@ -24,7 +25,19 @@ from relay.models import (
 from relay.store.writer import Db, Writer, insert_messages
 
 if TYPE_CHECKING:
-    from relay.console.service import AuditEntry, Cursor, Job, ListFilters, MessageItem
+    from relay.console.service import (
+        Attempt,
+        AuditEntry,
+        Cursor,
+        Inbound,
+        Job,
+        ListFilters,
+        MessageItem,
+    )
+
+# Retention's delivered-message batch: run by `_prune_messages`, which deletes their attempts
+# in the same transaction.
+_PRUNE_MESSAGES = "prune delivered messages and their attempts"
 
 _MESSAGE_COLUMNS = (
     "m.id, m.event_id, m.route, m.destination, m.idempotency_key, m.status, m.attempts, "
@@ -191,11 +204,7 @@ class AdminQueries:
                 "AND m.status != 'delivered') LIMIT ?)",
                 bodies_before,
             ),
-            (
-                "DELETE FROM outbound_messages WHERE id IN (SELECT id FROM outbound_messages "
-                "WHERE status = 'delivered' AND delivered_at < ? LIMIT ?)",
-                rows_before,
-            ),
+            (_PRUNE_MESSAGES, rows_before),
             (
                 "DELETE FROM inbound_events WHERE id IN (SELECT e.id FROM inbound_events e "
                 "WHERE e.received_at < ? AND NOT EXISTS (SELECT 1 FROM outbound_messages m "
@@ -205,11 +214,34 @@ class AdminQueries:
         )
         for i, (sql, before) in enumerate(statements):
             while True:
-                count = await self._exec(sql, (before, batch))
+                if sql is _PRUNE_MESSAGES:
+                    count = await self._prune_messages(before, batch)
+                else:
+                    count = await self._exec(sql, (before, batch))
                 totals[i] += count
                 if count < batch:
                     break
         return PruneResult(*totals)
+
+    async def _prune_messages(self, before: float, batch: int) -> int:
+        """One batch of delivered messages past retention, with their recorded attempts, in
+        one transaction."""
+
+        async def work(db: Db) -> int:
+            rows = await db.execute_fetchall(
+                "SELECT id FROM outbound_messages WHERE status = 'delivered' "
+                "AND delivered_at < ? LIMIT ?",
+                (before, batch),
+            )
+            ids = [int(r[0]) for r in rows]
+            if not ids:
+                return 0
+            marks = ",".join("?" * len(ids))
+            await db.execute(f"DELETE FROM message_attempts WHERE message_id IN ({marks})", ids)
+            await db.execute(f"DELETE FROM outbound_messages WHERE id IN ({marks})", ids)
+            return len(ids)
+
+        return await self._writer.run(work)
 
     async def list_events(
         self, selection: EventFilter, limit: int = 10_000, *, newest_first: bool = False
@@ -285,19 +317,300 @@ class AdminQueries:
     async def console_messages(
         self, filters: ListFilters, cursor: Cursor | None, limit: int
     ) -> list[MessageItem]:
-        return []
+        """The console's message list: newest first (or largest amount first), keyset-paged."""
+        from relay.console.service import Sort
+
+        where = _console_where(filters)
+        if filters.sort is Sort.AMOUNT:
+            amount = "COALESCE(m.amount_minor, 0)"
+            if cursor is not None:
+                where.raw(
+                    f"({amount} < ? OR ({amount} = ? AND m.id < ?))",
+                    cursor.after_amount or 0,
+                    cursor.after_amount or 0,
+                    cursor.after_id,
+                )
+            order = f"{amount} DESC, m.id DESC"
+        else:
+            if cursor is not None:
+                where.raw("m.id < ?", cursor.after_id)
+            order = "m.id DESC"
+        rows = await self._fetch(
+            f"SELECT {_ITEM_COLUMNS} FROM outbound_messages m "
+            f"JOIN inbound_events e ON e.id = m.event_id WHERE {where.sql} "
+            f"ORDER BY {order} LIMIT ?",
+            (*where.params, limit),
+        )
+        return [_item(r) for r in rows]
+
+    async def console_message(self, message_id: int) -> MessageItem | None:
+        rows = await self._fetch(
+            f"SELECT {_ITEM_COLUMNS} FROM outbound_messages m "
+            "JOIN inbound_events e ON e.id = m.event_id WHERE m.id = ?",
+            (message_id,),
+        )
+        return next((_item(r) for r in rows), None)
+
+    async def console_message_body(self, message_id: int) -> tuple[int, bytes] | None:
+        """(event id, body as sent) of a message."""
+        rows = await self._fetch(
+            "SELECT event_id, body FROM outbound_messages WHERE id = ?", (message_id,)
+        )
+        return next(((int(r[0]), bytes(r[1])) for r in rows), None)
+
+    async def console_related(self, item: MessageItem, event_id: int) -> list[MessageItem]:
+        """Messages of the same event, order or Polar payment (a refund and its purchase)."""
+        where = _Where().raw("m.id != ?", item.id)
+        either = ["m.event_id = ?"]
+        params: list[Any] = [event_id]
+        for column, value in (
+            ("m.order_id", item.order_id),
+            ("m.payment_ref", item.payment_ref),
+        ):
+            if value:
+                either.append(f"{column} = ?")
+                params.append(value)
+        where.raw("(" + " OR ".join(either) + ")", *params)
+        rows = await self._fetch(
+            f"SELECT {_ITEM_COLUMNS} FROM outbound_messages m "
+            f"JOIN inbound_events e ON e.id = m.event_id WHERE {where.sql} "
+            "ORDER BY m.id DESC LIMIT 20",
+            where.params,
+        )
+        return [_item(r) for r in rows]
+
+    async def console_event(self, event_id: int) -> Inbound | None:
+        from relay.console.service import Inbound
+
+        rows = await self._fetch(
+            "SELECT id, source, webhook_id, event_type, received_at, status, reason, "
+            "headers_json, body, request_id FROM inbound_events WHERE id = ?",
+            (event_id,),
+        )
+        if not rows:
+            return None
+        r = rows[0]
+        try:
+            headers = json.loads(r[7])
+        except ValueError:
+            headers = {}
+        pairs = tuple(
+            sorted(
+                (str(k), str(v)) for k, v in (headers.items() if isinstance(headers, dict) else ())
+            )
+        )
+        body = None if r[8] is None else bytes(r[8]).decode("utf-8", errors="replace")
+        return Inbound(int(r[0]), r[1], r[2], r[3], float(r[4]), r[5], r[6], pairs, body, r[9])
+
+    async def console_attempts(self, message_id: int) -> list[Attempt]:
+        from relay.console.service import Attempt
+
+        rows = await self._fetch(
+            "SELECT attempt, at, http_status, error_kind, duration_s, response_snippet, outcome "
+            "FROM message_attempts WHERE message_id = ? ORDER BY id",
+            (message_id,),
+        )
+        return [Attempt(int(r[0]), float(r[1]), r[2], r[3], float(r[4]), r[5], r[6]) for r in rows]
 
     async def console_count_dead(self, filters: ListFilters) -> int:
-        return 0
+        """How many DEAD messages the filter matches (a bulk replay's confirmation)."""
+        where = _console_where(_dead_only(filters))
+        rows = await self._fetch(
+            "SELECT COUNT(*) FROM outbound_messages m JOIN inbound_events e "
+            f"ON e.id = m.event_id WHERE {where.sql}",
+            where.params,
+        )
+        return int(rows[0][0])
+
+    async def console_max_id(self) -> int:
+        rows = await self._fetch("SELECT COALESCE(MAX(id), 0) FROM outbound_messages")
+        return int(rows[0][0])
+
+    async def console_dead_batch(
+        self, filters: ListFilters, after_id: int, upper_id: int, limit: int
+    ) -> list[int]:
+        """Ids of the next DEAD messages the filter matches, by id (keyset, ascending)."""
+        where = _console_where(_dead_only(filters)).raw(
+            "m.id > ? AND m.id <= ?", after_id, upper_id
+        )
+        rows = await self._fetch(
+            "SELECT m.id FROM outbound_messages m JOIN inbound_events e ON e.id = m.event_id "
+            f"WHERE {where.sql} ORDER BY m.id LIMIT ?",
+            (*where.params, limit),
+        )
+        return [int(r[0]) for r in rows]
+
+    async def console_status_counts(self) -> list[tuple[str, str, int, int, float | None]]:
+        """(destination, status, count, retrying, oldest created_at) per destination and
+        status, read from the (destination, status, next_attempt_at) index where it can."""
+        rows = await self._fetch(
+            "SELECT destination, status, COUNT(*) FROM outbound_messages "
+            "GROUP BY destination, status"
+        )
+        extra = await self._fetch(
+            "SELECT destination, status, "
+            "SUM(CASE WHEN attempts > 0 THEN 1 ELSE 0 END), MIN(created_at) "
+            "FROM outbound_messages WHERE status IN ('pending', 'inflight') "
+            "GROUP BY destination, status"
+        )
+        more = {(r[0], r[1]): (int(r[2] or 0), r[3]) for r in extra}
+        out = []
+        for r in rows:
+            retrying, oldest = more.get((r[0], r[1]), (0, None))
+            out.append((r[0], r[1], int(r[2]), retrying, None if oldest is None else float(oldest)))
+        return out
+
+    async def console_activity(self) -> dict[str, tuple[float | None, str | None, float | None]]:
+        """destination -> (last success at, last error, last error at)."""
+        rows = await self._fetch(
+            "SELECT destination, last_success_at, last_error, last_error_at "
+            "FROM destination_activity"
+        )
+        return {r[0]: (r[1], r[2], r[3]) for r in rows}
+
+    async def console_minutes(self, since: float) -> list[tuple[int, str, int]]:
+        """(minute number since the epoch, outcome, attempts) since `since`."""
+        rows = await self._fetch(
+            "SELECT CAST(at / 60 AS INTEGER) AS minute, outcome, COUNT(*) "
+            "FROM message_attempts WHERE at >= ? GROUP BY 1, 2",
+            (since,),
+        )
+        return [(int(r[0]), r[1], int(r[2])) for r in rows]
+
+    async def console_revenue(self, since: float) -> list[tuple[str, str, int, int, int]]:
+        """(event kind, currency, sum of amounts, count, unattributed count) of purchases and
+        refunds delivered since `since`."""
+        rows = await self._fetch(
+            "SELECT event_kind, currency, SUM(amount_minor), COUNT(*), "
+            "SUM(CASE WHEN attributed = 0 THEN 1 ELSE 0 END) FROM outbound_messages "
+            "WHERE status = 'delivered' AND delivered_at >= ? "
+            "AND event_kind IN ('purchase', 'refund') AND amount_minor IS NOT NULL "
+            "GROUP BY event_kind, currency",
+            (since,),
+        )
+        return [(r[0], r[1] or "other", int(r[2] or 0), int(r[3]), int(r[4] or 0)) for r in rows]
+
+    async def console_at_risk(self, pending_before: float) -> list[tuple[str, str, int, int]]:
+        """("dead" | "pending", currency, amount, count) of purchases not delivered: dead, or
+        pending (inflight) since before `pending_before`."""
+        rows = await self._fetch(
+            "SELECT CASE WHEN status = 'dead' THEN 'dead' ELSE 'pending' END, currency, "
+            "SUM(amount_minor), COUNT(*) FROM outbound_messages "
+            "WHERE (status = 'dead' OR (status IN ('pending', 'inflight') AND created_at < ?)) "
+            "AND event_kind = 'purchase' AND amount_minor IS NOT NULL GROUP BY 1, 2",
+            (pending_before,),
+        )
+        return [(r[0], r[1] or "other", int(r[2] or 0), int(r[3])) for r in rows]
+
+    # --- audit
+
+    async def add_audit(
+        self, actor: str, action: str, target: str, detail: str | None, count: int
+    ) -> int:
+        now = self._clock.now()
+        rows = await self._writer.run(
+            lambda db: db.execute_fetchall(
+                "INSERT INTO console_audit (at, actor, action, target, detail, count) "
+                "VALUES (?, ?, ?, ?, ?, ?) RETURNING id",
+                (
+                    now,
+                    actor,
+                    action,
+                    target[:2000],
+                    None if detail is None else detail[:2000],
+                    count,
+                ),
+            )
+        )
+        return int(rows[0][0])
 
     async def audit_entries(self, limit: int, before_id: int | None) -> list[AuditEntry]:
-        return []
+        from relay.console.service import AuditEntry
+
+        where = _Where()
+        if before_id is not None:
+            where.raw("id < ?", before_id)
+        rows = await self._fetch(
+            "SELECT id, at, actor, action, target, detail, count FROM console_audit "
+            f"WHERE {where.sql} ORDER BY id DESC LIMIT ?",
+            (*where.params, limit),
+        )
+        return [AuditEntry(int(r[0]), float(r[1]), r[2], r[3], r[4], r[5], int(r[6])) for r in rows]
+
+    # --- bulk jobs
+
+    async def create_job(
+        self, kind: str, filter_query: str, actor: str, total: int, upper_id: int, owner: str
+    ) -> int:
+        now = self._clock.now()
+        rows = await self._writer.run(
+            lambda db: db.execute_fetchall(
+                "INSERT INTO console_jobs (kind, filter_query, actor, status, total, done, "
+                "last_id, upper_id, owner, heartbeat_at, created_at, updated_at) "
+                "VALUES (?, ?, ?, 'running', ?, 0, 0, ?, ?, ?, ?, ?) RETURNING id",
+                (kind, filter_query, actor, total, upper_id, owner, now, now, now),
+            )
+        )
+        return int(rows[0][0])
+
+    async def job_progress(self, job_id: int, done_more: int, last_id: int, owner: str) -> str:
+        """Record a batch done (and a heartbeat); returns the job's status as stored, so a
+        cancel from any relay's console stops the runner at its next batch."""
+        now = self._clock.now()
+
+        async def work(db: Db) -> str:
+            await db.execute(
+                "UPDATE console_jobs SET done = done + ?, last_id = ?, heartbeat_at = ?, "
+                "updated_at = ? WHERE id = ? AND owner = ?",
+                (done_more, last_id, now, now, job_id, owner),
+            )
+            rows = await db.execute_fetchall(
+                "SELECT status, owner FROM console_jobs WHERE id = ?", (job_id,)
+            )
+            if not rows:
+                return "cancelled"
+            return str(rows[0][0]) if rows[0][1] == owner else "cancelled"
+
+        return await self._writer.run(work)
+
+    async def set_job_status(
+        self,
+        job_id: int,
+        status: str,
+        *,
+        from_statuses: Sequence[str],
+        owner: str | None = None,
+        error: str | None = None,
+    ) -> bool:
+        """Move a job to `status` if it is in one of `from_statuses` (and take it over when
+        `owner` is given). False when it was not."""
+        now = self._clock.now()
+        marks = ",".join("?" * len(from_statuses))
+        owner_sql = ", owner = ?, heartbeat_at = ?" if owner is not None else ""
+        owner_params: tuple[Any, ...] = (owner, now) if owner is not None else ()
+        count = await self._exec(
+            f"UPDATE console_jobs SET status = ?, error = ?, updated_at = ?{owner_sql} "
+            f"WHERE id = ? AND status IN ({marks})",
+            (status, error, now, *owner_params, job_id, *from_statuses),
+        )
+        return count == 1
 
     async def console_jobs(self, limit: int) -> list[Job]:
-        return []
+        rows = await self._fetch(
+            f"SELECT {_JOB_COLUMNS} FROM console_jobs ORDER BY id DESC LIMIT ?", (limit,)
+        )
+        return [_job(r, self._clock.now()) for r in rows]
 
     async def console_job(self, job_id: int) -> Job | None:
-        return None
+        rows = await self._fetch(f"SELECT {_JOB_COLUMNS} FROM console_jobs WHERE id = ?", (job_id,))
+        return next((_job(r, self._clock.now()) for r in rows), None)
+
+    async def job_position(self, job_id: int) -> tuple[int, int] | None:
+        """(last id done, upper id) of a job: where a restart continues."""
+        rows = await self._fetch(
+            "SELECT last_id, upper_id FROM console_jobs WHERE id = ?", (job_id,)
+        )
+        return next(((int(r[0] or 0), int(r[1])) for r in rows), None)
 
     async def event_count(self) -> int:
         rows = await self._fetch("SELECT COUNT(*) FROM inbound_events")
@@ -314,6 +627,12 @@ class _Where:
     @property
     def sql(self) -> str:
         return " AND ".join(self._parts)
+
+    def raw(self, sql: str, *params: Any) -> _Where:
+        """A condition written here, with its "?" values."""
+        self._parts.append(sql)
+        self.params += list(params)
+        return self
 
     def one_of(self, column: str, values: Sequence[Any]) -> _Where:
         if values:
@@ -372,3 +691,116 @@ def _record(r: Any) -> MessageRecord:
         discarded_at=r[17],
         discard_reason=r[18],
     )
+
+
+# --- console helpers
+
+# A job whose runner has not written for this long is shown as interrupted (its relay
+# stopped); the runner writes after every batch, far more often.
+JOB_STALE_S = 60.0
+
+_ITEM_COLUMNS = (
+    "m.id, m.status, m.destination, m.route, e.event_type, e.webhook_id, m.idempotency_key, "
+    "m.order_id, m.payment_ref, m.refund_id, m.event_kind, m.amount_minor, m.currency, "
+    "m.attempts, m.last_status, m.last_error, m.created_at, m.next_attempt_at, "
+    "m.delivered_at, m.discarded_at, m.discard_reason"
+)
+_JOB_COLUMNS = (
+    "id, kind, filter_query, actor, status, total, done, created_at, updated_at, owner, "
+    "error, heartbeat_at"
+)
+
+
+def _item(r: Any) -> MessageItem:
+    from relay.console.service import MessageItem
+
+    status = MessageStatus(r[1])
+    waiting = status in (MessageStatus.PENDING, MessageStatus.INFLIGHT)
+    return MessageItem(
+        id=int(r[0]),
+        status=status,
+        destination=r[2],
+        route=r[3],
+        event_type=r[4],
+        webhook_id=r[5],
+        idempotency_key=r[6],
+        order_id=r[7],
+        payment_ref=r[8],
+        refund_id=r[9],
+        event_kind=r[10],
+        amount_minor=None if r[11] is None else int(r[11]),
+        currency=r[12],
+        attempts=int(r[13]),
+        last_status=r[14],
+        last_error=r[15],
+        created_at=float(r[16]),
+        next_attempt_at=float(r[17]) if waiting else None,
+        delivered_at=r[18],
+        discarded_at=r[19],
+        discard_reason=r[20],
+    )
+
+
+def _job(r: Any, now: float) -> Job:
+    from relay.console.service import Job, JobStatus
+
+    status = JobStatus(r[4])
+    if status is JobStatus.RUNNING and float(r[11]) < now - JOB_STALE_S:
+        status = JobStatus.INTERRUPTED
+    return Job(
+        id=int(r[0]),
+        kind=r[1],
+        filter_query=r[2],
+        actor=r[3],
+        status=status,
+        total=int(r[5]),
+        done=int(r[6]),
+        created_at=float(r[7]),
+        updated_at=float(r[8]),
+        owner=r[9],
+        error=r[10],
+    )
+
+
+def _dead_only(filters: ListFilters) -> ListFilters:
+    import dataclasses
+
+    return dataclasses.replace(filters, statuses=(MessageStatus.DEAD,))
+
+
+_STATUS_CLASS_SQL = {
+    "2xx": "m.last_status BETWEEN 200 AND 299",
+    "3xx": "m.last_status BETWEEN 300 AND 399",
+    "4xx": "m.last_status BETWEEN 400 AND 499",
+    "5xx": "m.last_status BETWEEN 500 AND 599",
+    "error": "m.last_status IS NULL AND m.last_error IS NOT NULL",
+    "none": "m.last_status IS NULL AND m.last_error IS NULL",
+}
+
+
+def _console_where(f: ListFilters) -> _Where:
+    where = (
+        _Where()
+        .one_of("m.status", [s.value for s in f.statuses])
+        .equals("m.destination", f.destination)
+        .equals("m.route", f.route)
+        .equals("e.event_type", f.event_type)
+        .between("m.created_at", f.since, f.until)
+    )
+    if f.status_class is not None:
+        where.raw(_STATUS_CLASS_SQL[f.status_class.value])
+    if f.q:
+        # Each term is an indexed equality, so the database unions index lookups.
+        terms = [
+            "m.order_id = ?",
+            "m.payment_ref = ?",
+            "m.refund_id = ?",
+            "m.idempotency_key = ?",
+            "m.event_id IN (SELECT id FROM inbound_events WHERE webhook_id = ?)",
+        ]
+        params: list[Any] = [f.q] * len(terms)
+        if f.q.isdigit() and len(f.q) < 19:
+            terms.append("m.id = ?")
+            params.append(int(f.q))
+        where.raw("(" + " OR ".join(terms) + ")", *params)
+    return where

@@ -258,7 +258,7 @@ class Store(AdminQueries):
             "status = 'pending', next_attempt_at = ?, last_status = ?, last_error = ?, "
             "attempts = attempts - ?",
             (outcome.at, outcome.status, error, refund),
-            ("retry", attempt),
+            ("retry", attempt, error),
         )
 
     async def mark_dead(
@@ -268,7 +268,7 @@ class Store(AdminQueries):
             msg,
             "status = 'dead', last_status = ?, last_error = ?",
             (outcome.status, error),
-            ("dead", attempt),
+            ("dead", attempt, error),
         )
 
     async def release(self, msg: ClaimedMessage) -> bool:
@@ -284,7 +284,7 @@ class Store(AdminQueries):
         msg: ClaimedMessage,
         assignments: str,
         params: tuple[Any, ...],
-        record: tuple[str, AttemptRecord | None] | None = None,
+        record: tuple[str, AttemptRecord | None, str] | None = None,
     ) -> bool:
         now = self._clock.now()
 
@@ -292,6 +292,7 @@ class Store(AdminQueries):
             changed = await w.settle(db, msg, assignments, params, now)
             if changed and record is not None and record[1] is not None:
                 await w.record_attempts(db, [(msg, record[0], record[1])])
+                await w.note_activity(db, msg.destination, now, record[2])
             return changed
 
         return await self._writer.run(work)

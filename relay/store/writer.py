@@ -268,6 +268,11 @@ class Writer:
                         if job.delivered and job.attempt and job.result
                     ],
                 )
+                succeeded = {
+                    job.delivered[0].destination for job in acks if job.delivered and job.result
+                }
+                for destination in sorted(succeeded):
+                    await note_activity(db, destination, self._clock.now(), None)
             for job in jobs:
                 if job.work is not None:
                     job.result = await job.work(db)
@@ -498,6 +503,23 @@ async def record_attempts(
                     a.snippet[:SNIPPET_CHARS],
                 )
             ],
+        )
+
+
+async def note_activity(db: Db, destination: str, now: float, error: str | None) -> None:
+    """Remember a destination's last success (error None) or last failure, for the console."""
+    if error is None:
+        await db.execute(
+            "INSERT INTO destination_activity (destination, last_success_at) VALUES (?, ?) "
+            "ON CONFLICT (destination) DO UPDATE SET last_success_at = excluded.last_success_at",
+            (destination, now),
+        )
+    else:
+        await db.execute(
+            "INSERT INTO destination_activity (destination, last_error, last_error_at) "
+            "VALUES (?, ?, ?) ON CONFLICT (destination) DO UPDATE SET "
+            "last_error = excluded.last_error, last_error_at = excluded.last_error_at",
+            (destination, error[:500], now),
         )
 
 
