@@ -27,7 +27,7 @@ import aiohttp
 from aiohttp import web
 
 from relay import __version__, logs
-from relay.app import create_app
+from relay.app import create_admin_app, create_app
 from relay.config import UNSET_MARK, Config, is_postgres_url, load
 from relay.delivery import USER_AGENT
 from relay.errors import RelayError
@@ -36,6 +36,8 @@ from relay.mapping import map_event
 from relay.models import EventStatus
 from relay.store import open_store
 from relay.verify import sign
+
+DEV_CONSOLE_PORT = 9090  # the admin listener's shipped port, when the config has none
 
 
 class ToolError(RelayError):
@@ -267,10 +269,10 @@ async def run_dev(config_path: str, port: int, host: str, db: str | None) -> Non
         server=dataclasses.replace(config.server, host=host, port=port),
         storage=dataclasses.replace(config.storage, path=db),
     )
-    runner = web.AppRunner(
-        create_app(config, poll_interval_s=0.2), access_log=None, handle_signals=False
-    )
+    app = create_app(config, poll_interval_s=0.2)
+    runner = web.AppRunner(app, access_log=None, handle_signals=False)
     await runner.setup()
+    admin_runner = None
     try:
         from relay.cli import start_site
 
@@ -278,6 +280,9 @@ async def run_dev(config_path: str, port: int, host: str, db: str | None) -> Non
             web.TCPSite(runner, host, port), (host, port), "--port", "--port or --host"
         )
         bound = int(runner.addresses[0][1])
+        admin_runner = web.AppRunner(create_admin_app(app), access_log=None)
+        await admin_runner.setup()
+        console = await _start_console(admin_runner, config)
         source = next(iter(config.sources.values()))
         url = f"http://127.0.0.1:{bound}{source.path}"
         print(f"Faurya Relay {__version__}, dev mode", flush=True)
@@ -285,6 +290,7 @@ async def run_dev(config_path: str, port: int, host: str, db: str | None) -> Non
         print(f"  secret:     {secret}")
         print(f"  database:   {db}{' (temporary)' if tmp else ''}")
         print(f"  faurya:     built-in sink on 127.0.0.1:{sink_port}, prints every call below")
+        print(f"  console:    {console}")
         print("  try, in another terminal:")
         print(
             f"    relay send --url {url} --secret {secret} "
@@ -297,11 +303,32 @@ async def run_dev(config_path: str, port: int, host: str, db: str | None) -> Non
             loop.add_signal_handler(sig, stop.set)
         await stop.wait()
     finally:
+        if admin_runner is not None:
+            await admin_runner.cleanup()
         await runner.cleanup()
         await sink_runner.cleanup()
         if tmp is not None:
             with contextlib.suppress(OSError):
                 tmp.cleanup()
+
+
+async def _start_console(admin_runner: web.AppRunner, config: Config) -> str:
+    """Serve the admin listener (the console, /metrics) on loopback: the configured port, or
+    any free one when that is taken (a Prometheus on 9090). Returns the console's URL, with a
+    note when it asks for a token."""
+    _, wanted = config.admin.host_port if config.admin.listen else ("", DEV_CONSOLE_PORT)
+    for port in dict.fromkeys((wanted, 0)):
+        try:
+            await web.TCPSite(admin_runner, "127.0.0.1", port).start()
+        except OSError:
+            continue
+        break
+    else:
+        return "not started (no free loopback port)"
+    url = f"http://127.0.0.1:{int(admin_runner.addresses[0][1])}/"
+    if config.admin.token is not None:
+        return f"{url} (sign in with RELAY_ADMIN_TOKEN)"
+    return f"{url} (open: loopback, no token)"
 
 
 def cmd_dev(args: argparse.Namespace, config_path: str) -> int:

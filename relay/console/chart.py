@@ -13,7 +13,7 @@ from html import escape
 from typing import Protocol
 
 WIDTH = 720
-HEIGHT = 200
+HEIGHT = 250
 PAD_LEFT = 40
 PAD_RIGHT = 8
 PAD_TOP = 12
@@ -60,7 +60,7 @@ def throughput_svg(minutes: Sequence[MinuteCounts], *, title: str = "Attempts pe
     )
     out = [
         f'<svg class="chart" viewBox="0 0 {WIDTH} {HEIGHT}" role="img" '
-        f'preserveAspectRatio="none" xmlns="http://www.w3.org/2000/svg" '
+        f'xmlns="http://www.w3.org/2000/svg" '
         f'aria-label="{escape(title)}">',
         f"<title>{escape(title)}</title><desc>{escape(desc)}</desc>",
     ]
@@ -106,14 +106,11 @@ def throughput_svg(minutes: Sequence[MinuteCounts], *, title: str = "Attempts pe
 
 
 def _x_ticks(n: int) -> list[int]:
-    if n <= 1:
-        return [0] if n else []
+    """Minutes-ago to label: every quarter of the range, "now" included."""
+    if n <= 0:
+        return []
     step = max(n // 4, 1)
-    ticks = list(range(n - 1, -1, -step))
-    if 0 not in ticks:
-        ticks.append(0)
-    # The leftmost label would sit on the axis labels; drop it when it is not a full quarter.
-    return sorted({t for t in ticks if t % step == 0 or t == 0}, reverse=True)
+    return list(range(0, n, step))
 
 
 def _minute_label(ago: int) -> str:
