@@ -55,6 +55,11 @@ class AdminConfig:
 
     listen: str = ""  # "127.0.0.1:9090"; empty: on the main listener
     token: Secret | None = None  # required as `Authorization: Bearer` for /metrics
+    # The console: `token` can act, `read_token` can only look (RELAY_ADMIN_READ_TOKEN).
+    read_token: Secret | None = None
+    # Host headers the console accepts besides the listener's own address (a name it is
+    # reached by, "relay.internal:9090"): anything else is refused against DNS rebinding.
+    hosts: tuple[str, ...] = ()
 
     @property
     def host_port(self) -> tuple[str, int]:

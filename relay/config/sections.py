@@ -160,8 +160,24 @@ def read_checkout(t: Table) -> CheckoutConfig:
 def read_admin(t: Table) -> AdminConfig:
     listen = t.get("listen", str, "", listen_address)
     token = t.get("token", str, "")
+    read_token = t.get("read_token", str, "")
+    hosts = t.get("hosts", list, [])
+    for i, host in enumerate(hosts):
+        if not isinstance(host, str) or not host.strip() or any(c in host for c in " /@?#"):
+            t.problems.append(
+                f"{t.path('hosts')}[{i}]: must be a host or host:port, like relay.internal:9090"
+            )
     t.done()
-    admin = AdminConfig(listen=listen, token=Secret(token) if token else None)
+    if read_token and read_token == token:
+        t.problems.append(
+            f"{t.path('read_token')}: must differ from admin.token (one reads, one acts)"
+        )
+    admin = AdminConfig(
+        listen=listen,
+        token=Secret(token) if token else None,
+        read_token=Secret(read_token) if read_token else None,
+        hosts=tuple(h.strip().lower() for h in hosts if isinstance(h, str)),
+    )
     # Metrics show revenue and the backlog: off loopback, only behind a token.
     if listen and not token and not listen_address(listen):
         host = admin.host_port[0]
