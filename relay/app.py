@@ -20,6 +20,11 @@ from aiohttp import web
 from relay.access import bearer_ok
 from relay.checkout import CHECKOUT_MAX_WAIT_S, CheckoutEndpoint
 from relay.config import Config, DestinationConfig
+from relay.console import auth as console_auth
+from relay.console.api import add_api
+from relay.console.jobs import Jobs
+from relay.console.rejected import RejectedLog
+from relay.console.service import ConsoleService, ReconcileRun
 from relay.delivery import Attempts, Redactor, Sender, client_session
 from relay.delivery_process import ProcessSenders
 from relay.diskspace import DiskSpace
@@ -46,6 +51,11 @@ DISK = web.AppKey("disk", DiskSpace)
 # The checkout's own budget: a flood of checkouts must not delay payment checks or reconcile.
 CHECKOUT_API = web.AppKey("checkout_api", PolarApi)
 READINESS = web.AppKey("readiness", Readiness)
+# The console: requests refused before they could be trusted (memory only), this relay's bulk
+# jobs, and the last reconcile run.
+REJECTED = web.AppKey("rejected", RejectedLog)
+JOBS = web.AppKey("jobs", Jobs)
+RECONCILE_RUNS = web.AppKey("reconcile_runs", list[ReconcileRun])
 
 
 def secret_values(config: Config) -> list[str]:
@@ -56,7 +66,12 @@ def secret_values(config: Config) -> list[str]:
     values += [
         h.text for d in config.destinations.values() for h in d.headers if h.shown() == "***"
     ]
-    for token in (config.admin.token, config.polar_api.token, config.storage.url):
+    for token in (
+        config.admin.token,
+        config.admin.read_token,
+        config.polar_api.token,
+        config.storage.url,
+    ):
         if token is not None:
             values.append(token.value)
     return values
@@ -102,9 +117,13 @@ def create_app(
     if config.storage.min_free_bytes and not is_postgres_url(app[DB_PATH]):
         app[DISK] = DiskSpace(app[DB_PATH], config.storage.min_free_bytes)
     app[READINESS] = _readiness_checks(app)
+    app[REJECTED] = RejectedLog()
+    app[JOBS] = Jobs(lambda: app.get(STORE), app[CLOCK])
+    app[RECONCILE_RUNS] = []
     if config.polar_api.token is not None:
         app.cleanup_ctx.append(_polar_api_ctx)
     app.cleanup_ctx.append(_store_ctx)
+    app.cleanup_ctx.append(_jobs_ctx)
     app.cleanup_ctx.append(_workers_ctx)
     app.cleanup_ctx.append(_retention_ctx)
     if config.reconcile.interval_s > 0:
@@ -131,10 +150,38 @@ def create_app(
 
 def create_admin_app(main: web.Application) -> web.Application:
     """The admin listener (`admin.listen`, loopback by default): /metrics, /healthz and
-    /readyz of `main`, away from the public webhook port. Off loopback the config requires
-    `admin.token`, which /metrics then asks for."""
-    admin = web.Application(middlewares=[_errors])
+    /readyz of `main`, and the operator console (pages and /api/v1, relay/console/), away from
+    the public webhook port. Off loopback the config requires `admin.token`, which /metrics
+    and the console then ask for."""
+    from relay.console.pages import add_pages
+
+    config = main[CONFIG]
+    guard = console_auth.ConsoleAuth(config.admin, clock=main[CLOCK].now)
+    admin = web.Application(middlewares=[_errors, console_auth.console_guard])
     admin.on_response_prepare.append(_server_header)
+
+    def paused(name: str) -> bool | None:
+        workers = main.get(WORKERS)
+        worker = workers.by_destination.get(name) if workers is not None else None
+        return None if worker is None else worker.paused
+
+    def last_reconcile() -> ReconcileRun | None:
+        runs = main[RECONCILE_RUNS]
+        return runs[-1] if runs else None
+
+    admin[console_auth.AUTH] = guard
+    admin[console_auth.SERVICE] = ConsoleService(
+        lambda: main.get(STORE),
+        config,
+        main[CLOCK],
+        main[REJECTED],
+        main[JOBS],
+        open_access=guard.open,
+        paused=paused,
+        last_reconcile=last_reconcile,
+    )
+    add_api(admin)
+    add_pages(admin)
 
     async def metrics(request: web.Request) -> web.Response:
         return await _render_metrics(main, request)
@@ -219,6 +266,14 @@ async def _store_ctx(app: web.Application) -> AsyncIterator[None]:
     finally:
         await store.close()
         log.info("store_closed")
+
+
+async def _jobs_ctx(app: web.Application) -> AsyncIterator[None]:
+    """Bulk jobs stop before the store closes; theirs show as interrupted, to restart."""
+    try:
+        yield
+    finally:
+        await app[JOBS].close()
 
 
 async def _workers_ctx(app: web.Application) -> AsyncIterator[None]:
@@ -331,9 +386,21 @@ async def _reconcile_ctx(app: web.Application) -> AsyncIterator[None]:
                 )
             except Exception as exc:  # a failed run must not end the loop: the next one retries
                 metrics.reconcile_runs.labels("failed").inc()
+                _note_reconcile(app, ReconcileRun(now, False, error=type(exc).__name__))
                 log.error("reconcile_failed", error=f"{type(exc).__name__}: {exc}")
                 continue
             metrics.reconcile_runs.labels("ok").inc()
+            _note_reconcile(
+                app,
+                ReconcileRun(
+                    now,
+                    True,
+                    seen=summary.seen,
+                    enqueued=summary.enqueued,
+                    already_recorded=summary.already_recorded,
+                    unmappable=summary.unmappable,
+                ),
+            )
             metrics.reconcile_enqueued.inc(summary.enqueued)
             log.info(
                 "reconcile_finished",
@@ -347,6 +414,12 @@ async def _reconcile_ctx(app: web.Application) -> AsyncIterator[None]:
 
     async with _running(loop(), "reconcile"):
         yield
+
+
+def _note_reconcile(app: web.Application, run: ReconcileRun) -> None:
+    runs = app[RECONCILE_RUNS]
+    runs.append(run)
+    del runs[:-10]  # the overview shows the last one
 
 
 async def _healthz(request: web.Request) -> web.Response:

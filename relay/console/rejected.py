@@ -24,7 +24,8 @@ class RejectedLog:
 
     def __init__(self, capacity: int = DEFAULT_CAPACITY) -> None:
         self._items: deque[Rejected] = deque(maxlen=capacity)
-        self.total = 0
+        self.capacity = capacity
+        self.total = 0  # refused since start, kept or not
 
     def add(
         self,

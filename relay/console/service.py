@@ -243,7 +243,7 @@ class MessageItem:
         return self.status is MessageStatus.PENDING and self.attempts > 0
 
     def to_json(self) -> dict[str, Any]:
-        out: dict[str, Any] = _plain(self)
+        out: dict[str, Any] = plain(self)
         return out
 
 
@@ -315,10 +315,10 @@ class MessageDetail:
 
     def to_json(self) -> dict[str, Any]:
         out = self.message.to_json()
-        out["inbound"] = None if self.inbound is None else _plain(self.inbound)
-        out["route_info"] = _plain(self.route)
-        out["request"] = None if self.request is None else _plain(self.request)
-        out["attempts"] = [_plain(a) for a in self.attempts]
+        out["inbound"] = None if self.inbound is None else plain(self.inbound)
+        out["route_info"] = plain(self.route)
+        out["request"] = None if self.request is None else plain(self.request)
+        out["attempts"] = [plain(a) for a in self.attempts]
         out["related"] = [r.to_json() for r in self.related]
         return out
 
@@ -423,7 +423,7 @@ class Summary:
     jobs: tuple[Job, ...] = ()  # running or interrupted bulk jobs
 
     def to_json(self) -> dict[str, Any]:
-        return _plain(self)  # type: ignore[no-any-return]
+        return plain(self)  # type: ignore[no-any-return]
 
 
 @dataclass(frozen=True, slots=True)
@@ -460,7 +460,7 @@ class ActionResult:
     message: str = ""
 
     def to_json(self) -> dict[str, Any]:
-        return _plain(self)  # type: ignore[no-any-return]
+        return plain(self)  # type: ignore[no-any-return]
 
 
 class JobStatus(StrEnum):
@@ -512,28 +512,28 @@ class DryRun:
     routes: tuple[DryRunRoute, ...]
 
     def to_json(self) -> dict[str, Any]:
-        return _plain(self)  # type: ignore[no-any-return]
+        return plain(self)  # type: ignore[no-any-return]
 
 
 def _iso(ts: float) -> str:
     return time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(ts))
 
 
-def _plain(value: Any) -> Any:
+def plain(value: Any) -> Any:
     """A view as JSON-ready data (enums as values, tuples as lists)."""
     import dataclasses
 
     if dataclasses.is_dataclass(value) and not isinstance(value, type):
-        out = {f.name: _plain(getattr(value, f.name)) for f in dataclasses.fields(value)}
+        out = {f.name: plain(getattr(value, f.name)) for f in dataclasses.fields(value)}
         if isinstance(value, Money):
             out["major"] = value.major
         return out
     if isinstance(value, StrEnum):
         return value.value
     if isinstance(value, (tuple, list)):
-        return [_plain(v) for v in value]
+        return [plain(v) for v in value]
     if isinstance(value, dict):
-        return {str(k): _plain(v) for k, v in value.items()}
+        return {str(k): plain(v) for k, v in value.items()}
     return value
 
 
@@ -942,7 +942,7 @@ class ConsoleService:
             raise ConsoleError("bulk jobs run only on a serving relay", 409)
         job = await self.jobs.start(caller, filters)
         await self._audit(
-            caller, "bulk_replay", "?" + _query_text(filters), job.total, f"job {job.id}"
+            caller, "bulk_replay", _query_text(filters) or "status=dead", job.total, f"job:{job.id}"
         )
         return ActionResult(
             "bulk_replay",
@@ -959,7 +959,7 @@ class ConsoleService:
         )
         if not changed:
             raise ConsoleError(f"job {job_id} is not running", 409)
-        await self._audit(caller, "cancel_job", f"job {job_id}", 0)
+        await self._audit(caller, "cancel_job", f"job:{job_id}", 0)
         return ActionResult("cancel_job", 0, job=await self.job(job_id), message="cancelled")
 
     async def _restart_job(self, caller: Caller, job_id: int) -> ActionResult:
@@ -970,7 +970,7 @@ class ConsoleService:
         if job.status not in (JobStatus.INTERRUPTED, JobStatus.CANCELLED, JobStatus.FAILED):
             raise ConsoleError(f"job {job_id} is {job.status.value}: nothing to restart", 409)
         job = await self.jobs.restart(job)
-        await self._audit(caller, "restart_job", f"job {job_id}", job.total - job.done)
+        await self._audit(caller, "restart_job", f"job:{job_id}", job.total - job.done)
         return ActionResult("restart_job", job.total - job.done, job=job, message="restarted")
 
 
@@ -1081,4 +1081,5 @@ __all__ = [
     "Sort",
     "StatusClass",
     "Summary",
+    "plain",
 ]
