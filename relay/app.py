@@ -17,7 +17,7 @@ from typing import Any
 import aiohttp
 from aiohttp import web
 
-from relay.access import bearer_ok
+from relay.access import bearer_ok, resolve_client
 from relay.checkout import CHECKOUT_MAX_WAIT_S, CheckoutEndpoint
 from relay.config import Config, DestinationConfig
 from relay.console import auth as console_auth
@@ -132,8 +132,17 @@ def create_app(
     def current_store() -> Store | None:
         return app.get(STORE)
 
+    rejected = _rejection_recorder(app)
+    app.middlewares.append(_unknown_paths(rejected))
     for source in config.sources.values():
-        ingest = WebhookIngest(source, config, current_store, app[METRICS], app[CLOCK])
+        ingest = WebhookIngest(
+            source,
+            config,
+            current_store,
+            app[METRICS],
+            app[CLOCK],
+            rejected=_for_source(rejected, source.name),
+        )
         app.router.add_post(source.path, ingest.handle)
     if config.checkout.enabled:
         checkout = CheckoutEndpoint(
@@ -146,6 +155,57 @@ def create_app(
     app.router.add_get("/healthz", _healthz)
     app.router.add_get("/readyz", _readyz)
     return app
+
+
+Rejection = Callable[[web.Request, str, str | None], None]
+
+
+def _for_source(record: Rejection, source: str) -> Callable[[web.Request, str], None]:
+    def recorder(request: web.Request, reason: str) -> None:
+        record(request, reason, source)
+
+    return recorder
+
+
+def _rejection_recorder(app: web.Application) -> Rejection:
+    """Keep a refused request in the console's ring buffer: when, from where (the client
+    behind trusted proxies), why, the path and the webhook-id it claimed. Never its body."""
+    server = app[CONFIG].server
+
+    def record(request: web.Request, reason: str, source: str | None = None) -> None:
+        client = resolve_client(
+            request.remote,
+            request.headers.getall("x-forwarded-for", ()),
+            request.headers.getall("x-forwarded-proto", ()),
+            tls=request.secure,
+            trusted_proxies=server.trusted_proxies,
+        )
+        app[REJECTED].add(
+            app[CLOCK].now(),
+            client.ip or "unknown",
+            reason,
+            request.path,
+            request.headers.get("webhook-id"),
+            source,
+        )
+
+    return record
+
+
+def _unknown_paths(record: Rejection) -> Any:  # aiohttp's middleware type is not exported
+    """Requests to a path the public port does not serve are rejected requests too."""
+
+    @web.middleware
+    async def middleware(
+        request: web.Request, handler: Callable[[web.Request], Awaitable[web.StreamResponse]]
+    ) -> web.StreamResponse:
+        try:
+            return await handler(request)
+        except web.HTTPNotFound:
+            record(request, "unknown_path", None)
+            raise
+
+    return middleware
 
 
 def create_admin_app(main: web.Application) -> web.Application:

@@ -13,7 +13,7 @@ from __future__ import annotations
 import asyncio
 import json
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from random import getrandbits
 from typing import Any
 
@@ -96,8 +96,11 @@ class WebhookIngest:
         store_getter: Any,
         metrics: Metrics,
         clock: Clock,
+        rejected: Callable[[web.Request, str], None] | None = None,
     ) -> None:
         self.source = source
+        # The console's view of refused requests (relay/console/rejected.py): memory only.
+        self._rejected = rejected or (lambda request, reason: None)
         self._server = config.server
         self._redact = config.log.redact
         self._routes = [r for r in config.routes if r.source == source.name]
@@ -148,6 +151,7 @@ class WebhookIngest:
                 return refused
         length = request.content_length
         if length is not None and length > self._max_body_bytes:
+            self._rejected(request, "too_large")
             return self._too_large(length)
         try:
             if request.content.is_eof():
@@ -159,8 +163,10 @@ class WebhookIngest:
                 async with asyncio.timeout(self._server.body_timeout_s):
                     body = await request.read()
         except web.HTTPRequestEntityTooLarge:
+            self._rejected(request, "too_large")
             return self._too_large(length)
         except TimeoutError:
+            self._rejected(request, "body_timeout")
             self._count(None, "timeout")
             log.warning(
                 "webhook_body_timeout", remote=request.remote, timeout_s=self._server.body_timeout_s
@@ -172,6 +178,7 @@ class WebhookIngest:
             webhook_id = self._verifier.verify(body, request.headers)
         except SignatureInvalid as exc:
             outcome = "stale_timestamp" if exc.stale else "bad_signature"
+            self._rejected(request, outcome)
             self._count(None, outcome)
             log.warning(
                 "signature_rejected",
@@ -201,10 +208,12 @@ class WebhookIngest:
             trusted_proxies=self._server.trusted_proxies,
         )
         if not allowed(client.ip, self.source.allow_ips):
+            self._rejected(request, "refused_address")
             self._count(None, "forbidden")
             log.warning("webhook_forbidden", client_ip=client.ip, reason="not in allow_ips")
             return _answer(403, error="source address not allowed")
         if self._server.require_https and not client.https:
+            self._rejected(request, "https_required")
             self._count(None, "https_required")
             log.warning("webhook_forbidden", client_ip=client.ip, reason="not over https")
             return _answer(403, error="https required")

@@ -45,8 +45,8 @@ UNCHECKED_PATHS = frozenset({"/metrics", "/healthz", "/readyz"})
 API_PREFIX = "/api/"
 # Read-only requests that are POSTs (a body to evaluate, nothing written).
 READ_ONLY_POSTS = frozenset({"/api/v1/dry-run", "/routes", "/login", "/logout"})
-CALLER = "console_caller"  # request key: the Caller of this request, when known
 LOCAL = Caller("local", Role.ACT)
+CALLER = web.RequestKey("console_caller", Caller)  # the Caller of this request, when known
 _SAFE_METHODS = frozenset({"GET", "HEAD", "OPTIONS"})
 
 

@@ -940,10 +940,12 @@ class ConsoleService:
         self._must_act(caller)
         if self.jobs is None:
             raise ConsoleError("bulk jobs run only on a serving relay", 409)
+        import dataclasses
+
+        # Dead ones only, whatever statuses the view had: the job and its audit say so.
+        filters = dataclasses.replace(filters, statuses=(MessageStatus.DEAD,))
         job = await self.jobs.start(caller, filters)
-        await self._audit(
-            caller, "bulk_replay", _query_text(filters) or "status=dead", job.total, f"job:{job.id}"
-        )
+        await self._audit(caller, "bulk_replay", _query_text(filters), job.total, f"job:{job.id}")
         return ActionResult(
             "bulk_replay",
             job.total,

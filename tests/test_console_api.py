@@ -1,0 +1,554 @@
+"""The console's JSON API (/api/v1 on the admin listener) and the store work under it, through
+real HTTP against an in-process relay: a real SQLite store in tmp_path, real signed webhooks on
+the public port, a fake Faurya on loopback. Every route answers, every action changes the store,
+writes an audit row and logs `console_action`; errors are JSON with a 4xx; no answer shows a
+secret. Plus the store: search columns extracted at mapping time (and backfilled by the
+migration), attempts recorded with their outcome and pruned with their message.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import dataclasses
+import json
+import sqlite3
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import pytest
+import structlog
+from aiohttp import web
+from aiohttp.test_utils import TestClient
+from pytest_aiohttp import AiohttpClient
+
+from relay.app import REJECTED, STORE, create_admin_app, create_app
+from relay.config import Config, Secret
+from relay.console.auth import SERVICE
+from relay.console.service import ConsoleService
+from relay.models import MessageFilter, MessageStatus
+from relay.store import Store, migrations
+from tests.helpers import (
+    LEGACY_SECRET,
+    STANDARD_SECRET,
+    WRITE_KEY,
+    FakeFaurya,
+    order_paid,
+    sign_headers,
+    wait_until,
+)
+
+Client = TestClient[web.Request, web.Application]
+ADMIN_TOKEN = "adm_api_test_token_93be"
+READ_TOKEN = "read_api_test_token_0d41"
+SECRETS = (ADMIN_TOKEN, READ_TOKEN, WRITE_KEY, LEGACY_SECRET, STANDARD_SECRET)
+
+
+@dataclass
+class Relay:
+    main: Client
+    admin: Client
+    faurya: FakeFaurya
+    refused: set[str] = field(default_factory=set)  # Polar order ids Faurya answers 422 to
+    headers: dict[str, str] = field(default_factory=dict)
+
+    @property
+    def service(self) -> ConsoleService:
+        return self.admin.app[SERVICE]
+
+    @property
+    def store(self) -> Store:
+        return self.main.app[STORE]
+
+    async def send(self, polar_id: str, order_id: str, **metadata: Any) -> None:
+        body = order_paid(polar_id, orderId=order_id, **metadata)
+        resp = await self.main.post("/webhooks/polar", data=body, headers=sign_headers(body))
+        assert resp.status == 202, await resp.text()
+
+    async def get(self, path: str, status: int = 200, **kwargs: Any) -> Any:
+        resp = await self.admin.get(path, headers=self.headers, **kwargs)
+        text = await resp.text()
+        assert resp.status == status, text
+        assert resp.content_type == "application/json"
+        for secret in SECRETS:
+            assert secret not in text
+        return json.loads(text)
+
+    async def post(self, path: str, body: Any = None, status: int = 200) -> Any:
+        resp = await self.admin.post(
+            path, json=body if body is not None else {}, headers=self.headers
+        )
+        text = await resp.text()
+        assert resp.status == status, text
+        for secret in SECRETS:
+            assert secret not in text
+        return json.loads(text)
+
+    async def item(self, order_id: str) -> dict[str, Any]:
+        found = await self.get(f"/api/v1/messages?q={order_id}")
+        assert len(found["items"]) == 1, found
+        item: dict[str, Any] = found["items"][0]
+        return item
+
+    async def settled(self, order_id: str, status: str) -> dict[str, Any]:
+        async def reached() -> bool:
+            return (await self.item(order_id))["status"] == status
+
+        await wait_until(reached)
+        return await self.item(order_id)
+
+
+MakeRelay = Callable[..., Awaitable[Relay]]
+
+
+@pytest.fixture
+def make_relay(aiohttp_client: AiohttpClient, config: Config, faurya: FakeFaurya) -> MakeRelay:
+    async def make(**admin: Any) -> Relay:
+        relay_config = dataclasses.replace(config, admin=dataclasses.replace(config.admin, **admin))
+        main = await aiohttp_client(create_app(relay_config, poll_interval_s=0.05))
+        relay = Relay(main, await aiohttp_client(create_admin_app(main.app)), faurya)
+
+        async def script(request: web.Request, n: int) -> web.StreamResponse:
+            body = await request.json()
+            if body.get("providerPaymentId") in relay.refused:
+                return web.json_response({"error": "unknown site"}, status=422)
+            return web.json_response({"ok": True})
+
+        faurya.script = script
+        return relay
+
+    return make
+
+
+@pytest.fixture
+async def relay(make_relay: MakeRelay) -> Relay:
+    """Open mode: a loopback admin listener and no token (the API acts as `local`)."""
+    return await make_relay(token=None, read_token=None)
+
+
+async def seed(relay: Relay) -> tuple[dict[str, Any], dict[str, Any]]:
+    """One delivered purchase (ord_ok) and one dead one (ord_bad, Faurya answers 422)."""
+    relay.refused.add("pol_bad")
+    await relay.send("pol_ok", "ord_ok")
+    await relay.send("pol_bad", "ord_bad")
+    return (
+        await relay.settled("ord_ok", "delivered"),
+        await relay.settled("ord_bad", "dead"),
+    )
+
+
+async def test_summary_counts_revenue_risk_chart_and_retention(relay: Relay) -> None:
+    """The summary counts each destination's messages by status, sums delivered revenue and
+    the money in dead purchases per currency, charts the attempts, and shows retention."""
+    await seed(relay)
+    summary = await relay.get("/api/v1/summary")
+    (faurya,) = [d for d in summary["destinations"] if d["name"] == "faurya"]
+    assert (faurya["delivered"], faurya["dead"], faurya["pending"]) == (1, 1, 0)
+    assert faurya["paused"] is False
+    assert faurya["last_success_at"] is not None
+    assert "422" in faurya["last_error"]
+    [today] = summary["revenue"]["today"]
+    assert today["amount_minor"] > 0
+    assert today["count"] == 1
+    [dead] = summary["at_risk"]["dead"]
+    assert (dead["currency"], dead["amount_minor"], dead["count"]) == (
+        today["currency"],
+        today["amount_minor"],
+        1,
+    )
+    assert len(summary["chart"]) == 60
+    assert sum(m["delivered"] for m in summary["chart"]) == 1
+    assert sum(m["failed"] for m in summary["chart"]) == 1
+    assert summary["retention"]["rows_s"] > 0
+    assert summary["retention"]["store_size_bytes"] > 0
+    assert summary["open_access"] is True
+
+
+async def test_messages_list_filters_search_and_pages(relay: Relay) -> None:
+    """The list has the documented fields, searches order id / Polar id / webhook id / key,
+    filters by several statuses and status class, and pages newest first by cursor."""
+    ok, bad = await seed(relay)
+    for name in ("id", "status", "destination", "route", "idempotency_key", "order_id"):
+        assert name in ok
+    assert {"attempts", "last_error", "created_at"} <= set(ok)
+    assert ok["order_id"] == "ord_ok"
+    assert (await relay.item("pol_bad"))["id"] == bad["id"]
+    assert (await relay.item(bad["idempotency_key"]))["id"] == bad["id"]
+    assert (await relay.item(bad["webhook_id"]))["id"] == bad["id"]
+
+    both = await relay.get("/api/v1/messages?status=dead,delivered")
+    assert [i["id"] for i in both["items"]] == sorted([ok["id"], bad["id"]], reverse=True)
+    dead = await relay.get("/api/v1/messages?status=dead")
+    assert [i["id"] for i in dead["items"]] == [bad["id"]]
+    client_errors = await relay.get("/api/v1/messages?status_class=4xx")
+    assert [i["id"] for i in client_errors["items"]] == [bad["id"]]
+    assert (await relay.get("/api/v1/messages?destination=nowhere"))["items"] == []
+
+    first = await relay.get("/api/v1/messages?limit=1")
+    assert [i["id"] for i in first["items"]] == [max(ok["id"], bad["id"])]
+    second = await relay.get(f"/api/v1/messages?limit=1&cursor={first['next']}")
+    assert [i["id"] for i in second["items"]] == [min(ok["id"], bad["id"])]
+    assert second["next"] is None
+
+
+@pytest.mark.parametrize(
+    ("query", "error"),
+    [
+        ("status=lost", "unknown status 'lost'"),
+        ("status_class=6xx", "unknown status_class"),
+        ("limit=0", "limit must be between"),
+        ("limit=ten", "limit must be an integer"),
+        ("cursor=%%%", "bad cursor"),
+        ("since=yesterday", "cannot read time"),
+    ],
+)
+async def test_messages_list_refuses_bad_parameters(relay: Relay, query: str, error: str) -> None:
+    """A bad filter is a 400 naming the parameter, never a 500."""
+    answer = await relay.get(f"/api/v1/messages?{query}", status=400)
+    assert error in answer["error"]
+
+
+async def test_message_detail_shows_attempts_inbound_and_request_without_secrets(
+    relay: Relay,
+) -> None:
+    """One message: its attempts as a list (status, duration, snippet), the inbound webhook
+    without its signature, the route and why, the request with the write key masked."""
+    _, bad = await seed(relay)
+    detail = await relay.get(f"/api/v1/messages/{bad['id']}")
+    [attempt] = detail["attempts"]
+    assert (attempt["number"], attempt["status"], attempt["outcome"]) == (1, 422, "dead")
+    assert "unknown site" in attempt["response_snippet"]
+    assert attempt["duration_s"] >= 0
+    headers = dict(detail["inbound"]["headers"])
+    assert "webhook-id" in headers
+    assert "webhook-signature" not in headers
+    assert detail["route_info"]["exists"] is True
+    assert "order.paid" in detail["route_info"]["why"]
+    sent = dict(detail["request"]["headers"])
+    assert sent["idempotency-key"] == bad["idempotency_key"]
+    assert "***" in sent.values()
+    assert json.loads(detail["request"]["body"])["orderId"] == "ord_bad"
+    assert detail["next_attempt_at"] is None
+
+
+async def test_message_detail_of_a_missing_or_malformed_id(relay: Relay) -> None:
+    """An unknown id is a JSON 404; a non-numeric one a 400."""
+    assert "no message with id 999" in (await relay.get("/api/v1/messages/999", 404))["error"]
+    assert "integer" in (await relay.get("/api/v1/messages/abc", 400))["error"]
+
+
+async def test_retry_sends_a_dead_message_again_and_is_audited(relay: Relay) -> None:
+    """Retry makes a dead message due now: once Faurya is fixed it is delivered; the action
+    is in the audit with actor `local` and logged as console_action."""
+    _, bad = await seed(relay)
+    relay.refused.clear()
+    with structlog.testing.capture_logs() as logs:
+        answer = await relay.post(f"/api/v1/messages/{bad['id']}/retry")
+    assert (answer["action"], answer["count"], answer["ids"]) == ("retry", 1, [bad["id"]])
+    await relay.settled("ord_bad", "delivered")
+    [entry] = (await relay.get("/api/v1/audit"))["items"]
+    assert (entry["actor"], entry["action"], entry["target"], entry["count"]) == (
+        "local",
+        "retry",
+        str(bad["id"]),
+        1,
+    )
+    assert any(e["event"] == "console_action" and e["action"] == "retry" for e in logs)
+    again = await relay.post(f"/api/v1/messages/{bad['id']}/retry", status=409)
+    assert "delivered" in again["error"]
+
+
+async def test_replay_sends_a_delivered_message_again_under_the_same_key(relay: Relay) -> None:
+    """Replay of a delivered message sends the same bytes with the same idempotency key."""
+    ok, _ = await seed(relay)
+    before = len(relay.faurya.received)
+    answer = await relay.post(f"/api/v1/messages/{ok['id']}/replay")
+    assert answer["count"] == 1
+    sent = await relay.faurya.wait_for(before + 1)
+    headers = [{k.lower(): v for k, v in r.headers.items()} for r in sent]
+    keys = [
+        h["idempotency-key"]
+        for h, r in zip(headers, sent, strict=True)
+        if r.json["orderId"] == "ord_ok"
+    ]
+    assert keys == [ok["idempotency_key"]] * 2
+
+    async def twice() -> bool:
+        detail = await relay.get(f"/api/v1/messages/{ok['id']}")
+        return len(detail["attempts"]) == 2
+
+    await wait_until(twice)
+
+
+async def test_discard_needs_a_reason_and_a_dead_message(relay: Relay) -> None:
+    """Discard takes {"reason"}; it applies to dead messages only; the reason is audited."""
+    ok, bad = await seed(relay)
+    assert "reason" in (await relay.post(f"/api/v1/messages/{bad['id']}/discard", {}, 400))["error"]
+    conflict = await relay.post(f"/api/v1/messages/{ok['id']}/discard", {"reason": "x"}, 409)
+    assert "only dead" in conflict["error"]
+    answer = await relay.post(
+        f"/api/v1/messages/{bad['id']}/discard", {"reason": "test order, never paid"}
+    )
+    assert answer["ids"] == [bad["id"]]
+    detail = await relay.get(f"/api/v1/messages/{bad['id']}")
+    assert (detail["status"], detail["discard_reason"]) == ("discarded", "test order, never paid")
+    [entry] = (await relay.get("/api/v1/audit"))["items"]
+    assert (entry["action"], entry["detail"]) == ("discard", "test order, never paid")
+
+
+async def test_discard_with_a_body_that_is_not_json(relay: Relay) -> None:
+    """A malformed body is a 400, not a 500."""
+    _, bad = await seed(relay)
+    resp = await relay.admin.post(
+        f"/api/v1/messages/{bad['id']}/discard",
+        data=b"{not json",
+        headers={"Content-Type": "application/json"},
+    )
+    assert resp.status == 400
+    assert (await resp.json())["error"] == "the body is not valid JSON"
+
+
+async def test_dead_replay_by_filter_counts_then_replays_everything_matched(
+    relay: Relay,
+) -> None:
+    """GET dead/replay says how many dead messages the filter matches; POST replays them all
+    in a background job (not one page), answers the count, and is audited with the filter."""
+    relay.refused.update({"pol_d1", "pol_d2", "pol_d3"})
+    for n in (1, 2, 3):
+        await relay.send(f"pol_d{n}", f"ord_d{n}")
+    for n in (1, 2, 3):
+        await relay.settled(f"ord_d{n}", "dead")
+    assert (await relay.get("/api/v1/dead/replay?destination=faurya"))["count"] == 3
+    assert (await relay.get("/api/v1/dead/replay?destination=other"))["count"] == 0
+    relay.refused.clear()
+    answer = await relay.post("/api/v1/dead/replay?destination=faurya")
+    assert answer["count"] == 3
+    job_id = answer["job"]["id"]
+    for n in (1, 2, 3):
+        await relay.settled(f"ord_d{n}", "delivered")
+
+    async def done() -> bool:
+        return (await relay.get(f"/api/v1/jobs/{job_id}"))["status"] == "done"
+
+    await wait_until(done)
+    job = await relay.get(f"/api/v1/jobs/{job_id}")
+    assert (job["total"], job["done"]) == (3, 3)
+    [entry] = (await relay.get("/api/v1/audit"))["items"]
+    assert (entry["action"], entry["target"], entry["count"]) == (
+        "bulk_replay",
+        "status=dead&destination=faurya",
+        3,
+    )
+
+
+async def test_pause_and_resume_a_destination(relay: Relay) -> None:
+    """Pause holds a destination's messages (the summary says paused); resume sends them."""
+    await relay.post("/api/v1/destinations/faurya/pause")
+
+    async def paused() -> bool:
+        summary = await relay.get("/api/v1/summary")
+        return bool(summary["destinations"][0]["paused"])
+
+    await wait_until(paused)
+    await relay.send("pol_p", "ord_p")
+    assert (await relay.item("ord_p"))["status"] == "pending"
+    await relay.post("/api/v1/destinations/faurya/resume")
+    await relay.settled("ord_p", "delivered")
+    actions = [e["action"] for e in (await relay.get("/api/v1/audit"))["items"]]
+    assert actions == ["resume", "pause"]
+    missing = await relay.post("/api/v1/destinations/nowhere/pause", status=404)
+    assert "no destination named 'nowhere'" in missing["error"]
+
+
+async def test_dry_run_shows_what_each_route_would_send(relay: Relay) -> None:
+    """A pasted Polar event: the route that takes it with the body and key it would send, the
+    others with why not; nothing is stored."""
+    event = json.loads(order_paid("pol_dry", orderId="ord_dry"))
+    answer = await relay.post("/api/v1/dry-run", event)
+    assert answer["status"] == "routed"
+    chosen = [r for r in answer["routes"] if r["selected"]]
+    assert len(chosen) == 1
+    assert json.loads(chosen[0]["body"])["orderId"] == "ord_dry"
+    assert all(r["reason"] for r in answer["routes"] if not r["selected"])
+    assert (await relay.get("/api/v1/messages"))["items"] == []
+    assert "JSON object" in (await relay.post("/api/v1/dry-run", [1, 2], 400))["error"]
+    resp = await relay.admin.post(
+        "/api/v1/dry-run", data=b"", headers={"Content-Type": "application/json"}
+    )
+    assert resp.status == 400
+
+
+async def test_rejected_requests_are_listed_without_a_body(relay: Relay) -> None:
+    """A webhook with a bad signature and a request to an unknown path are in the rejected
+    list (time, address, reason, webhook id), never their body; the store holds nothing."""
+    body = order_paid("pol_forged", orderId="ord_forged")
+    headers = sign_headers(body, msg_id="msg_forged")
+    headers["webhook-signature"] = "v1,AAAA"
+    assert (await relay.main.post("/webhooks/polar", data=body, headers=headers)).status == 401
+    assert (await relay.main.get("/wp-login.php")).status == 404
+    answer = await relay.get("/api/v1/rejected")
+    reasons = {(r["reason"], r["path"], r["webhook_id"]) for r in answer["items"]}
+    assert reasons == {
+        ("bad_signature", "/webhooks/polar", "msg_forged"),
+        ("unknown_path", "/wp-login.php", None),
+    }
+    assert all(r["address"] == "127.0.0.1" for r in answer["items"])
+    assert "ord_forged" not in json.dumps(answer)
+    assert relay.main.app[REJECTED].total == 2
+    assert (await relay.get("/api/v1/messages"))["items"] == []
+
+
+async def test_unknown_api_route_is_a_json_404(relay: Relay) -> None:
+    """/api/v1/anything-else answers JSON, not an HTML 404."""
+    assert "no API route" in (await relay.get("/api/v1/nothing", 404))["error"]
+
+
+async def test_job_cancel_of_a_finished_job_and_restart_of_a_running_one(relay: Relay) -> None:
+    """Cancel and restart refuse jobs they do not apply to (409) and unknown ids (404)."""
+    answer = await relay.post("/api/v1/dead/replay")
+    job_id = answer["job"]["id"]
+
+    async def done() -> bool:
+        return (await relay.get(f"/api/v1/jobs/{job_id}"))["status"] == "done"
+
+    await wait_until(done)
+    assert "not running" in (await relay.post(f"/api/v1/jobs/{job_id}/cancel", status=409))["error"]
+    assert (
+        "nothing to restart"
+        in (await relay.post(f"/api/v1/jobs/{job_id}/restart", status=409))["error"]
+    )
+    assert (await relay.get("/api/v1/jobs/77", 404))["error"] == "no job with id 77"
+    assert [j["id"] for j in (await relay.get("/api/v1/jobs"))["items"]] == [job_id]
+
+
+# ---------------------------------------------------------------- the store under the console
+
+
+async def test_interrupted_job_is_shown_and_restarts_where_it_stopped(
+    relay: Relay,
+) -> None:
+    """A job whose relay stopped (no heartbeat for a minute) shows as interrupted; restart
+    continues it from its last batch and replays the rest."""
+    relay.refused.update({"pol_i1", "pol_i2"})
+    for n in (1, 2):
+        await relay.send(f"pol_i{n}", f"ord_i{n}")
+        await relay.settled(f"ord_i{n}", "dead")
+    relay.refused.clear()
+    store = relay.store
+    upper = await store.console_max_id()
+    job_id = await store.create_job("replay_dead", "", "admin", 2, upper, "gone-host:1:abc")
+    # Its runner's last heartbeat, two minutes ago: that relay is gone.
+    await store._exec(
+        "UPDATE console_jobs SET heartbeat_at = ? WHERE id = ?", (store._clock.now() - 120, job_id)
+    )
+    job = await relay.get(f"/api/v1/jobs/{job_id}")
+    assert job["status"] == "interrupted"
+    summary = await relay.get("/api/v1/summary")
+    assert [j["id"] for j in summary["jobs"]] == [job_id]
+    restarted = await relay.post(f"/api/v1/jobs/{job_id}/restart")
+    assert restarted["job"]["status"] == "running"
+    for n in (1, 2):
+        await relay.settled(f"ord_i{n}", "delivered")
+
+
+async def test_search_columns_are_extracted_at_mapping_time(relay: Relay) -> None:
+    """A purchase's message carries order id, Polar payment id, kind, amount, currency and
+    attribution in its own columns (indexed), from the body the mapping built."""
+    await relay.send("pol_cols", "ord_cols", faSessionId="sess_1")
+    item = await relay.item("ord_cols")
+    assert item["payment_ref"] == "pol_cols"
+    assert item["event_kind"] == "purchase"
+    assert isinstance(item["amount_minor"], int)
+    assert item["currency"] == item["currency"].upper()
+
+
+def test_migration_backfills_search_columns_from_stored_bodies(tmp_path: Path) -> None:
+    """A store written before the console gets its search columns filled once by the
+    migration, from each message's body."""
+    path = tmp_path / "old.db"
+    db = sqlite3.connect(path)
+    for version, sql in migrations():
+        if version > 5:
+            break
+        db.executescript(sql)
+        db.execute(f"PRAGMA user_version = {version}")
+    db.execute(
+        "INSERT INTO inbound_events (id, source, webhook_id, event_type, received_at, "
+        "headers_json, body, status) VALUES (1, 'polar', 'w1', 'order.paid', 0, '{}', NULL, "
+        "'routed')"
+    )
+    body = {
+        "event": "purchase",
+        "amount": 4410,
+        "currency": "usd",
+        "orderId": "ord_old",
+        "providerPaymentId": "pol_old",
+        "attribution": {"faSessionId": "s"},
+    }
+    db.execute(
+        "INSERT INTO outbound_messages (event_id, route, destination, idempotency_key, body, "
+        "status, created_at, retry_from_at, next_attempt_at, updated_at) "
+        "VALUES (1, 'r', 'faurya', 'k', ?, 'dead', 0, 0, 0, 0)",
+        (json.dumps(body).encode(),),
+    )
+    db.commit()
+    db.close()
+
+    async def reopen() -> tuple[Any, ...]:
+        store = await Store.open(str(path))
+        try:
+            rows = await store._fetch(
+                "SELECT order_id, payment_ref, event_kind, amount_minor, currency, attributed "
+                "FROM outbound_messages"
+            )
+            return tuple(rows[0])
+        finally:
+            await store.close()
+
+    assert asyncio.run(reopen()) == ("ord_old", "pol_old", "purchase", 4410, "USD", 1)
+
+
+async def test_attempts_are_recorded_with_outcomes_and_pruned_with_messages(
+    relay: Relay,
+) -> None:
+    """Each attempt is one row (a retry then a success: two), and retention deletes a
+    delivered message's attempts with it."""
+    calls = {"n": 0}
+
+    async def flaky(request: web.Request, n: int) -> web.StreamResponse:
+        calls["n"] += 1
+        if calls["n"] == 1:
+            return web.json_response({"error": "busy"}, status=503)
+        return web.json_response({"ok": True})
+
+    relay.faurya.script = flaky
+    await relay.send("pol_flaky", "ord_flaky")
+
+    async def two_attempts() -> bool:
+        item = await relay.item("ord_flaky")
+        if item["status"] == "pending" and item["attempts"] > 0:
+            # Due now instead of after the backoff (what the console's retry does).
+            await relay.store.replay(
+                MessageFilter(ids=(item["id"],), statuses=(MessageStatus.PENDING,))
+            )
+        return item["status"] == "delivered"
+
+    await wait_until(two_attempts)
+    item = await relay.item("ord_flaky")
+    attempts = await relay.store.console_attempts(item["id"])
+    assert [(a.outcome, a.status) for a in attempts] == [("retry", 503), ("delivered", 200)]
+    result = await relay.store.prune(bodies_before=0, rows_before=relay.store._clock.now() + 1)
+    assert result.messages_deleted == 1
+    assert await relay.store.console_attempts(item["id"]) == []
+    rows = await relay.store._fetch("SELECT COUNT(*) FROM message_attempts")
+    assert rows[0][0] == 0
+
+
+async def test_a_read_only_service_call_on_the_guarded_api(make_relay: MakeRelay) -> None:
+    """With tokens set, the API answers the admin token and acts as `admin` in the audit."""
+    relay = await make_relay(token=Secret(ADMIN_TOKEN), read_token=Secret(READ_TOKEN))
+    relay.headers = {"Authorization": f"Bearer {ADMIN_TOKEN}"}
+    await relay.post("/api/v1/destinations/faurya/pause")
+    [entry] = (await relay.get("/api/v1/audit"))["items"]
+    assert entry["actor"] == "admin"
