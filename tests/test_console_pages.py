@@ -1,18 +1,29 @@
 """The console's HTML pages on the admin listener, through real HTTP against an in-process relay
 (a real SQLite store in tmp_path, a fake Faurya on loopback): every page renders for a signed-in
-caller, redirects to the login form without one, refuses a read-only caller's actions, and the
-fix forms change the store and land on the audit page. Plus the pure parts: the SVG chart and
-the value formatting.
+caller, redirects to the login form without one, refuses a read-only caller's actions, a
+missing or wrong CSRF token and a foreign Host; the fix forms change the store and land on the
+audit page. Plus the pure parts: the SVG chart and the value formatting.
 """
 
 from __future__ import annotations
 
+import asyncio
+import dataclasses
 import re
 import xml.etree.ElementTree as ET
-from dataclasses import dataclass
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass, field
+from typing import Any
 
 import pytest
+import structlog
+from aiohttp import web
+from aiohttp.test_utils import TestClient
+from pytest_aiohttp import AiohttpClient
 
+from relay.app import create_admin_app, create_app
+from relay.config import Config, Secret
+from relay.console.auth import COOKIE, SERVICE
 from relay.console.chart import nice_ceiling, throughput_svg
 from relay.console.formatting import (
     describe_condition,
@@ -20,7 +31,10 @@ from relay.console.formatting import (
     minor_to_text,
     target_links,
 )
+from relay.console.service import ListFilters, MessageItem
 from relay.mapping.conditions import compile_condition
+from relay.models import MessageStatus
+from tests.helpers import LEGACY_SECRET, WRITE_KEY, FakeFaurya, order_paid, sign_headers
 
 SVG = "{http://www.w3.org/2000/svg}"
 
@@ -30,6 +44,480 @@ class Minute:
     minute_at: float
     delivered: int
     failed: int
+
+
+Client = TestClient[web.Request, web.Application]
+ADMIN_TOKEN = "adm_console_test_token_51f0"
+READ_TOKEN = "read_console_test_token_7c2a"
+CSRF_RE = re.compile(r'name="csrf" value="([^"]+)"')
+
+
+@dataclass
+class Console:
+    """A relay in process (its public app) and its admin listener, both on loopback ports."""
+
+    main: Client
+    admin: Client
+    faurya: FakeFaurya
+    refused: set[str] = field(default_factory=set)  # Polar order ids Faurya answers 422 to
+
+    @property
+    def service(self) -> Any:
+        return self.admin.app[SERVICE]
+
+    async def send(self, polar_id: str, order_id: str, **metadata: Any) -> None:
+        """A signed order.paid through the public port, as Polar sends it."""
+        body = order_paid(polar_id, orderId=order_id, **metadata)
+        resp = await self.main.post("/webhooks/polar", data=body, headers=sign_headers(body))
+        assert resp.status == 202, await resp.text()
+
+    async def message(self, order_id: str) -> MessageItem:
+        page = await self.service.list_messages(ListFilters(q=order_id))
+        assert len(page.items) == 1, page
+        item: MessageItem = page.items[0]
+        return item
+
+    async def settled(self, order_id: str, status: MessageStatus) -> MessageItem:
+        """The message of `order_id`, once it reached `status` (a deadline, not a sleep)."""
+        async with asyncio.timeout(10):
+            while (item := await self.message(order_id)).status is not status:  # noqa: ASYNC110
+                await asyncio.sleep(0.02)
+        return item
+
+    async def page(self, path: str, **kwargs: Any) -> tuple[int, str]:
+        resp = await self.admin.get(path, allow_redirects=False, **kwargs)
+        return resp.status, await resp.text()
+
+    async def csrf(self, path: str = "/") -> str:
+        status, html = await self.page(path)
+        assert status == 200, html
+        found = CSRF_RE.search(html)
+        assert found, html
+        return found.group(1)
+
+    async def post(self, path: str, data: dict[str, str]) -> tuple[int, str, str | None]:
+        resp = await self.admin.post(path, data=data, allow_redirects=False)
+        return resp.status, await resp.text(), resp.headers.get("Location")
+
+
+MakeConsole = Callable[..., Awaitable[Console]]
+
+
+@pytest.fixture
+async def make_console(
+    aiohttp_client: AiohttpClient, config: Config, faurya: FakeFaurya
+) -> MakeConsole:
+    """Start a relay with the given admin settings; Faurya answers 422 (permanent: dead at
+    once) to the Polar order ids in `console.refused`, 200 to the rest."""
+
+    async def make(**admin: Any) -> Console:
+        relay_config = dataclasses.replace(config, admin=dataclasses.replace(config.admin, **admin))
+        main = await aiohttp_client(create_app(relay_config, poll_interval_s=0.05))
+        console_admin = await aiohttp_client(create_admin_app(main.app))
+        console = Console(main, console_admin, faurya)
+
+        async def script(request: web.Request, n: int) -> web.StreamResponse:
+            body = await request.json()
+            if body.get("providerPaymentId") in console.refused:
+                return web.json_response({"error": "unknown site"}, status=422)
+            return web.json_response({"ok": True})
+
+        faurya.script = script
+        return console
+
+    return make
+
+
+@pytest.fixture
+async def console(make_console: MakeConsole) -> Console:
+    """Open mode: a loopback admin listener without a token."""
+    return await make_console(token=None, read_token=None)
+
+
+@pytest.fixture
+async def guarded(make_console: MakeConsole) -> Console:
+    """A loopback admin listener with an admin token and a read token: sign-in required."""
+    return await make_console(token=Secret(ADMIN_TOKEN), read_token=Secret(READ_TOKEN))
+
+
+async def sign_in(console: Console, token: str) -> None:
+    status, _, location = await console.post("/login", {"token": token, "next": "/"})
+    assert (status, location) == (303, "/")
+
+
+async def seed(console: Console) -> tuple[MessageItem, MessageItem]:
+    """One delivered purchase (ord_ok) and one dead one (ord_bad)."""
+    console.refused.add("pol-bad")
+    await console.send("pol-ok", "ord_ok")
+    await console.send("pol-bad", "ord_bad")
+    return (
+        await console.settled("ord_ok", MessageStatus.DELIVERED),
+        await console.settled("ord_bad", MessageStatus.DEAD),
+    )
+
+
+PAGES = (
+    "/",
+    "/messages",
+    "/messages?status=dead&sort=amount",
+    "/messages?q=ord_ok&live=1",
+    "/rejected",
+    "/routes",
+    "/audit",
+    "/dead/replay?status=dead",
+)
+
+
+# ---------------------------------------------------------------- every page renders
+
+
+async def test_every_page_renders_for_the_local_caller_under_the_open_banner(
+    console: Console,
+) -> None:
+    """Open mode: each page answers 200 HTML with the open-console banner, no-store, a CSP
+    without script, and never the write key or the webhook secret."""
+    delivered, dead = await seed(console)
+    for path in (*PAGES, f"/messages/{delivered.id}", f"/messages/{dead.id}"):
+        resp = await console.admin.get(path, allow_redirects=False)
+        html = await resp.text()
+        assert resp.status == 200, (path, html)
+        assert resp.content_type == "text/html", path
+        assert "Open console." in html, path
+        assert resp.headers["Cache-Control"] == "no-store", path
+        assert "script-src" not in resp.headers["Content-Security-Policy"], path
+        assert "frame-ancestors 'none'" in resp.headers["Content-Security-Policy"], path
+        assert WRITE_KEY not in html, path
+        assert LEGACY_SECRET not in html, path
+        assert "<script" not in html, path
+    css = await console.admin.get("/static/console.css")
+    assert css.status == 200
+    assert css.content_type == "text/css"
+
+
+async def test_overview_shows_counts_revenue_at_risk_and_the_chart(console: Console) -> None:
+    """The overview has the destination's counts, today's delivered revenue, the dead money
+    at risk linking to the dead letters sorted by amount, and an inline SVG chart."""
+    await seed(console)
+    status, html = await console.page("/")
+    assert status == 200
+    assert "44.10 USD" in html  # delivered today, and at risk (the same amount, dead)
+    assert "1 dead purchase" in html
+    assert 'href="/messages?status=dead&amp;sort=amount"' in html
+    assert '<svg class="chart"' in html
+    assert re.search(r"<desc>\d+ delivered and \d+ failed attempts", html)
+    assert "faurya" in html
+    assert "running" in html
+
+
+async def test_message_page_shows_attempts_the_request_as_sent_and_the_inbound_webhook(
+    console: Console,
+) -> None:
+    """One dead message: its 422 attempt with the response snippet, the request with the
+    write key masked, the inbound headers without the signature, the route that mapped it."""
+    _, dead = await seed(console)
+    status, html = await console.page(f"/messages/{dead.id}")
+    assert status == 200
+    assert f"Message #{dead.id}" in html
+    assert ">422<" in html
+    assert "unknown site" in html  # the response snippet
+    assert "Bearer ***" in html or "***" in html
+    assert WRITE_KEY not in html
+    assert "webhook-signature" not in html.lower()
+    assert "webhook-id" in html
+    assert "polar-order-paid" in html
+    assert "Retry now" in html
+    assert "Discard" in html
+
+
+# ---------------------------------------------------------------- auth
+
+
+async def test_pages_without_a_session_redirect_to_the_login_form(guarded: Console) -> None:
+    """With a token configured, every page sends a browser without a session to /login with
+    the page to come back to; the login form itself renders without the open banner."""
+    for path in PAGES:
+        status, _ = await guarded.page(path)
+        resp = await guarded.admin.get(path, allow_redirects=False)
+        assert resp.status == 303, path
+        assert resp.headers["Location"].startswith("/login?next=%2F"), path
+    status, html = await guarded.page("/login?next=/audit")
+    assert status == 200
+    assert 'name="next" value="/audit"' in html
+    assert "Open console." not in html
+
+
+async def test_login_sets_a_strict_httponly_session_and_logout_ends_it(guarded: Console) -> None:
+    """The admin token signs in: a HttpOnly SameSite=Strict cookie, back to the page asked
+    for (only a local path: no open redirect); sign-out clears it."""
+    resp = await guarded.admin.post(
+        "/login", data={"token": ADMIN_TOKEN, "next": "/audit"}, allow_redirects=False
+    )
+    assert resp.status == 303
+    assert resp.headers["Location"] == "/audit"
+    cookie = resp.cookies[COOKIE]
+    assert cookie["httponly"] is True
+    assert cookie["samesite"] == "Strict"
+    status, html = await guarded.page("/")
+    assert status == 200
+    assert "signed in as <strong>admin</strong>" in html
+    assert ADMIN_TOKEN not in html
+
+    status, _, location = await guarded.post("/logout", {"csrf": CSRF_RE.findall(html)[0]})
+    assert (status, location) == (303, "/login")
+    assert (await guarded.admin.get("/", allow_redirects=False)).status == 303
+
+    _, _, location = await guarded.post(
+        "/login", {"token": ADMIN_TOKEN, "next": "//evil.example/x"}
+    )
+    assert location == "/"
+
+
+async def test_wrong_tokens_are_refused_logged_and_rate_limited(guarded: Console) -> None:
+    """A wrong token gets the form again with a 401 and `console_login_failed`; after five
+    failures in a minute even the right token gets 429 with Retry-After."""
+    with structlog.testing.capture_logs() as logs:
+        for _ in range(5):
+            status, html, _ = await guarded.post("/login", {"token": "nope", "next": "/"})
+            assert status == 401
+            assert "not this relay" in html
+        resp = await guarded.admin.post(
+            "/login", data={"token": ADMIN_TOKEN, "next": "/"}, allow_redirects=False
+        )
+    assert resp.status == 429
+    assert int(resp.headers["Retry-After"]) >= 1
+    assert "too many failed sign-ins" in await resp.text()
+    failed = [e for e in logs if e["event"] == "console_login_failed"]
+    assert [e["reason"] for e in failed] == ["wrong_token"] * 5 + ["rate_limited"]
+    assert all("nope" not in str(e) for e in logs)
+
+
+async def test_a_read_session_sees_pages_but_cannot_act(guarded: Console) -> None:
+    """The read token signs in to look: no fix buttons, and a forged retry with a valid
+    CSRF token is 403 and changes nothing."""
+    _, dead = await seed(guarded)
+    await sign_in(guarded, READ_TOKEN)
+    status, html = await guarded.page(f"/messages/{dead.id}")
+    assert status == 200
+    assert "(read only)" in html
+    assert "Retry now" not in html
+    csrf = CSRF_RE.findall(html)[0]
+    status, _, _ = await guarded.post(f"/messages/{dead.id}/retry", {"csrf": csrf})
+    assert status == 403
+    assert (await guarded.message("ord_bad")).status is MessageStatus.DEAD
+    # The dry run only reads: a read session may use it.
+    event = order_paid("pol-dry").decode()
+    status, html, _ = await guarded.post("/routes", {"csrf": csrf, "event": event})
+    assert status == 200, html
+
+
+async def test_actions_without_or_with_a_wrong_csrf_token_are_refused(console: Console) -> None:
+    """A form post without the CSRF field, or with another value, is 403 and the message
+    stays dead (open mode too: a cross-site form must not act on a local console)."""
+    _, dead = await seed(console)
+    for data in ({}, {"csrf": "0" * 64}):
+        status, _, _ = await console.post(f"/messages/{dead.id}/retry", data)
+        assert status == 403, data
+    assert (await console.message("ord_bad")).status is MessageStatus.DEAD
+
+
+async def test_a_foreign_host_header_is_refused(console: Console) -> None:
+    """DNS rebinding: a page asked for under another Host name is refused with 421."""
+    port = console.admin.port
+    assert port is not None
+    for host in (f"evil.example:{port}", f"127.0.0.1:{port + 1}"):
+        resp = await console.admin.get("/", headers={"Host": host}, allow_redirects=False)
+        assert resp.status == 421, host
+    resp = await console.admin.get("/", headers={"Host": f"localhost:{port}"})
+    assert resp.status == 200
+
+
+# ---------------------------------------------------------------- find
+
+
+async def test_search_by_order_id_keeps_filters_in_the_url_and_pages_by_keyset(
+    console: Console,
+) -> None:
+    """The search box finds a message by the merchant's order id; filters come back in the
+    form; with a page size of 1 the "next" link leads to the older message; a bad filter is a
+    400 with the reason, not a traceback."""
+    await seed(console)
+    status, html = await console.page("/messages?q=ord_bad")
+    assert status == 200
+    assert "ord_bad" in html
+    assert "ord_ok" not in html
+    assert 'value="ord_bad"' in html
+
+    status, html = await console.page("/messages?status=delivered&status=dead&limit=1")
+    assert status == 200
+    first = re.findall(r'href="/messages/(\d+)"', html)
+    nxt = re.search(r'rel="next" href="([^"]+)"', html)
+    assert len(first) == 1
+    assert nxt
+    status, html = await console.page(nxt.group(1).replace("&amp;", "&"))
+    second = re.findall(r'href="/messages/(\d+)"', html)
+    assert len(second) == 1
+    assert int(second[0]) < int(first[0])
+    assert 'value="dead" checked' in html
+    assert 'value="delivered" checked' in html
+
+    status, html = await console.page("/messages?status=lost")
+    assert status == 400
+    assert "unknown status" in html
+
+
+async def test_live_mode_refreshes_by_meta_tag(console: Console) -> None:
+    """Live mode needs no script: a meta refresh, and a link to stop it."""
+    _, html = await console.page("/messages?live=1")
+    assert '<meta http-equiv="refresh" content="5">' in html
+    assert "Stop live" in html
+    _, html = await console.page("/messages")
+    assert 'http-equiv="refresh"' not in html
+
+
+# ---------------------------------------------------------------- fix
+
+
+async def test_retry_after_fixing_faurya_delivers_and_is_audited(console: Console) -> None:
+    """Retry on a dead message, once Faurya accepts it: redirect with a notice, the message
+    is delivered with a second attempt, and the audit page shows who did it."""
+    _, dead = await seed(console)
+    console.refused.clear()
+    csrf = await console.csrf(f"/messages/{dead.id}")
+    status, _, location = await console.post(f"/messages/{dead.id}/retry", {"csrf": csrf})
+    assert (status, location) == (303, f"/messages/{dead.id}?done=retry")
+    assert location is not None
+    await console.settled("ord_bad", MessageStatus.DELIVERED)
+    _, html = await console.page(location)
+    assert "Retry scheduled" in html
+    assert "2 recorded" in html
+    _, html = await console.page("/audit")
+    assert "local" in html
+    assert "retry" in html
+    assert f'href="/messages/{dead.id}"' in html
+
+
+async def test_discard_needs_a_reason_and_the_reason_is_on_the_audit_page(
+    console: Console,
+) -> None:
+    """Discard without a reason is refused (400, still dead); with one the message is
+    discarded and the audit page shows the reason."""
+    _, dead = await seed(console)
+    csrf = await console.csrf(f"/messages/{dead.id}")
+    status, html, _ = await console.post(f"/messages/{dead.id}/discard", {"csrf": csrf})
+    assert status == 400
+    assert "needs a reason" in html
+    assert (await console.message("ord_bad")).status is MessageStatus.DEAD
+    status, _, location = await console.post(
+        f"/messages/{dead.id}/discard", {"csrf": csrf, "reason": "test order <b>x</b>"}
+    )
+    assert (status, location) == (303, f"/messages/{dead.id}?done=discard")
+    assert (await console.message("ord_bad")).status is MessageStatus.DISCARDED
+    _, html = await console.page("/audit")
+    assert "test order &lt;b&gt;x&lt;/b&gt;" in html
+
+
+async def test_replay_of_a_delivered_message_sends_it_again_under_the_same_key(
+    console: Console,
+) -> None:
+    """Replay sends a delivered message again with its idempotency key."""
+    delivered, _ = await seed(console)
+    before = len(console.faurya.received)
+    csrf = await console.csrf(f"/messages/{delivered.id}")
+    status, _, _ = await console.post(f"/messages/{delivered.id}/replay", {"csrf": csrf})
+    assert status == 303
+    calls = await console.faurya.wait_for(before + 1)
+    keys = [{k.lower(): v for k, v in c.headers.items()}["idempotency-key"] for c in calls]
+    assert keys[-1] == delivered.idempotency_key
+
+
+async def test_an_action_that_does_not_apply_is_an_error_page(console: Console) -> None:
+    """Discarding a delivered message is refused with the service's reason, as a page."""
+    delivered, _ = await seed(console)
+    csrf = await console.csrf()
+    status, html, _ = await console.post(
+        f"/messages/{delivered.id}/discard", {"csrf": csrf, "reason": "x"}
+    )
+    assert 400 <= status < 500
+    assert "Cannot do that" in html
+    status, _ = await console.page("/messages/999999")
+    assert status == 404
+
+
+async def test_pause_and_resume_a_destination_from_the_overview(console: Console) -> None:
+    """The overview's pause button pauses the destination (shown as paused), resume undoes it;
+    both are audited."""
+    csrf = await console.csrf()
+    status, _, location = await console.post("/destinations/faurya/pause", {"csrf": csrf})
+    assert (status, location) == (303, "/?done=pause")
+    assert location is not None
+    _, html = await console.page(location)
+    assert "Destination paused" in html
+    assert '<span class="pill paused">paused</span>' in html
+    status, _, _ = await console.post("/destinations/faurya/resume", {"csrf": csrf})
+    assert status == 303
+    _, html = await console.page("/")
+    assert '<span class="pill running">running</span>' in html
+    _, html = await console.page("/audit")
+    assert "pause" in html
+    assert "resume" in html
+
+
+async def test_bulk_replay_confirms_the_count_then_runs_as_a_job(console: Console) -> None:
+    """Replay all dead matching a filter: the confirmation says how many, the post starts a
+    job whose page shows its progress, and every matching dead message is delivered."""
+    console.refused |= {"pol-b1", "pol-b2"}
+    for n in (1, 2):
+        await console.send(f"pol-b{n}", f"ord_b{n}")
+    for n in (1, 2):
+        await console.settled(f"ord_b{n}", MessageStatus.DEAD)
+    console.refused.clear()
+    status, html = await console.page("/dead/replay?status=dead&destination=faurya")
+    assert status == 200
+    assert "This replays <strong>2</strong> dead messages" in html
+    form = re.search(r'<form method="post" action="([^"]+)"', html)
+    assert form
+    csrf = CSRF_RE.findall(html)[0]
+    status, _, location = await console.post(form.group(1).replace("&amp;", "&"), {"csrf": csrf})
+    assert status == 303
+    assert location
+    assert re.fullmatch(r"/jobs/\d+", location)
+    for n in (1, 2):
+        await console.settled(f"ord_b{n}", MessageStatus.DELIVERED)
+    status, html = await console.page(location)
+    assert status == 200
+    assert "of 2" in html
+
+
+async def test_dry_run_shows_what_each_route_would_send(console: Console) -> None:
+    """The routes page lists the routes; pasting an order.paid shows the body the purchase
+    route would send; bad JSON is a 400 with the parse error."""
+    status, html = await console.page("/routes")
+    assert status == 200
+    assert "polar-order-paid" in html
+    csrf = CSRF_RE.findall(html)[0]
+    event = order_paid("pol-dry", orderId="ord_dry").decode()
+    status, html, _ = await console.post("/routes", {"csrf": csrf, "event": event})
+    assert status == 200, html
+    assert "would send" in html
+    assert "ord_dry" in html
+    status, html, _ = await console.post("/routes", {"csrf": csrf, "event": "{nope"})
+    assert status == 400
+    assert "not JSON" in html
+
+
+async def test_rejected_page_lists_a_bad_signature_without_its_body(console: Console) -> None:
+    """A webhook with a bad signature shows on the rejected page with its reason and webhook
+    id, and nothing of its body."""
+    body = order_paid("pol-forged", orderId="ord_forged_secret_body")
+    headers = sign_headers(body, msg_id="msg_forged_1")
+    headers["webhook-signature"] = "v1,AAAA"
+    resp = await console.main.post("/webhooks/polar", data=body, headers=headers)
+    assert resp.status == 401
+    status, html = await console.page("/rejected")
+    assert status == 200
+    assert "msg_forged_1" in html
+    assert "signature" in html
+    assert "ord_forged_secret_body" not in html
 
 
 # ---------------------------------------------------------------- the chart

@@ -135,7 +135,16 @@ def _urlencode(value: Any) -> str:
     return quote(str(value), safe="")
 
 
+def pretty_json(text: str) -> str:
+    """A stored JSON body indented for reading; anything else as it is."""
+    try:
+        return json.dumps(json.loads(text), indent=2, ensure_ascii=False)
+    except ValueError:
+        return text
+
+
 FILTERS: dict[str, Callable[..., Any]] = {
+    "pretty_json": pretty_json,
     "ts": _ts,
     "iso": _iso,
     "ago": _ago,

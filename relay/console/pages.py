@@ -255,7 +255,9 @@ async def messages(request: web.Request, caller: Caller) -> web.StreamResponse:
     cursor_text = query.get("cursor") or None
     try:
         filters = ListFilters.from_query(query, service.clock.now())
-        page = await service.list_messages(filters, Cursor.decode(cursor_text), PAGE_SIZE)
+        limit_text = query.get("limit", "")
+        limit = int(limit_text) if limit_text.isdigit() else PAGE_SIZE
+        page = await service.list_messages(filters, Cursor.decode(cursor_text), limit)
     except ConsoleError as exc:
         if exc.http_status >= 500:
             raise
@@ -276,6 +278,15 @@ async def messages(request: web.Request, caller: Caller) -> web.StreamResponse:
         "sort": query.get("sort", ""),
     }
     has_filters = any(v for k, v in form.items() if k != "sort")
+    labels = {"status_class": "last answer", "event_type": "event"}
+    chips = [f"status: {', '.join(statuses)}"] if statuses else []
+    chips += [
+        f"{labels.get(k, k)}: {v}"
+        for k, v in form.items()
+        if v and k not in ("q", "statuses", "sort")
+    ]
+    if form["sort"] == "amount":
+        chips.append("largest amount first")
     if dead_view:
         heading = "Dead letters"
         sub = (
@@ -308,6 +319,13 @@ async def messages(request: web.Request, caller: Caller) -> web.StreamResponse:
             "cursor": cursor_text,
             "form": form,
             "has_filters": has_filters,
+            "chips": chips,
+            # Open when a filter beyond the status and the order is set, or one is wrong.
+            "open_filters": error is not None
+            or any(
+                form[k]
+                for k in ("destination", "route", "event_type", "status_class", "since", "until")
+            ),
             "live": live,
             "refresh_s": LIVE_REFRESH_S if live else None,
             "statuses": [s.value for s in MessageStatus],
@@ -321,6 +339,7 @@ async def messages(request: web.Request, caller: Caller) -> web.StreamResponse:
             "query_with": query_with,
             "query_without": query_without,
         },
+        status=400 if error else 200,
         nav="dead" if dead_view else "messages",
     )
 
