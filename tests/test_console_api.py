@@ -93,7 +93,7 @@ class Relay:
 
     async def settled(self, order_id: str, status: str) -> dict[str, Any]:
         async def reached() -> bool:
-            return (await self.item(order_id))["status"] == status
+            return bool((await self.item(order_id))["status"] == status)
 
         await wait_until(reached)
         return await self.item(order_id)
@@ -329,7 +329,7 @@ async def test_dead_replay_by_filter_counts_then_replays_everything_matched(
         await relay.settled(f"ord_d{n}", "delivered")
 
     async def done() -> bool:
-        return (await relay.get(f"/api/v1/jobs/{job_id}"))["status"] == "done"
+        return bool((await relay.get(f"/api/v1/jobs/{job_id}"))["status"] == "done")
 
     await wait_until(done)
     job = await relay.get(f"/api/v1/jobs/{job_id}")
@@ -410,7 +410,7 @@ async def test_job_cancel_of_a_finished_job_and_restart_of_a_running_one(relay: 
     job_id = answer["job"]["id"]
 
     async def done() -> bool:
-        return (await relay.get(f"/api/v1/jobs/{job_id}"))["status"] == "done"
+        return bool((await relay.get(f"/api/v1/jobs/{job_id}"))["status"] == "done")
 
     await wait_until(done)
     assert "not running" in (await relay.post(f"/api/v1/jobs/{job_id}/cancel", status=409))["error"]
@@ -532,7 +532,7 @@ async def test_attempts_are_recorded_with_outcomes_and_pruned_with_messages(
             await relay.store.replay(
                 MessageFilter(ids=(item["id"],), statuses=(MessageStatus.PENDING,))
             )
-        return item["status"] == "delivered"
+        return bool(item["status"] == "delivered")
 
     await wait_until(two_attempts)
     item = await relay.item("ord_flaky")
