@@ -471,8 +471,9 @@ class Lines:
 
 
 async def test_dev_prints_each_revenue_call_and_stops_on_sigint() -> None:
-    """`relay dev` without POLAR_WEBHOOK_SECRET prints a generated secret; purchases sent with
-    it appear as sink lines (attributed, then UNATTRIBUTED), and SIGINT exits 0."""
+    """`relay dev` without POLAR_WEBHOOK_SECRET prints a generated secret and the console's URL
+    (which serves the overview); purchases sent with it appear as sink lines (attributed,
+    then UNATTRIBUTED), and SIGINT exits 0."""
     port = free_port()
     proc = await asyncio.create_subprocess_exec(
         relay_command(),
@@ -493,6 +494,14 @@ async def test_dev_prints_each_revenue_call_and_stops_on_sigint() -> None:
         assert secret.startswith("polar_whs_dev")
         url = f"http://127.0.0.1:{port}/webhooks/polar"
         assert f"  webhooks:   {url}" in output.lines
+        # The console's URL, on loopback and open (no token in dev): the demo shows it.
+        console_line = await output.wait_for(lambda line: line.startswith("  console:    "))
+        console_url = console_line.split()[1]
+        assert re.fullmatch(r"http://127\.0\.0\.1:\d+/", console_url), console_line
+        assert console_line.endswith("(open: loopback, no token)")
+        async with aiohttp.ClientSession() as http, http.get(console_url) as page:
+            assert page.status == 200
+            assert "<h1>Overview</h1>" in await page.text()
 
         sent = await relay("send", str(PURCHASE), "--url", url, "--secret", secret)
         assert sent.code == 0, sent.out + sent.err
