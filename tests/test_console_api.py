@@ -27,12 +27,22 @@ from relay.app import REJECTED, STORE, create_admin_app, create_app
 from relay.config import Config, Secret
 from relay.console.auth import SERVICE
 from relay.console.service import ConsoleService
-from relay.models import MessageFilter, MessageStatus
+from relay.models import (
+    AttemptRecord,
+    BodyFacts,
+    Dead,
+    EventStatus,
+    InboundDraft,
+    MessageFilter,
+    MessageStatus,
+    OutboundDraft,
+)
 from relay.store import Store, migrations
 from tests.helpers import (
     LEGACY_SECRET,
     STANDARD_SECRET,
     WRITE_KEY,
+    FakeClock,
     FakeFaurya,
     order_paid,
     sign_headers,
@@ -552,3 +562,153 @@ async def test_a_read_only_service_call_on_the_guarded_api(make_relay: MakeRelay
     await relay.post("/api/v1/destinations/faurya/pause")
     [entry] = (await relay.get("/api/v1/audit"))["items"]
     assert entry["actor"] == "admin"
+
+
+# ---------------------------------------------------------------- both backends
+
+
+T0 = 1_700_000_000.0
+
+
+@pytest.fixture(params=["sqlite", "postgres"])
+def store_location(request: pytest.FixtureRequest, tmp_path: Path) -> str:
+    """A SQLite file in tmp_path, or a fresh PostgreSQL database (tests/pg.py)."""
+    if request.param == "sqlite":
+        return str(tmp_path / "relay.db")
+    return str(request.getfixturevalue("pg_url"))
+
+
+def purchase(order_id: str, amount: int, *, event: str = "purchase") -> OutboundDraft:
+    body = {
+        "event": event,
+        "amount": amount,
+        "currency": "eur",
+        "orderId": order_id,
+        "providerPaymentId": f"pol_{order_id}",
+        "attribution": {},
+    }
+    return OutboundDraft(
+        route="order_paid",
+        destination="faurya",
+        idempotency_key=f"key_{order_id}",
+        body=json.dumps(body).encode(),
+        facts=BodyFacts.of(body),
+    )
+
+
+def inbound(webhook_id: str, *messages: OutboundDraft) -> InboundDraft:
+    return InboundDraft(
+        source="polar",
+        webhook_id=webhook_id,
+        event_type="order.paid",
+        received_at=T0,
+        headers={"webhook-id": webhook_id, "webhook-signature": "v1,sig"},
+        body=b'{"type": "order.paid"}',
+        status=EventStatus.ROUTED,
+        messages=messages,
+    )
+
+
+async def test_console_store_queries_on_both_backends(store_location: str) -> None:
+    """The console's store methods answer the same on SQLite and PostgreSQL: search by each
+    id, filters, keyset pages, attempts written with outcomes, revenue and money at risk,
+    per-minute counts, audit rows, job rows with progress and interruption, and retention
+    deleting a delivered message's attempts."""
+    from relay.console.service import Cursor, ListFilters, Sort, StatusClass
+    from relay.store import open_store
+
+    clock = FakeClock(T0)
+    store = await open_store(store_location, clock=clock, serve=True)
+    try:
+        ids = []
+        for n, amount in ((1, 1000), (2, 5000), (3, 300)):
+            result = await store.enqueue(inbound(f"wh_{n}", purchase(f"ord_{n}", amount)))
+            ids += list(result.message_ids)
+        one, two, three = ids
+        # 35 s into a minute: PostgreSQL's CAST would round it into the next one.
+        attempt = AttemptRecord(T0 + 15, 422, None, 0.05, "unknown site")
+        for claimed in await store.claim("faurya", 3, 30.0):
+            if claimed.id == one:
+                assert await store.mark_delivered(
+                    claimed, 200, AttemptRecord(T0 + 15, 200, None, 0.01)
+                )
+            else:
+                assert await store.mark_dead(claimed, Dead("422", 422), "HTTP 422", attempt)
+
+        async def found(**kw: Any) -> list[int]:
+            items = await store.console_messages(ListFilters(**kw), None, 10)
+            return [i.id for i in items]
+
+        assert await found(q="ord_2") == [two]
+        assert await found(q="pol_ord_3") == [three]
+        assert await found(q="key_ord_1") == [one]
+        assert await found(q="wh_3") == [three]
+        assert await found(q=str(two)) == [two]
+        assert await found(statuses=(MessageStatus.DEAD,)) == [three, two]
+        assert await found(status_class=StatusClass.S4XX) == [three, two]
+        assert await found(status_class=StatusClass.S2XX) == [one]
+        assert await found(route="other") == []
+        assert await found(sort=Sort.AMOUNT, statuses=(MessageStatus.DEAD,)) == [two, three]
+        page = await store.console_messages(ListFilters(), Cursor(two), 10)
+        assert [i.id for i in page] == [one]
+        by_amount = await store.console_messages(
+            ListFilters(sort=Sort.AMOUNT), Cursor(two, 5000), 10
+        )
+        assert [i.id for i in by_amount] == [one, three]
+        item = (await store.console_messages(ListFilters(q="ord_2"), None, 1))[0]
+        assert (item.order_id, item.amount_minor, item.currency) == ("ord_2", 5000, "EUR")
+        assert item.event_kind == "purchase"
+
+        [recorded] = await store.console_attempts(two)
+        assert (recorded.status, recorded.outcome, recorded.response_snippet) == (
+            422,
+            "dead",
+            "unknown site",
+        )
+        assert len(await store.console_attempts(one)) == 1
+        activity = await store.console_activity()
+        assert activity["faurya"][0] == T0
+        assert activity["faurya"][1] == "HTTP 422"
+        assert await store.console_count_dead(ListFilters()) == 2
+        assert await store.console_dead_batch(ListFilters(), 0, three, 1) == [two]
+        assert await store.console_revenue(T0 - 1) == [("purchase", "EUR", 1000, 1, 1)]
+        assert await store.console_at_risk(T0) == [("dead", "EUR", 5300, 2)]
+        minute = int((T0 + 15) // 60)
+        assert sorted(await store.console_minutes(T0 - 60)) == [
+            (minute, "dead", 2),
+            (minute, "delivered", 1),
+        ]
+        counts = {(r[0], r[1]): r[2] for r in await store.console_status_counts()}
+        assert counts == {("faurya", "delivered"): 1, ("faurya", "dead"): 2}
+        stored = await store.console_message_body(two)
+        assert stored is not None
+        event = await store.console_event(stored[0])
+        assert event is not None
+        assert event.webhook_id == "wh_2"
+        assert await store.console_related(item, stored[0]) == []
+
+        audit_id = await store.add_audit("admin", "retry", str(two), None, 1)
+        [entry] = await store.audit_entries(10, None)
+        assert (entry.id, entry.actor, entry.target) == (audit_id, "admin", str(two))
+        assert await store.audit_entries(10, audit_id) == []
+
+        job_id = await store.create_job("replay_dead", "status=dead", "admin", 2, three, "me")
+        assert await store.job_progress(job_id, 1, two, "me") == "running"
+        assert await store.job_position(job_id) == (two, three)
+        job = await store.console_job(job_id)
+        assert job is not None
+        assert (job.status.value, job.done, job.total) == ("running", 1, 2)
+        clock.advance(120)
+        job = await store.console_job(job_id)
+        assert job is not None
+        assert job.status.value == "interrupted"
+        assert await store.set_job_status(job_id, "cancelled", from_statuses=("running",))
+        assert await store.job_progress(job_id, 1, three, "me") == "cancelled"
+        assert not await store.set_job_status(job_id, "done", from_statuses=("running",))
+
+        pruned = await store.prune(bodies_before=0, rows_before=T0 + 1)
+        assert pruned.messages_deleted == 1
+        assert await store.console_attempts(one) == []
+        assert len(await store.console_attempts(two)) == 1
+    finally:
+        await store.close()

@@ -52,6 +52,7 @@ class AdminQueries:
 
     _clock: Clock
     _writer: Writer
+    exclusive: bool  # True on SQLite (one serving relay), False on PostgreSQL
 
     async def _fetch(self, sql: str, params: Sequence[Any] = ()) -> list[Any]:
         raise NotImplementedError
@@ -470,8 +471,10 @@ class AdminQueries:
 
     async def console_minutes(self, since: float) -> list[tuple[int, str, int]]:
         """(minute number since the epoch, outcome, attempts) since `since`."""
+        # SQLite's CAST truncates, PostgreSQL's rounds: each gets its own floor.
+        minute = "CAST(at / 60 AS INTEGER)" if self.exclusive else "CAST(FLOOR(at / 60) AS BIGINT)"
         rows = await self._fetch(
-            "SELECT CAST(at / 60 AS INTEGER) AS minute, outcome, COUNT(*) "
+            f"SELECT {minute} AS minute, outcome, COUNT(*) "
             "FROM message_attempts WHERE at >= ? GROUP BY 1, 2",
             (since,),
         )
