@@ -400,7 +400,8 @@ async def test_discard_needs_a_reason_and_the_reason_is_on_the_audit_page(
     console: Console,
 ) -> None:
     """Discard without a reason is refused (400, still dead); with one the message is
-    discarded and the audit page shows the reason."""
+    discarded, its page shows the reason (escaped) and no fix button, and the audit page shows
+    the reason."""
     _, dead = await seed(console)
     csrf = await console.csrf(f"/messages/{dead.id}")
     status, html, _ = await console.post(f"/messages/{dead.id}/discard", {"csrf": csrf})
@@ -412,6 +413,10 @@ async def test_discard_needs_a_reason_and_the_reason_is_on_the_audit_page(
     )
     assert (status, location) == (303, f"/messages/{dead.id}?done=discard")
     assert (await console.message("ord_bad")).status is MessageStatus.DISCARDED
+    _, html = await console.page(f"/messages/{dead.id}")
+    assert "test order &lt;b&gt;x&lt;/b&gt;" in html
+    assert "Retry now" not in html
+    assert f'action="/messages/{dead.id}/replay"' not in html
     _, html = await console.page("/audit")
     assert "test order &lt;b&gt;x&lt;/b&gt;" in html
 
