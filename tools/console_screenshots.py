@@ -211,7 +211,7 @@ async def serve(app: web.Application) -> tuple[web.AppRunner, str]:
     return runner, f"http://127.0.0.1:{runner.addresses[0][1]}"
 
 
-def shoot(admin_url: str, message_id: int, out: Path) -> None:
+def shoot(admin_url: str, message_id: int, out: Path, width: int) -> None:
     from selenium import webdriver
     from selenium.webdriver.chrome.service import Service
     from selenium.webdriver.common.by import By
@@ -221,7 +221,7 @@ def shoot(admin_url: str, message_id: int, out: Path) -> None:
     for flag in ("--headless", "--no-sandbox", "--disable-gpu", "--hide-scrollbars"):
         options.add_argument(flag)
     options.add_argument("--force-prefers-color-scheme=light")
-    options.add_argument(f"--window-size={WIDTH},900")
+    options.add_argument(f"--window-size={width},900")
     driver = webdriver.Chrome(service=Service(str(CHROMEDRIVER)), options=options)
     try:
         driver.get(f"{admin_url}/login")
@@ -234,16 +234,16 @@ def shoot(admin_url: str, message_id: int, out: Path) -> None:
         ):
             driver.get(admin_url + path)
             height = driver.execute_script("return document.documentElement.scrollHeight")
-            driver.set_window_size(WIDTH, int(height) + 120)
+            driver.set_window_size(width, int(height) + 120)
             target = out / f"{name}.png"
             driver.save_screenshot(str(target))
             print(f"wrote {target.relative_to(REPO) if target.is_relative_to(REPO) else target}")
-            driver.set_window_size(WIDTH, 900)
+            driver.set_window_size(width, 900)
     finally:
         driver.quit()
 
 
-async def main(out: Path) -> int:
+async def main(out: Path, width: int = WIDTH) -> int:
     if problem := _missing():
         print(f"console_screenshots: {problem}", file=sys.stderr)
         return 2
@@ -283,7 +283,7 @@ async def main(out: Path) -> int:
             )
             featured = await service.list_messages(ListFilters(q=FEATURED))
             purchase = next(m for m in featured.items if m.event_kind == "purchase")
-            await asyncio.to_thread(shoot, admin_url, purchase.id, out)
+            await asyncio.to_thread(shoot, admin_url, purchase.id, out, width)
         finally:
             await admin_runner.cleanup()
             await runner.cleanup()
@@ -294,4 +294,6 @@ async def main(out: Path) -> int:
 if __name__ == "__main__":
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--out", default=str(REPO / "docs" / "console"), help="directory")
-    sys.exit(asyncio.run(main(Path(parser.parse_args().out))))
+    parser.add_argument("--width", type=int, default=WIDTH, help="window width (390: a phone)")
+    args = parser.parse_args()
+    sys.exit(asyncio.run(main(Path(args.out), args.width)))
