@@ -34,7 +34,14 @@ from relay.console.formatting import (
 from relay.console.service import ListFilters, MessageItem
 from relay.mapping.conditions import compile_condition
 from relay.models import MessageStatus
-from tests.helpers import LEGACY_SECRET, WRITE_KEY, FakeFaurya, order_paid, sign_headers
+from tests.helpers import (
+    LEGACY_SECRET,
+    WRITE_KEY,
+    FakeFaurya,
+    order_paid,
+    sign_headers,
+    wait_until,
+)
 
 SVG = "{http://www.w3.org/2000/svg}"
 
@@ -233,13 +240,28 @@ async def test_message_page_shows_attempts_the_request_as_sent_and_the_inbound_w
 
 
 async def test_pages_without_a_session_redirect_to_the_login_form(guarded: Console) -> None:
-    """With a token configured, every page sends a browser without a session to /login with
-    the page to come back to; the login form itself renders without the open banner."""
+    """With a token configured, every page sends a browser without a session (or with a
+    tampered cookie) to /login with the page to come back to, actions without one change
+    nothing, and the login form itself renders without the open banner."""
     for path in PAGES:
         status, _ = await guarded.page(path)
         resp = await guarded.admin.get(path, allow_redirects=False)
         assert resp.status == 303, path
         assert resp.headers["Location"].startswith("/login?next=%2F"), path
+    _, dead = await seed(guarded)
+    for path in (f"/messages/{dead.id}", "/jobs/1"):
+        resp = await guarded.admin.get(path, allow_redirects=False)
+        assert resp.status == 303, path
+    # A forged or tampered cookie is no session.
+    guarded.admin.session.cookie_jar.update_cookies({COOKIE: "x.act.9999999999.deadbeef"})
+    assert (await guarded.admin.get("/", allow_redirects=False)).status == 303
+    # Actions without a session change nothing.
+    for action in ("retry", "replay", "discard"):
+        status, _, _ = await guarded.post(
+            f"/messages/{dead.id}/{action}", {"csrf": "x", "reason": "r"}
+        )
+        assert status in (303, 401, 403), action
+    assert (await guarded.message("ord_bad")).status is MessageStatus.DEAD
     status, html = await guarded.page("/login?next=/audit")
     assert status == 200
     assert 'name="next" value="/audit"' in html
@@ -292,10 +314,14 @@ async def test_wrong_tokens_are_refused_logged_and_rate_limited(guarded: Console
 
 
 async def test_a_read_session_sees_pages_but_cannot_act(guarded: Console) -> None:
-    """The read token signs in to look: no fix buttons, and a forged retry with a valid
-    CSRF token is 403 and changes nothing."""
+    """The read token signs in to look: every page renders, without fix buttons, and a
+    forged retry with a valid CSRF token is 403 and changes nothing."""
     _, dead = await seed(guarded)
     await sign_in(guarded, READ_TOKEN)
+    for path in PAGES:
+        status, html = await guarded.page(path)
+        assert status == 200, path
+        assert "(read only)" in html, path
     status, html = await guarded.page(f"/messages/{dead.id}")
     assert status == 200
     assert "(read only)" in html
@@ -363,6 +389,18 @@ async def test_search_by_order_id_keeps_filters_in_the_url_and_pages_by_keyset(
     status, html = await console.page("/messages?status=lost")
     assert status == 400
     assert "unknown status" in html
+
+
+async def test_audit_pages_back_and_refuses_a_bad_cursor(console: Console) -> None:
+    """The audit page lists actions newest first; `before` must be an entry id (400 else)."""
+    csrf = await console.csrf()
+    for action in ("pause", "resume"):
+        await console.post(f"/destinations/faurya/{action}", {"csrf": csrf})
+    _, html = await console.page("/audit")
+    assert html.index(">resume<") < html.index(">pause<")
+    status, html = await console.page("/audit?before=abc")
+    assert status == 400
+    assert "before must be an audit entry id" in html
 
 
 async def test_live_mode_refreshes_by_meta_tag(console: Console) -> None:
@@ -469,7 +507,8 @@ async def test_pause_and_resume_a_destination_from_the_overview(console: Console
 
 async def test_bulk_replay_confirms_the_count_then_runs_as_a_job(console: Console) -> None:
     """Replay all dead matching a filter: the confirmation says how many, the post starts a
-    job whose page shows its progress, and every matching dead message is delivered."""
+    job, every matching dead message is delivered, and the finished job's page shows 2 of 2
+    with no cancel button (a cancel now is a 409 page); the audit links the job."""
     console.refused |= {"pol-b1", "pol-b2"}
     for n in (1, 2):
         await console.send(f"pol-b{n}", f"ord_b{n}")
@@ -488,9 +527,24 @@ async def test_bulk_replay_confirms_the_count_then_runs_as_a_job(console: Consol
     assert re.fullmatch(r"/jobs/\d+", location)
     for n in (1, 2):
         await console.settled(f"ord_b{n}", MessageStatus.DELIVERED)
+    job_id = int(location.rsplit("/", 1)[1])
+
+    async def finished() -> bool:
+        return bool((await console.service.job(job_id)).status.value == "done")
+
+    await wait_until(finished)
     status, html = await console.page(location)
     assert status == 200
     assert "of 2" in html
+    assert '<span class="pill done">done</span>' in html
+    assert 'http-equiv="refresh"' not in html
+    assert f'action="/jobs/{job_id}/cancel"' not in html
+    # A finished job cannot be cancelled: an error page with the service's reason.
+    status, html, _ = await console.post(f"/jobs/{job_id}/cancel", {"csrf": csrf})
+    assert status == 409
+    assert "is not running" in html
+    _, html = await console.page("/audit")
+    assert f'href="/jobs/{job_id}"' in html
 
 
 async def test_dry_run_shows_what_each_route_would_send(console: Console) -> None:
