@@ -403,6 +403,18 @@ async def test_audit_pages_back_and_refuses_a_bad_cursor(console: Console) -> No
     assert "before must be an audit entry id" in html
 
 
+async def test_ids_too_large_for_the_store_are_not_found_not_a_crash(console: Console) -> None:
+    """A message, job or audit id past 64 bits is a 404 (or 400), never a 5xx."""
+    huge = "9" * 23
+    with structlog.testing.capture_logs() as logs:
+        for path in (f"/messages/{huge}", f"/jobs/{huge}"):
+            status, _ = await console.page(path)
+            assert status == 404, path
+        status, _ = await console.page(f"/audit?before={huge}")
+        assert status == 400
+    assert not [e for e in logs if e["event"] == "request_failed"]
+
+
 async def test_live_mode_refreshes_by_meta_tag(console: Console) -> None:
     """Live mode needs no script: a meta refresh, and a link to stop it."""
     _, html = await console.page("/messages?live=1")

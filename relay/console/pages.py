@@ -94,17 +94,19 @@ def add_pages(admin: web.Application) -> None:
             headers={"Cache-Control": "max-age=300", "X-Content-Type-Options": "nosniff"},
         )
 
+    # Ids fit in a signed 64-bit column: a longer number is no page (404), never a
+    # database overflow.
     r = admin.router
     r.add_get("/static/console.css", css)
     r.add_get("/", _page(overview))
     r.add_get("/messages", _page(messages))
-    r.add_get(r"/messages/{id:\d+}", _page(message))
-    r.add_post(r"/messages/{id:\d+}/{action:retry|replay|discard}", _page(message_action))
+    r.add_get(r"/messages/{id:\d{1,18}}", _page(message))
+    r.add_post(r"/messages/{id:\d{1,18}}/{action:retry|replay|discard}", _page(message_action))
     r.add_post("/destinations/{name}/{action:pause|resume}", _page(destination_action))
     r.add_get("/dead/replay", _page(confirm_bulk_replay))
     r.add_post("/dead/replay", _page(start_bulk_replay))
-    r.add_get(r"/jobs/{id:\d+}", _page(job))
-    r.add_post(r"/jobs/{id:\d+}/{action:cancel|restart}", _page(job_action))
+    r.add_get(r"/jobs/{id:\d{1,18}}", _page(job))
+    r.add_post(r"/jobs/{id:\d{1,18}}/{action:cancel|restart}", _page(job_action))
     r.add_get("/rejected", _page(rejected))
     r.add_get("/routes", _page(routes))
     r.add_post("/routes", _page(routes))
@@ -485,7 +487,7 @@ async def rejected(request: web.Request, caller: Caller) -> web.StreamResponse:
 async def audit(request: web.Request, caller: Caller) -> web.StreamResponse:
     service = _service(request)
     before_text = request.query.get("before", "")
-    if before_text and not before_text.isdigit():
+    if before_text and not (before_text.isdigit() and len(before_text) <= 18):
         raise ConsoleError("before must be an audit entry id")
     entries = await service.audit(AUDIT_PAGE, int(before_text) if before_text else None)
     return _render(
