@@ -386,6 +386,11 @@ async def test_search_by_order_id_keeps_filters_in_the_url_and_pages_by_keyset(
     assert 'value="dead" checked' in html
     assert 'value="delivered" checked' in html
 
+    status, html = await console.page("/messages?q=ord_ba")
+    assert status == 200
+    assert "No message matches these filters" in html
+    assert "matches a whole id exactly" in html
+
     status, html = await console.page("/messages?status=lost")
     assert status == 400
     assert "unknown status" in html
