@@ -117,9 +117,9 @@ async def make_console(
     """Start a relay with the given admin settings; Faurya answers 422 (permanent: dead at
     once) to the Polar order ids in `console.refused`, 200 to the rest."""
 
-    async def make(**admin: Any) -> Console:
+    async def make(db: str | None = None, **admin: Any) -> Console:
         relay_config = dataclasses.replace(config, admin=dataclasses.replace(config.admin, **admin))
-        main = await aiohttp_client(create_app(relay_config, poll_interval_s=0.05))
+        main = await aiohttp_client(create_app(relay_config, db_path=db, poll_interval_s=0.05))
         console_admin = await aiohttp_client(create_admin_app(main.app))
         console = Console(main, console_admin, faurya)
 
@@ -199,6 +199,23 @@ async def test_every_page_renders_for_the_local_caller_under_the_open_banner(
     css = await console.admin.get("/static/console.css")
     assert css.status == 200
     assert css.content_type == "text/css"
+
+
+async def test_every_page_renders_on_postgresql(make_console: MakeConsole, pg_url: str) -> None:
+    """The same pages over the PostgreSQL outbox: each renders, and a dead message's page
+    shows its attempt; retry from the page delivers it once Faurya accepts it."""
+    console = await make_console(db=pg_url, token=None, read_token=None)
+    delivered, dead = await seed(console)
+    for path in (*PAGES, f"/messages/{delivered.id}", f"/messages/{dead.id}"):
+        status, html = await console.page(path)
+        assert status == 200, (path, html)
+    _, html = await console.page(f"/messages/{dead.id}")
+    assert ">422<" in html
+    console.refused.clear()
+    csrf = await console.csrf()
+    status, _, _ = await console.post(f"/messages/{dead.id}/retry", {"csrf": csrf})
+    assert status == 303
+    await console.settled("ord_bad", MessageStatus.DELIVERED)
 
 
 async def test_overview_shows_counts_revenue_at_risk_and_the_chart(console: Console) -> None:
