@@ -9,6 +9,7 @@ view (headers are masked, bodies shown as stored: already redacted at ingest).
 
 from __future__ import annotations
 
+import asyncio
 import base64
 import binascii
 import json
@@ -34,6 +35,7 @@ DEFAULT_LIMIT = 50
 MAX_LIMIT = 500
 # A pending purchase older than this counts as "at risk" on the overview.
 LONG_PENDING_S = 3600.0
+DELIVERED_COUNT_TTL_S = 30.0
 # Headers never shown, whatever their value: the signature proves nothing to a reader and
 # the write key is the destination's secret.
 HIDDEN_HEADERS = frozenset({"webhook-signature", "authorization", "cookie", "x-api-key"})
@@ -421,6 +423,8 @@ class Summary:
     reconcile: ReconcileRun | None
     open_access: bool  # loopback listener without a token: anyone local may act
     jobs: tuple[Job, ...] = ()  # running or interrupted bulk jobs
+    # When the delivered counts were taken (they are refreshed every DELIVERED_COUNT_TTL_S).
+    delivered_counted_at: float | None = None
 
     def to_json(self) -> dict[str, Any]:
         return plain(self)  # type: ignore[no-any-return]
@@ -564,6 +568,11 @@ class ConsoleService:
         self.open_access = open_access
         self._paused = paused or (lambda name: None)
         self._last_reconcile = last_reconcile or (lambda: None)
+        # Delivered counts visit every delivered row (a million is ~50 ms): counted at most
+        # every DELIVERED_COUNT_TTL_S, in the background, so no overview request waits for it.
+        self._delivered: dict[str, int] = {}
+        self._delivered_at: float | None = None
+        self._counting: asyncio.Task[None] | None = None
 
     @property
     def store(self) -> Store:
@@ -654,10 +663,13 @@ class ConsoleService:
         store = self.store
         now = self.clock.now()
         counts = await store.console_status_counts()
+        # Configured destinations and any other that still has undelivered messages.
+        known = sorted(set(self.config.destinations) | {row[0] for row in counts})
+        delivered_at = await self._delivered_counts(store, now, known)
         activity = await store.console_activity()
         overrides = await store.paused_overrides()
         names = list(self.config.destinations)
-        names += sorted({row[0] for row in counts} - set(names))
+        names += [name for name in known if name not in names]
         destinations = []
         for name in names:
             mine = {row[1]: row for row in counts if row[0] == name}
@@ -685,7 +697,7 @@ class ConsoleService:
                     retrying=int(pending_row[3]) if pending_row else 0,
                     dead=count(MessageStatus.DEAD),
                     discarded=count(MessageStatus.DISCARDED),
-                    delivered=count(MessageStatus.DELIVERED),
+                    delivered=self._delivered.get(name, 0),
                     oldest_pending_age_s=max(0.0, now - min(oldest)) if oldest else None,
                     paused=paused,
                     configured=name in self.config.destinations,
@@ -740,7 +752,23 @@ class ConsoleService:
             reconcile=self._last_reconcile(),
             open_access=self.open_access,
             jobs=jobs,
+            delivered_counted_at=delivered_at,
         )
+
+    async def _delivered_counts(self, store: Store, now: float, names: list[str]) -> float | None:
+        """Refresh the delivered counts: at once the first time, else in the background
+        once they are older than DELIVERED_COUNT_TTL_S. Returns when they were counted."""
+        stale = self._delivered_at is None or now - self._delivered_at > DELIVERED_COUNT_TTL_S
+        if self._delivered_at is None:
+            await self._count_delivered(store, names)
+        elif stale and (self._counting is None or self._counting.done()):
+            self._counting = asyncio.create_task(self._count_delivered(store, names))
+        return self._delivered_at
+
+    async def _count_delivered(self, store: Store, names: list[str]) -> None:
+        counted_at = self.clock.now()
+        counts = {name: await store.console_delivered_count(name) for name in names}
+        self._delivered, self._delivered_at = counts, counted_at
 
     async def _message_detail(self, message_id: int) -> MessageDetail:
         store = self.store

@@ -321,7 +321,14 @@ class AdminQueries:
         """The console's message list: newest first (or largest amount first), keyset-paged."""
         from relay.console.service import Sort
 
-        where = _console_where(filters)
+        found: list[int] | None = None
+        if filters.q:
+            # The few ids the search matches first, then their rows by primary key: given
+            # the search as a subquery beside "ORDER BY id DESC", SQLite walks the table.
+            found = await self._search_ids(filters.q)
+            if not found:
+                return []
+        where = _console_where(filters, found)
         if filters.sort is Sort.AMOUNT:
             amount = "COALESCE(m.amount_minor, 0)"
             if cursor is not None:
@@ -332,6 +339,8 @@ class AdminQueries:
                     cursor.after_id,
                 )
             order = f"{amount} DESC, m.id DESC"
+        elif len(filters.statuses) > 1:
+            return await self._console_by_statuses(filters, cursor, limit)
         else:
             if cursor is not None:
                 where.raw("m.id < ?", cursor.after_id)
@@ -343,6 +352,39 @@ class AdminQueries:
             (*where.params, limit),
         )
         return [_item(r) for r in rows]
+
+    async def _console_by_statuses(
+        self, filters: ListFilters, cursor: Cursor | None, limit: int
+    ) -> list[MessageItem]:
+        """Several statuses, newest first: the newest `limit` of each status (each read in
+        order from the (status, id) index), merged. As one "status IN (...)" the database
+        sorts every matching row to keep `limit` of them."""
+        import dataclasses
+
+        branches, params = [], []
+        found = await self._search_ids(filters.q) if filters.q else None
+        for n, status in enumerate(filters.statuses):
+            where = _console_where(dataclasses.replace(filters, statuses=(status,)), found)
+            if cursor is not None:
+                where.raw("m.id < ?", cursor.after_id)
+            branches.append(
+                f"SELECT id FROM (SELECT m.id FROM outbound_messages m JOIN inbound_events e "
+                f"ON e.id = m.event_id WHERE {where.sql} ORDER BY m.id DESC LIMIT ?) AS s{n}"
+            )
+            params += [*where.params, limit]
+        rows = await self._fetch(
+            f"SELECT {_ITEM_COLUMNS} FROM outbound_messages m "
+            "JOIN inbound_events e ON e.id = m.event_id WHERE m.id IN ("
+            + " UNION ALL ".join(branches)
+            + ") ORDER BY m.id DESC LIMIT ?",
+            (*params, limit),
+        )
+        return [_item(r) for r in rows]
+
+    async def _search_ids(self, q: str, limit: int = 1000) -> list[int]:
+        sql, params = _search_sql(q)
+        rows = await self._fetch(f"{sql} LIMIT ?", (*params, limit))
+        return [int(r[0]) for r in rows]
 
     async def console_message(self, message_id: int) -> MessageItem | None:
         rows = await self._fetch(
@@ -362,16 +404,15 @@ class AdminQueries:
     async def console_related(self, item: MessageItem, event_id: int) -> list[MessageItem]:
         """Messages of the same event, order or Polar payment (a refund and its purchase)."""
         where = _Where().raw("m.id != ?", item.id)
-        either = ["m.event_id = ?"]
+        either = ["SELECT id FROM outbound_messages WHERE event_id = ?"]
         params: list[Any] = [event_id]
-        for column, value in (
-            ("m.order_id", item.order_id),
-            ("m.payment_ref", item.payment_ref),
-        ):
+        for column, value in (("order_id", item.order_id), ("payment_ref", item.payment_ref)):
             if value:
-                either.append(f"{column} = ?")
+                either.append(f"SELECT id FROM outbound_messages WHERE {column} = ?")
                 params.append(value)
-        where.raw("(" + " OR ".join(either) + ")", *params)
+        # A set of ids from each index, then their rows (see console_messages).
+        ids = [int(r[0]) for r in await self._fetch(" UNION ".join(either), params)]
+        where.one_of("m.id", ids[:200] or [0])
         rows = await self._fetch(
             f"SELECT {_ITEM_COLUMNS} FROM outbound_messages m "
             f"JOIN inbound_events e ON e.id = m.event_id WHERE {where.sql} "
@@ -442,24 +483,28 @@ class AdminQueries:
         return [int(r[0]) for r in rows]
 
     async def console_status_counts(self) -> list[tuple[str, str, int, int, float | None]]:
-        """(destination, status, count, retrying, oldest created_at) per destination and
-        status, read from the (destination, status, next_attempt_at) index where it can."""
+        """(destination, status, count, retrying, oldest created_at) of every status but
+        delivered (those rows are few and found by the (status, id) index; the delivered
+        count is `console_delivered_count`, a longer read)."""
         rows = await self._fetch(
-            "SELECT destination, status, COUNT(*) FROM outbound_messages "
-            "GROUP BY destination, status"
-        )
-        extra = await self._fetch(
-            "SELECT destination, status, "
+            "SELECT destination, status, COUNT(*), "
             "SUM(CASE WHEN attempts > 0 THEN 1 ELSE 0 END), MIN(created_at) "
-            "FROM outbound_messages WHERE status IN ('pending', 'inflight') "
+            "FROM outbound_messages WHERE status IN ('pending', 'inflight', 'dead', 'discarded') "
             "GROUP BY destination, status"
         )
-        more = {(r[0], r[1]): (int(r[2] or 0), r[3]) for r in extra}
-        out = []
-        for r in rows:
-            retrying, oldest = more.get((r[0], r[1]), (0, None))
-            out.append((r[0], r[1], int(r[2]), retrying, None if oldest is None else float(oldest)))
-        return out
+        return [
+            (r[0], r[1], int(r[2]), int(r[3] or 0), None if r[4] is None else float(r[4]))
+            for r in rows
+        ]
+
+    async def console_delivered_count(self, destination: str) -> int:
+        """Delivered messages of one destination (counted along the (destination, status)
+        index: every delivered row is visited, so callers cache it)."""
+        rows = await self._fetch(
+            "SELECT COUNT(*) FROM outbound_messages WHERE destination = ? AND status = 'delivered'",
+            (destination,),
+        )
+        return int(rows[0][0])
 
     async def console_activity(self) -> dict[str, tuple[float | None, str | None, float | None]]:
         """destination -> (last success at, last error, last error at)."""
@@ -781,7 +826,25 @@ _STATUS_CLASS_SQL = {
 }
 
 
-def _console_where(f: ListFilters) -> _Where:
+def _search_sql(q: str) -> tuple[str, list[Any]]:
+    """The ids whose search columns hold `q`, each column found by its own index."""
+    terms = [
+        "SELECT id FROM outbound_messages WHERE order_id = ?",
+        "SELECT id FROM outbound_messages WHERE payment_ref = ?",
+        "SELECT id FROM outbound_messages WHERE refund_id = ?",
+        "SELECT id FROM outbound_messages WHERE idempotency_key = ?",
+        "SELECT id FROM outbound_messages WHERE event_id IN "
+        "(SELECT id FROM inbound_events WHERE webhook_id = ?)",
+    ]
+    params: list[Any] = [q] * len(terms)
+    if q.isdigit() and len(q) < 19:
+        terms.append("SELECT id FROM outbound_messages WHERE id = ?")
+        params.append(int(q))
+    return " UNION ".join(terms), params
+
+
+def _console_where(f: ListFilters, found: Sequence[int] | None = None) -> _Where:
+    """`found`: the ids the search matched, when the caller looked them up first."""
     where = (
         _Where()
         .one_of("m.status", [s.value for s in f.statuses])
@@ -792,18 +855,9 @@ def _console_where(f: ListFilters) -> _Where:
     )
     if f.status_class is not None:
         where.raw(_STATUS_CLASS_SQL[f.status_class.value])
-    if f.q:
-        # Each term is an indexed equality, so the database unions index lookups.
-        terms = [
-            "m.order_id = ?",
-            "m.payment_ref = ?",
-            "m.refund_id = ?",
-            "m.idempotency_key = ?",
-            "m.event_id IN (SELECT id FROM inbound_events WHERE webhook_id = ?)",
-        ]
-        params: list[Any] = [f.q] * len(terms)
-        if f.q.isdigit() and len(f.q) < 19:
-            terms.append("m.id = ?")
-            params.append(int(f.q))
-        where.raw("(" + " OR ".join(terms) + ")", *params)
+    if found is not None:
+        where.one_of("m.id", found or [0])
+    elif f.q:
+        sql, params = _search_sql(f.q)
+        where.raw(f"m.id IN ({sql})", *params)
     return where
