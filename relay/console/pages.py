@@ -127,11 +127,13 @@ def _page(handler: PageHandler) -> Handler:
 
     async def wrapped(request: web.Request) -> web.StreamResponse:
         caller = auth.page_caller(request)
+        reads = request.method in ("GET", "HEAD")
         if caller is None:
-            if request.method != "GET":
+            if not reads:
                 return _error(request, None, 401, "Signed out", "Sign in again, then retry.")
             return _redirect(f"/login?{urlencode({'next': request.path_qs})}")
-        if request.method != "GET" and not caller.can_act and handler is not routes:
+        # The dry run (POST /routes) only reads: a read session may use it.
+        if not reads and not caller.can_act and handler is not routes:
             return _error(
                 request,
                 caller,
@@ -208,7 +210,7 @@ def _local_path(target: str | None) -> str:
     return target
 
 
-def _message_id(request: web.Request) -> int:
+def _path_id(request: web.Request) -> int:
     return int(request.match_info["id"])
 
 
@@ -351,7 +353,7 @@ async def messages(request: web.Request, caller: Caller) -> web.StreamResponse:
 
 async def message(request: web.Request, caller: Caller) -> web.StreamResponse:
     service = _service(request)
-    detail = await service.message_detail(_message_id(request))
+    detail = await service.message_detail(_path_id(request))
     return _render(
         request,
         caller,
@@ -367,7 +369,7 @@ async def message(request: web.Request, caller: Caller) -> web.StreamResponse:
 
 async def message_action(request: web.Request, caller: Caller) -> web.StreamResponse:
     service = _service(request)
-    message_id = _message_id(request)
+    message_id = _path_id(request)
     action = request.match_info["action"]
     if action == "retry":
         await service.retry(caller, message_id)
@@ -441,7 +443,7 @@ async def start_bulk_replay(request: web.Request, caller: Caller) -> web.StreamR
 
 async def job(request: web.Request, caller: Caller) -> web.StreamResponse:
     service = _service(request)
-    found = await service.job(_message_id(request))
+    found = await service.job(_path_id(request))
     return _render(
         request,
         caller,
@@ -457,7 +459,7 @@ async def job(request: web.Request, caller: Caller) -> web.StreamResponse:
 
 async def job_action(request: web.Request, caller: Caller) -> web.StreamResponse:
     service = _service(request)
-    job_id = _message_id(request)
+    job_id = _path_id(request)
     action = request.match_info["action"]
     if action == "cancel":
         await service.cancel_job(caller, job_id)
