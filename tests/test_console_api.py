@@ -211,6 +211,8 @@ async def test_messages_list_filters_search_and_pages(relay: Relay) -> None:
         ("limit=ten", "limit must be an integer"),
         ("cursor=%%%", "bad cursor"),
         ("since=yesterday", "cannot read time"),
+        # {"id": 10**24}: beyond the stores' 64-bit ids (was an OverflowError, a 503)
+        ("cursor=eyJpZCI6MTAwMDAwMDAwMDAwMDAwMDAwMDAwMDAwMH0", "bad cursor"),
     ],
 )
 async def test_messages_list_refuses_bad_parameters(relay: Relay, query: str, error: str) -> None:
@@ -246,6 +248,8 @@ async def test_message_detail_of_a_missing_or_malformed_id(relay: Relay) -> None
     """An unknown id is a JSON 404; a non-numeric one a 400."""
     assert "no message with id 999" in (await relay.get("/api/v1/messages/999", 404))["error"]
     assert "integer" in (await relay.get("/api/v1/messages/abc", 400))["error"]
+    assert "no such id" in (await relay.get(f"/api/v1/messages/{10**24}", 404))["error"]
+    assert "out of range" in (await relay.get(f"/api/v1/audit?before={10**24}", 400))["error"]
 
 
 async def test_retry_sends_a_dead_message_again_and_is_audited(relay: Relay) -> None:

@@ -17,6 +17,7 @@ from aiohttp import web
 from relay.console import auth
 from relay.console.service import (
     DEFAULT_LIMIT,
+    MAX_ID,
     Caller,
     ConsoleError,
     ConsoleService,
@@ -98,13 +99,20 @@ def _int(text: str | None, name: str, *, default: int | None = None) -> int:
             raise ConsoleError(f"{name} is required")
         return default
     try:
-        return int(text)
+        value = int(text)
     except ValueError:
         raise ConsoleError(f"{name} must be an integer, not {text[:40]!r}") from None
+    if abs(value) >= MAX_ID:  # beyond the stores' 64-bit integers
+        raise ConsoleError(f"{name} is out of range")
+    return value
 
 
 def _id(request: web.Request) -> int:
-    value = _int(request.match_info["id"], "id")
+    """A path id; one out of the stores' range names nothing (404)."""
+    text = request.match_info["id"]
+    if text.isdigit() and len(text) > 18 and int(text) >= MAX_ID:
+        raise ConsoleError(f"no such id {text[:40]}", 404)
+    value = _int(text, "id")
     if value < 1:
         raise ConsoleError("id must be a positive integer")
     return value

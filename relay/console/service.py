@@ -36,6 +36,7 @@ MAX_LIMIT = 500
 # A pending purchase older than this counts as "at risk" on the overview.
 LONG_PENDING_S = 3600.0
 DELIVERED_COUNT_TTL_S = 30.0
+MAX_ID = 2**63  # ids and amounts are 64-bit integers in both stores
 # Headers never shown, whatever their value: the signature proves nothing to a reader and
 # the write key is the destination's secret.
 HIDDEN_HEADERS = frozenset({"webhook-signature", "authorization", "cookie", "x-api-key"})
@@ -207,6 +208,9 @@ class Cursor:
             after_id = data["id"]
             amount = data.get("a")
             if not isinstance(after_id, int) or not (amount is None or isinstance(amount, int)):
+                raise ValueError
+            # Both backends store 64-bit integers: anything beyond is no position of ours.
+            if not 0 <= after_id < MAX_ID or (amount is not None and abs(amount) >= MAX_ID):
                 raise ValueError
         except (ValueError, KeyError, TypeError, binascii.Error):
             raise ConsoleError("bad cursor: use the `next` value of a previous page") from None
