@@ -46,6 +46,7 @@ NOW = float(timegm((2026, 11, 26, 15, 0, 0, 0, 0, 0)))
 SECRET = "polar_whs_screenshots_0000000000000000"  # noqa: S105 - not a real secret
 TOKEN = "console-screenshots-token"  # noqa: S105 - not a real token
 WIDTH = 1280
+FAURYA_PORT = 47808
 OUTAGE_MINUTES = range(40, 48)  # Faurya answers 503
 # Orders Faurya refuses for good (422): the dead letters, with their amounts.
 DEAD_ORDERS = {
@@ -204,10 +205,15 @@ def faurya_app(clock: StepClock) -> web.Application:
     return app
 
 
-async def serve(app: web.Application) -> tuple[web.AppRunner, str]:
+async def serve(app: web.Application, port: int = 0) -> tuple[web.AppRunner, str]:
+    """Serve on loopback: on `port` when it is free (the fake Faurya's URL shows on the
+    message page: a fixed one keeps the picture the same), else on any free port."""
     runner = web.AppRunner(app, access_log=None)
     await runner.setup()
-    await web.TCPSite(runner, "127.0.0.1", 0).start()
+    try:
+        await web.TCPSite(runner, "127.0.0.1", port).start()
+    except OSError:
+        await web.TCPSite(runner, "127.0.0.1", 0).start()
     return runner, f"http://127.0.0.1:{runner.addresses[0][1]}"
 
 
@@ -250,7 +256,9 @@ async def main(out: Path, width: int = WIDTH) -> int:
     out.mkdir(parents=True, exist_ok=True)  # noqa: ASYNC240 - once, before the loop runs
     logs.configure("warning", "console")
     clock = StepClock(NOW - 3600)
-    faurya_runner, faurya_url = await serve(faurya_app(clock))
+    # The workers' retry jitter draws from the global generator: seeded, the same delays.
+    random.seed(20261126)
+    faurya_runner, faurya_url = await serve(faurya_app(clock), FAURYA_PORT)
     with tempfile.TemporaryDirectory(prefix="relay-shots-") as tmp:
         env = {
             "POLAR_WEBHOOK_SECRET": SECRET,
