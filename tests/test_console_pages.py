@@ -34,6 +34,7 @@ from relay.console.formatting import (
 from relay.console.service import ListFilters, MessageItem
 from relay.mapping.conditions import compile_condition
 from relay.models import MessageStatus
+from tests.conftest import store_of
 from tests.helpers import (
     LEGACY_SECRET,
     WRITE_KEY,
@@ -579,6 +580,40 @@ async def test_bulk_replay_confirms_the_count_then_runs_as_a_job(console: Consol
     assert "is not running" in html
     _, html = await console.page("/audit")
     assert f'href="/jobs/{job_id}"' in html
+
+
+async def test_an_interrupted_job_shows_on_the_overview_and_restarts_from_its_page(
+    console: Console,
+) -> None:
+    """A bulk job its relay left unfinished shows on the overview as interrupted; its page
+    offers Restart (no Cancel), and the restart finishes it."""
+    console.refused.add("pol-int")
+    await console.send("pol-int", "ord_int")
+    await console.settled("ord_int", MessageStatus.DEAD)
+    csrf = await console.csrf()
+    _, _, location = await console.post("/dead/replay?status=dead", {"csrf": csrf})
+    assert location is not None
+    job_id = int(location.rsplit("/", 1)[1])
+
+    async def finished() -> bool:
+        return bool((await console.service.job(job_id)).status.value == "done")
+
+    await wait_until(finished)
+    # What a relay stopped mid-job leaves behind (the store's own transition, as at close).
+    store = store_of(console.main)
+    assert await store.set_job_status(job_id, "interrupted", from_statuses=("done",))
+    _, html = await console.page("/")
+    assert f'<a href="/jobs/{job_id}">Job #{job_id}</a>' in html
+    assert '<span class="pill interrupted">interrupted</span>' in html
+    _, html = await console.page(location)
+    assert "stopped before it finished" in html
+    assert f'action="/jobs/{job_id}/restart"' in html
+    assert f'action="/jobs/{job_id}/cancel"' not in html
+    status, _, back = await console.post(f"/jobs/{job_id}/restart", {"csrf": csrf})
+    assert (status, back) == (303, f"/jobs/{job_id}?done=restart")
+    await wait_until(finished)
+    _, html = await console.page(f"/jobs/{job_id}")
+    assert '<span class="pill done">done</span>' in html
 
 
 async def test_dry_run_shows_what_each_route_would_send(console: Console) -> None:
