@@ -25,6 +25,7 @@ import argparse
 import contextlib
 import json
 import shutil
+import signal
 import socket
 import sqlite3
 import statistics
@@ -93,7 +94,7 @@ def shape(db: Path) -> dict[str, Any]:
             conn.execute("SELECT status, COUNT(*) FROM outbound_messages GROUP BY status")
         )
         sample = conn.execute(
-            "SELECT id, order_id FROM outbound_messages WHERE status = 'dead' "
+            "SELECT id, order_id, payment_ref FROM outbound_messages WHERE status = 'dead' "
             "ORDER BY id DESC LIMIT 1"
         ).fetchone()
     finally:
@@ -102,7 +103,8 @@ def shape(db: Path) -> dict[str, Any]:
         "seconds": time.monotonic() - started,
         "counts": counts,
         "dead_id": int(sample[0]),
-        "dead_order_id": sample[1],
+        "dead_order_id": sample[1],  # the merchant's orderId: the same in every cloned row
+        "dead_payment_ref": sample[2],  # Polar's order id: unique per row
     }
 
 
@@ -213,7 +215,12 @@ def ack_comparison(bench: ConsoleBench, db: Path, runs: int, seconds: float) -> 
     }
 
 
+def _raise_on_sigterm(signum: int, frame: object) -> None:
+    raise SystemExit(143)  # the finally below stops the relay and the fake Faurya
+
+
 def main() -> int:
+    signal.signal(signal.SIGTERM, _raise_on_sigterm)
     parser = argparse.ArgumentParser(description="Faurya Relay console benchmark (issue 18)")
     parser.add_argument("--quick", action="store_true", help="100,000 messages, no ack runs")
     parser.add_argument("--messages", type=int, default=None)
@@ -241,6 +248,7 @@ def main() -> int:
         results["shaped"] = shape(db)
         dead_id = results["shaped"]["dead_id"]
         order_id = results["shaped"]["dead_order_id"]
+        polar_id = results["shaped"]["dead_payment_ref"]
         service, _ = bench.start_relay(db, paused=True)
         try:
             base = f"http://{LOOPBACK}:{bench.admin_port}"
@@ -253,10 +261,12 @@ def main() -> int:
                 ("API messages, dead by amount", "/api/v1/messages?status=dead&sort=amount"),
                 ("API messages, dead + delivered", "/api/v1/messages?status=dead,delivered"),
                 ("API messages, 4xx", "/api/v1/messages?status_class=4xx"),
-                ("API messages, search order id", f"/api/v1/messages?q={order_id}"),
+                ("API messages, search Polar order id", f"/api/v1/messages?q={polar_id}"),
+                ("API messages, search shared orderId", f"/api/v1/messages?q={order_id}"),
                 ("API messages, destination", "/api/v1/messages?destination=faurya"),
                 ("API messages, route", "/api/v1/messages?route=order_paid"),
                 ("API messages, last day", "/api/v1/messages?since=1d"),
+                ("API messages, until 30 days ago", "/api/v1/messages?until=30d"),
                 ("API message detail", f"/api/v1/messages/{dead_id}"),
                 ("API dead/replay count", "/api/v1/dead/replay"),
                 ("API audit", "/api/v1/audit"),
@@ -264,7 +274,7 @@ def main() -> int:
                 ("page overview", "/"),
                 ("page messages", "/messages"),
                 ("page dead letters by amount", "/messages?status=dead&sort=amount"),
-                ("page search", f"/messages?q={order_id}"),
+                ("page search", f"/messages?q={polar_id}"),
                 ("page message", f"/messages/{dead_id}"),
                 ("page audit", "/audit"),
                 ("page rejected", "/rejected"),

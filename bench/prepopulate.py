@@ -93,10 +93,12 @@ def populate(db: Path, template: Template, count: int, *, delivered: bool) -> di
             "CREATE TEMP TABLE b (i INTEGER PRIMARY KEY, oid TEXT NOT NULL, wid TEXT NOT NULL, "
             "at REAL NOT NULL)"
         )
-        # Delivered: the newest first, spread over HISTORY_DAYS. Pending: a backlog that built
-        # up over the last `count` milliseconds (all of it due now).
-        step = HISTORY_DAYS * DAY_S / max(count, 1) if delivered else -0.001
-        origin = now if delivered else now - count * 0.001
+        # Delivered: spread over HISTORY_DAYS. Pending: a backlog that built up over the last
+        # `count` milliseconds (all of it due now). Either way ids grow with time, as the
+        # relay writes them (the console's time filters rely on it).
+        span_s = HISTORY_DAYS * DAY_S if delivered else count * 0.001
+        step = -span_s / max(count, 1)
+        origin = now - span_s
         conn.execute(
             "WITH RECURSIVE s(i) AS (SELECT 1 UNION ALL SELECT i + 1 FROM s WHERE i < :count) "
             "INSERT INTO b SELECT i, lower(hex(randomblob(16))), "

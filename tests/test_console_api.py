@@ -652,6 +652,17 @@ async def test_console_store_queries_on_both_backends(store_location: str) -> No
         assert await found(status_class=StatusClass.S4XX) == [three, two]
         assert await found(status_class=StatusClass.S2XX) == [one]
         assert await found(route="other") == []
+        assert await found(since=T0) == [three, two, one]
+        assert await found(since=T0 + 1000) == []
+        assert await found(until=T0) == []
+        assert await found(until=T0 + 1, since=T0 - 1) == [three, two, one]
+        assert await found(
+            until=T0 + 1, statuses=(MessageStatus.DEAD, MessageStatus.DELIVERED)
+        ) == [
+            three,
+            two,
+            one,
+        ]
         assert await found(sort=Sort.AMOUNT, statuses=(MessageStatus.DEAD,)) == [two, three]
         page = await store.console_messages(ListFilters(), Cursor(two), 10)
         assert [i.id for i in page] == [one]
@@ -682,7 +693,8 @@ async def test_console_store_queries_on_both_backends(store_location: str) -> No
             (minute, "dead", 2),
             (minute, "delivered", 1),
         ]
-        counts = {(r[0], r[1]): r[2] for r in await store.console_status_counts()}
+        assert await store.console_waiting_destinations() == ["faurya"]
+        counts = {(r[0], r[1]): r[2] for r in await store.console_status_counts(["faurya"])}
         assert counts == {("faurya", "dead"): 2}
         assert await store.console_delivered_count("faurya") == 1
         stored = await store.console_message_body(two)

@@ -666,9 +666,11 @@ class ConsoleService:
     async def _summary(self) -> Summary:
         store = self.store
         now = self.clock.now()
-        counts = await store.console_status_counts()
         # Configured destinations and any other that still has undelivered messages.
-        known = sorted(set(self.config.destinations) | {row[0] for row in counts})
+        known = sorted(
+            set(self.config.destinations) | set(await store.console_waiting_destinations())
+        )
+        counts = await store.console_status_counts(known)
         delivered_at = await self._delivered_counts(store, now, known)
         activity = await store.console_activity()
         overrides = await store.paused_overrides()

@@ -33,6 +33,8 @@ CREATE INDEX outbound_messages_status_id ON outbound_messages (status, id);
 CREATE INDEX outbound_messages_dest_id ON outbound_messages (destination, id);
 CREATE INDEX outbound_messages_route_id ON outbound_messages (route, id);
 CREATE INDEX outbound_messages_status_amount ON outbound_messages (status, amount_minor, id);
+-- Time filters find their id range here (ids grow with created_at, the insert time).
+CREATE INDEX outbound_messages_created ON outbound_messages (created_at);
 -- Revenue delivered today / 7 days, read from the index alone.
 CREATE INDEX outbound_messages_revenue ON outbound_messages
     (status, delivered_at, event_kind, currency, amount_minor, attributed);

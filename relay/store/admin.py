@@ -35,6 +35,13 @@ if TYPE_CHECKING:
         MessageItem,
     )
 
+# A search matching more messages than this shows the newest this many.
+SEARCH_LIMIT = 1000
+MAX_ROW_ID = 2**63 - 1
+# Message ids grow with created_at (it is the insert time); a time filter is turned into an id
+# range from the created_at index, widened by this much clock disagreement between writers.
+CLOCK_SLACK_S = 300.0
+
 # Retention's delivered-message batch: run by `_prune_messages`, which deletes their attempts
 # in the same transaction.
 _PRUNE_MESSAGES = "prune delivered messages and their attempts"
@@ -329,6 +336,7 @@ class AdminQueries:
             if not found:
                 return []
         where = _console_where(filters, found)
+        await self._time_hints(where, filters)
         if filters.sort is Sort.AMOUNT:
             amount = "COALESCE(m.amount_minor, 0)"
             if cursor is not None:
@@ -365,6 +373,7 @@ class AdminQueries:
         found = await self._search_ids(filters.q) if filters.q else None
         for n, status in enumerate(filters.statuses):
             where = _console_where(dataclasses.replace(filters, statuses=(status,)), found)
+            await self._time_hints(where, filters)
             if cursor is not None:
                 where.raw("m.id < ?", cursor.after_id)
             branches.append(
@@ -381,10 +390,30 @@ class AdminQueries:
         )
         return [_item(r) for r in rows]
 
-    async def _search_ids(self, q: str, limit: int = 1000) -> list[int]:
-        sql, params = _search_sql(q)
-        rows = await self._fetch(f"{sql} LIMIT ?", (*params, limit))
-        return [int(r[0]) for r in rows]
+    async def _time_hints(self, where: _Where, filters: ListFilters) -> None:
+        """Bound the ids of a time-filtered list, so the newest-first walk starts at `until`
+        and stops at `since` instead of walking the whole table. Exact as long as no writer's
+        clock was CLOCK_SLACK_S behind another's (the created_at bounds stay in the query)."""
+        if filters.since is not None:
+            rows = await self._fetch(
+                "SELECT id FROM outbound_messages WHERE created_at >= ? "
+                "ORDER BY created_at, id LIMIT 1",
+                (filters.since - CLOCK_SLACK_S,),
+            )
+            where.raw("m.id >= ?", int(rows[0][0]) if rows else MAX_ROW_ID)
+        if filters.until is not None:
+            rows = await self._fetch(
+                "SELECT id FROM outbound_messages WHERE created_at < ? "
+                "ORDER BY created_at DESC, id DESC LIMIT 1",
+                (filters.until + CLOCK_SLACK_S,),
+            )
+            where.raw("m.id <= ?", int(rows[0][0]) if rows else 0)
+
+    async def _search_ids(self, q: str, limit: int = SEARCH_LIMIT) -> list[int]:
+        """The newest `limit` ids the search matches."""
+        sql, params = _search_sql(q, limit)
+        rows = await self._fetch(sql, params)
+        return sorted({int(r[0]) for r in rows}, reverse=True)[:limit]
 
     async def console_message(self, message_id: int) -> MessageItem | None:
         rows = await self._fetch(
@@ -482,20 +511,42 @@ class AdminQueries:
         )
         return [int(r[0]) for r in rows]
 
-    async def console_status_counts(self) -> list[tuple[str, str, int, int, float | None]]:
+    async def console_status_counts(
+        self, destinations: Sequence[str]
+    ) -> list[tuple[str, str, int, int, float | None]]:
         """(destination, status, count, retrying, oldest created_at) of every status but
-        delivered (those rows are few and found by the (status, id) index; the delivered
-        count is `console_delivered_count`, a longer read)."""
+        delivered, for these destinations: each count read from the (destination, status)
+        index alone; retrying and the oldest only for the backlog (the delivered count is
+        `console_delivered_count`, a longer read)."""
+        out: list[tuple[str, str, int, int, float | None]] = []
+        for destination in destinations:
+            for status in ("dead", "discarded"):
+                rows = await self._fetch(
+                    "SELECT COUNT(*) FROM outbound_messages WHERE destination = ? AND status = ?",
+                    (destination, status),
+                )
+                if int(rows[0][0]):
+                    out.append((destination, status, int(rows[0][0]), 0, None))
+            rows = await self._fetch(
+                "SELECT status, COUNT(*), SUM(CASE WHEN attempts > 0 THEN 1 ELSE 0 END), "
+                "MIN(created_at) FROM outbound_messages WHERE destination = ? "
+                "AND status IN ('pending', 'inflight') GROUP BY status",
+                (destination,),
+            )
+            out += [
+                (destination, r[0], int(r[1]), int(r[2] or 0), None if r[3] is None else r[3])
+                for r in rows
+            ]
+        return out
+
+    async def console_waiting_destinations(self) -> list[str]:
+        """Destinations with messages not delivered (a destination gone from the config may
+        still have some): read from the (status, id) index, few rows."""
         rows = await self._fetch(
-            "SELECT destination, status, COUNT(*), "
-            "SUM(CASE WHEN attempts > 0 THEN 1 ELSE 0 END), MIN(created_at) "
-            "FROM outbound_messages WHERE status IN ('pending', 'inflight', 'dead', 'discarded') "
-            "GROUP BY destination, status"
+            "SELECT DISTINCT destination FROM outbound_messages "
+            "WHERE status IN ('pending', 'inflight', 'dead')"
         )
-        return [
-            (r[0], r[1], int(r[2]), int(r[3] or 0), None if r[4] is None else float(r[4]))
-            for r in rows
-        ]
+        return sorted(r[0] for r in rows)
 
     async def console_delivered_count(self, destination: str) -> int:
         """Delivered messages of one destination (counted along the (destination, status)
@@ -540,15 +591,24 @@ class AdminQueries:
 
     async def console_at_risk(self, pending_before: float) -> list[tuple[str, str, int, int]]:
         """("dead" | "pending", currency, amount, count) of purchases not delivered: dead, or
-        pending (inflight) since before `pending_before`."""
-        rows = await self._fetch(
-            "SELECT CASE WHEN status = 'dead' THEN 'dead' ELSE 'pending' END, currency, "
-            "SUM(amount_minor), COUNT(*) FROM outbound_messages "
-            "WHERE (status = 'dead' OR (status IN ('pending', 'inflight') AND created_at < ?)) "
-            "AND event_kind = 'purchase' AND amount_minor IS NOT NULL GROUP BY 1, 2",
+        pending (inflight) since before `pending_before`. The dead ones are summed from the
+        revenue index alone (status, delivered_at, event_kind, currency, amount)."""
+        dead = await self._fetch(
+            "SELECT currency, SUM(amount_minor), COUNT(*) FROM outbound_messages "
+            "WHERE status = 'dead' AND event_kind = 'purchase' AND amount_minor IS NOT NULL "
+            "GROUP BY currency"
+        )
+        waiting = await self._fetch(
+            "SELECT currency, SUM(amount_minor), COUNT(*) FROM outbound_messages "
+            "WHERE status IN ('pending', 'inflight') AND created_at < ? "
+            "AND event_kind = 'purchase' AND amount_minor IS NOT NULL GROUP BY currency",
             (pending_before,),
         )
-        return [(r[0], r[1] or "other", int(r[2] or 0), int(r[3])) for r in rows]
+        return [
+            (kind, r[0] or "other", int(r[1] or 0), int(r[2]))
+            for kind, rows in (("dead", dead), ("pending", waiting))
+            for r in rows
+        ]
 
     # --- audit
 
@@ -826,8 +886,10 @@ _STATUS_CLASS_SQL = {
 }
 
 
-def _search_sql(q: str) -> tuple[str, list[Any]]:
-    """The ids whose search columns hold `q`, each column found by its own index."""
+def _search_sql(q: str, limit: int | None = None) -> tuple[str, list[Any]]:
+    """The ids whose search columns hold `q`, each column found by its own index; with
+    `limit`, at most that many (the newest) from each column, so an id shared by a million
+    rows costs a thousand."""
     terms = [
         "SELECT id FROM outbound_messages WHERE order_id = ?",
         "SELECT id FROM outbound_messages WHERE payment_ref = ?",
@@ -840,7 +902,13 @@ def _search_sql(q: str) -> tuple[str, list[Any]]:
     if q.isdigit() and len(q) < 19:
         terms.append("SELECT id FROM outbound_messages WHERE id = ?")
         params.append(int(q))
-    return " UNION ".join(terms), params
+    if limit is None:
+        return " UNION ".join(terms), params
+    limited = [
+        f"SELECT id FROM ({term} ORDER BY id DESC LIMIT {int(limit)}) AS q{n}"
+        for n, term in enumerate(terms)
+    ]
+    return " UNION ALL ".join(limited), params
 
 
 def _console_where(f: ListFilters, found: Sequence[int] | None = None) -> _Where:

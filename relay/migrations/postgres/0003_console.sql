@@ -18,6 +18,7 @@ CREATE INDEX outbound_messages_status_id ON outbound_messages (status, id);
 CREATE INDEX outbound_messages_dest_id ON outbound_messages (destination, id);
 CREATE INDEX outbound_messages_route_id ON outbound_messages (route, id);
 CREATE INDEX outbound_messages_status_amount ON outbound_messages (status, amount_minor, id);
+CREATE INDEX outbound_messages_created ON outbound_messages (created_at);
 CREATE INDEX outbound_messages_revenue ON outbound_messages
     (status, delivered_at, event_kind, currency, amount_minor, attributed);
 
