@@ -37,6 +37,7 @@ if TYPE_CHECKING:
 
 # A search matching more messages than this shows the newest this many.
 SEARCH_LIMIT = 1000
+RELATED_LIMIT = 20  # related messages shown with one message
 MAX_ROW_ID = 2**63 - 1
 # Message ids grow with created_at (it is the insert time); a time filter is turned into an id
 # range from the created_at index, widened by this much clock disagreement between writers.
@@ -433,19 +434,26 @@ class AdminQueries:
     async def console_related(self, item: MessageItem, event_id: int) -> list[MessageItem]:
         """Messages of the same event, order or Polar payment (a refund and its purchase)."""
         where = _Where().raw("m.id != ?", item.id)
-        either = ["SELECT id FROM outbound_messages WHERE event_id = ?"]
+        either = ["event_id = ?"]
         params: list[Any] = [event_id]
         for column, value in (("order_id", item.order_id), ("payment_ref", item.payment_ref)):
             if value:
-                either.append(f"SELECT id FROM outbound_messages WHERE {column} = ?")
+                either.append(f"{column} = ?")
                 params.append(value)
-        # A set of ids from each index, then their rows (see console_messages).
-        ids = [int(r[0]) for r in await self._fetch(" UNION ".join(either), params)]
-        where.one_of("m.id", ids[:200] or [0])
+        # The newest few ids from each index, then their rows (see console_messages): an
+        # orderId shared by many messages costs RELATED_LIMIT of them, not all.
+        branches = [
+            f"SELECT id FROM (SELECT id FROM outbound_messages WHERE {term} "
+            f"ORDER BY id DESC LIMIT {RELATED_LIMIT + 1}) AS r{n}"
+            for n, term in enumerate(either)
+        ]
+        found = await self._fetch(" UNION ALL ".join(branches), params)
+        ids = sorted({int(r[0]) for r in found} - {item.id}, reverse=True)
+        where.one_of("m.id", ids[:RELATED_LIMIT] or [0])
         rows = await self._fetch(
             f"SELECT {_ITEM_COLUMNS} FROM outbound_messages m "
             f"JOIN inbound_events e ON e.id = m.event_id WHERE {where.sql} "
-            "ORDER BY m.id DESC LIMIT 20",
+            f"ORDER BY m.id DESC LIMIT {RELATED_LIMIT}",
             where.params,
         )
         return [_item(r) for r in rows]
