@@ -57,11 +57,13 @@ def browser(tmp_path_factory: pytest.TempPathFactory) -> Iterator[WebDriver]:
 def sign_in(driver: WebDriver, base: str) -> str:
     """Open the console, land on the login form, paste the token; the page title after."""
     from selenium.webdriver.common.by import By
+    from selenium.webdriver.support.ui import WebDriverWait
 
     driver.get(base + "/")
     assert "/login?next=" in driver.current_url
     driver.find_element(By.NAME, "token").send_keys(ADMIN_TOKEN)
     driver.find_element(By.CSS_SELECTOR, ".login button[type=submit]").click()
+    WebDriverWait(driver, 10).until(lambda d: "/login" not in d.current_url)
     return str(driver.title)
 
 
@@ -69,23 +71,30 @@ def open_order(driver: WebDriver, order_id: str) -> str:
     """Search the order id from the overview's search box and open its one message; the
     message page's status pill."""
     from selenium.webdriver.common.by import By
+    from selenium.webdriver.support.ui import WebDriverWait
 
     driver.find_element(By.LINK_TEXT, "Overview").click()
+    WebDriverWait(driver, 10).until(lambda d: d.title.startswith("Overview"))
     box = driver.find_element(By.CSS_SELECTOR, "input[name=q]")
     box.send_keys(order_id)
     box.submit()
+    WebDriverWait(driver, 10).until(lambda d: f"q={order_id}" in d.current_url)
     rows = driver.find_elements(By.CSS_SELECTOR, "tbody tr")
     assert len(rows) == 1, driver.page_source
     assert order_id in rows[0].text
     rows[0].find_element(By.CSS_SELECTOR, "td.id a").click()
+    WebDriverWait(driver, 10).until(lambda d: d.title.startswith("Message #"))
     return str(driver.find_element(By.CSS_SELECTOR, "h1 .pill").text)
 
 
 def click(driver: WebDriver, label: str) -> str:
-    """Press the button labelled `label`; the notice on the page it leads to."""
+    """Press the button labelled `label`; the notice on the page it leads to (the form
+    posts, then the browser follows the redirect: wait for the page that says `done=`)."""
     from selenium.webdriver.common.by import By
+    from selenium.webdriver.support.ui import WebDriverWait
 
     driver.find_element(By.XPATH, f"//button[normalize-space()='{label}']").click()
+    WebDriverWait(driver, 10).until(lambda d: "done=" in d.current_url)
     return str(driver.find_element(By.CSS_SELECTOR, ".notice").text)
 
 
@@ -111,8 +120,10 @@ def discard(driver: WebDriver, reason: str) -> str:
 
 def audit_rows(driver: WebDriver) -> list[str]:
     from selenium.webdriver.common.by import By
+    from selenium.webdriver.support.ui import WebDriverWait
 
     driver.find_element(By.LINK_TEXT, "Audit").click()
+    WebDriverWait(driver, 10).until(lambda d: d.title.startswith("Audit"))
     return [row.text for row in driver.find_elements(By.CSS_SELECTOR, "tbody tr")]
 
 
