@@ -239,11 +239,12 @@ class Backend(Protocol):
     # the backend tells this process only (`Wakeups.operation_seen`).
     announcement: tuple[str, tuple[Any, ...]] | None
 
+    # Runs inside each committing transaction that enqueued for some destinations (PostgreSQL:
+    # NOTIFY the other replicas); None: nothing to run, not even an await.
+    publish: Callable[[Connection, set[str]], Awaitable[None]] | None
+
     def locked(self, exc: Exception) -> bool:
         """Another process holds the write lock: the batch's jobs would wait it out again."""
-
-    async def publish(self, db: Connection, destinations: set[str]) -> None:
-        """Inside a committing transaction that enqueued for `destinations`."""
 
     async def start(self, wakeups: Wakeups) -> None:
         """Serving: begin watching for other processes' commits."""

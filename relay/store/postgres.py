@@ -202,11 +202,12 @@ class PgBackend:
         self._listener_lost = asyncio.Event()
         self._keeper: asyncio.Task[None] | None = None
         self._wakeups: Wakeups | None = None
+        self.publish: Callable[[Connection, set[str]], Awaitable[None]] | None = self._publish
 
     def locked(self, exc: Exception) -> bool:
         return False  # PostgreSQL locks rows: a batch never waits on another process's lock
 
-    async def publish(self, db: Connection, destinations: set[str]) -> None:
+    async def _publish(self, db: Connection, destinations: set[str]) -> None:
         """Inside the committing transaction: NOTIFY is delivered at commit, to every replica."""
         for destination in sorted(destinations):
             await db.execute(sql.PG_NOTIFY, (CHANNEL, destination))

@@ -15,6 +15,7 @@ import asyncio
 import contextlib
 import os
 import sqlite3
+from collections.abc import Awaitable, Callable
 from typing import Any
 
 import aiosqlite
@@ -81,6 +82,8 @@ class SqliteBackend:
     driver_errors: tuple[type[Exception], ...] = (sqlite3.Error, ValueError, OSError, TimeoutError)
     # An operator's change is seen by the serving process through its watcher.
     announcement: tuple[str, tuple[Any, ...]] | None = None
+    # One process serves the file: its own on_commit tells its workers, nobody else to tell.
+    publish: Callable[[Connection, set[str]], Awaitable[None]] | None = None
 
     def __init__(
         self,
@@ -90,7 +93,7 @@ class SqliteBackend:
         lock: ServeLock | None,
     ) -> None:
         self.path = path
-        self._reads, self._writes = reads, writes
+        self._writes = writes  # for its thread (the runner) and the watcher
         self.reads: Connection = reads
         self.writes: Connection = writes
         self._lock = lock
@@ -105,9 +108,6 @@ class SqliteBackend:
         return isinstance(exc, sqlite3.OperationalError) and (
             "locked" in str(exc) or "busy" in str(exc)
         )
-
-    async def publish(self, db: Connection, destinations: set[str]) -> None:
-        return None  # one process serves the file: its own on_commit is the announcement
 
     async def start(self, wakeups: Wakeups) -> None:
         self._watcher = asyncio.create_task(self._watch_operations(wakeups), name="operations")
@@ -154,7 +154,7 @@ class SqliteBackend:
             self._watcher.cancel()
             with contextlib.suppress(asyncio.CancelledError):
                 await self._watcher
-        for db in (self._writes, self._reads):
+        for db in (self.writes, self.reads):
             with contextlib.suppress(sqlite3.Error, ValueError):
                 await db.close()
         if self._lock is not None:
