@@ -249,11 +249,14 @@ class Backend(Protocol):
     async def start(self, wakeups: Wakeups) -> None:
         """Serving: begin watching for other processes' commits."""
 
-    async def pragmas(self, fetch: Fetch) -> dict[str, Any]: ...
+    async def pragmas(self, fetch: Fetch) -> dict[str, Any]:
+        """`Store.pragmas`, read through `fetch` (the outbox's reads, errors converted)."""
 
-    async def schema_version(self, fetch: Fetch) -> int: ...
+    async def schema_version(self, fetch: Fetch) -> int:
+        """`Store.schema_version`, read through `fetch`."""
 
-    async def db_size_bytes(self, fetch: Fetch) -> int: ...
+    async def db_size_bytes(self, fetch: Fetch) -> int:
+        """`Store.db_size_bytes` (SQLite: the files' sizes; PostgreSQL: through `fetch`)."""
 
     async def close(self) -> None:
         """Stop watching, close the connections, release what the backend holds."""
