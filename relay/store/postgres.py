@@ -1,9 +1,10 @@
 """The outbox on PostgreSQL (asyncpg), for several relays sharing one database.
 
-The same `Store`, the same statements and the same guarantees as SQLite: this module adapts an
-asyncpg connection to the calls the store makes (`execute`, `execute_fetchall` with "?"
-placeholders, BEGIN/COMMIT), applies the PostgreSQL migrations under an advisory lock, and
-wakes idle workers on every replica with LISTEN/NOTIFY. What differs by design:
+The same `Outbox`, the same statements and the same guarantees as SQLite: this module adapts an
+asyncpg connection to the `Connection` seam (relay/store/connection.py: `execute`,
+`execute_fetchall` with "?" placeholders, BEGIN/COMMIT), applies the PostgreSQL migrations
+under an advisory lock, and wakes idle workers on every replica with LISTEN/NOTIFY
+(`PgBackend`). What differs by design:
 - claims take rows FOR UPDATE SKIP LOCKED, so replicas share the work without waiting;
 - no replica owns the database, so at start-up only EXPIRED leases go back to pending (a
   live replica's inflight messages are left to it); a crashed replica's leases expire after
@@ -53,7 +54,7 @@ def _numbered(sql: str) -> str:
 
 
 class PgDb:
-    """An asyncpg connection with the aiosqlite calls the store uses. It reconnects after the
+    """A `Connection` over asyncpg (the calls aiosqlite offers). It reconnects after the
     server dropped it (a PostgreSQL restart or failover), but never inside a transaction: a
     statement after a lost BEGIN must fail, not run alone on a new connection."""
 
