@@ -32,7 +32,7 @@ _LEVELS = {
 def configure(
     level: str = "info", fmt: str = "auto", stream: Any = None, *, cache: bool = False
 ) -> None:
-    """cache: resolve each module's logger once (a serving relay, a few us per log line);
+    """cache: resolve each module's logger once (a serving relay: it saves work per line);
     not in tests, where structlog.testing.capture_logs() must reach every logger."""
     stream = stream or sys.stderr
     use_json = fmt == "json" or (fmt == "auto" and not stream.isatty())
