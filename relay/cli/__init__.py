@@ -7,9 +7,11 @@ Commands, by group (each group's parser and functions in its module):
 - the config and trying it out (relay/cli/tools.py): `check` validates the config and prints
   the routes; `map` prints the requests an event would give; `sign` prints Standard Webhooks
   headers for a body; `send` signs a body and POSTs it to a relay.
-- the outbox (relay/cli/outbox.py, with relay/outbox_commands.py): `outbox list`, `outbox
-  show`, `outbox retry`, `outbox discard`, `outbox stats`, `outbox events`; `replay`,
-  `reprocess`, `pause`, `resume`, `prune`; `migrate` creates or upgrades the schema, or
+- the outbox (relay/cli/outbox.py, with relay/outbox_commands.py):
+  `outbox list`, `outbox show`, `outbox retry`, `outbox discard`, `outbox stats` and
+  `outbox events` inspect and change messages and inbound events; `replay` sends messages
+  again; `reprocess` runs the mapping again on stored events; `pause` and `resume` a
+  destination; `prune` applies retention now; `migrate` creates or upgrades the schema, or
   copies a SQLite outbox into PostgreSQL.
 - Polar's API (relay/cli/reconcile.py): `reconcile` enqueues what Polar has and the relay
   has no record of.
