@@ -44,7 +44,7 @@ if str(REPO) not in sys.path:
 
 from bench import prepopulate  # noqa: E402
 from bench.common import LOOPBACK, BenchError, ServiceGroup, summarize_ms  # noqa: E402
-from bench.run import ACK_RATE, QUICK, Bench  # noqa: E402
+from bench.orchestration import ACK_RATE, QUICK, Bench  # noqa: E402
 
 TARGET_P95_MS = 100.0
 DEAD_EVERY = 200  # one message in this many is dead

@@ -9,13 +9,14 @@ migration), attempts recorded with their outcome and pruned with their message.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import dataclasses
 import json
 import sqlite3
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 import pytest
 import structlog
@@ -38,6 +39,7 @@ from relay.models import (
     OutboundDraft,
 )
 from relay.store import Store, migrations
+from relay.store.outbox import Outbox
 from tests.helpers import (
     LEGACY_SECRET,
     STANDARD_SECRET,
@@ -453,8 +455,9 @@ async def test_interrupted_job_is_shown_and_restarts_where_it_stopped(
     upper = await store.console_max_id()
     job_id = await store.create_job("replay_dead", "", "admin", 2, upper, "gone-host:1:abc")
     # Its runner's last heartbeat, two minutes ago: that relay is gone.
-    await store._exec(
-        "UPDATE console_jobs SET heartbeat_at = ? WHERE id = ?", (store._clock.now() - 120, job_id)
+    outbox = cast(Outbox, store)
+    await outbox._exec(
+        "UPDATE console_jobs SET heartbeat_at = ? WHERE id = ?", (outbox._clock.now() - 120, job_id)
     )
     job = await relay.get(f"/api/v1/jobs/{job_id}")
     assert job["status"] == "interrupted"
@@ -509,18 +512,17 @@ def test_migration_backfills_search_columns_from_stored_bodies(tmp_path: Path) -
     db.commit()
     db.close()
 
-    async def reopen() -> tuple[Any, ...]:
-        store = await Store.open(str(path))
-        try:
-            rows = await store._fetch(
-                "SELECT order_id, payment_ref, event_kind, amount_minor, currency, attributed "
-                "FROM outbound_messages"
-            )
-            return tuple(rows[0])
-        finally:
-            await store.close()
+    async def reopen() -> None:
+        store = await Store.open(str(path))  # migrates
+        await store.close()
 
-    assert asyncio.run(reopen()) == ("ord_old", "pol_old", "purchase", 4410, "USD", 1)
+    asyncio.run(reopen())
+    with contextlib.closing(sqlite3.connect(path)) as db:
+        row = db.execute(
+            "SELECT order_id, payment_ref, event_kind, amount_minor, currency, attributed "
+            "FROM outbound_messages"
+        ).fetchone()
+    assert row == ("ord_old", "pol_old", "purchase", 4410, "USD", 1)
 
 
 async def test_attempts_are_recorded_with_outcomes_and_pruned_with_messages(
@@ -552,10 +554,11 @@ async def test_attempts_are_recorded_with_outcomes_and_pruned_with_messages(
     item = await relay.item("ord_flaky")
     attempts = await relay.store.console_attempts(item["id"])
     assert [(a.outcome, a.status) for a in attempts] == [("retry", 503), ("delivered", 200)]
-    result = await relay.store.prune(bodies_before=0, rows_before=relay.store._clock.now() + 1)
+    outbox = cast(Outbox, relay.store)
+    result = await outbox.prune(bodies_before=0, rows_before=outbox._clock.now() + 1)
     assert result.messages_deleted == 1
-    assert await relay.store.console_attempts(item["id"]) == []
-    rows = await relay.store._fetch("SELECT COUNT(*) FROM message_attempts")
+    assert await outbox.console_attempts(item["id"]) == []
+    rows = await outbox._fetch("SELECT COUNT(*) FROM message_attempts")
     assert rows[0][0] == 0
 
 
@@ -703,6 +706,34 @@ async def test_console_store_queries_on_both_backends(store_location: str) -> No
         assert event is not None
         assert event.webhook_id == "wh_2"
         assert await store.console_related(item, stored[0]) == []
+
+    finally:
+        await store.close()
+
+
+async def test_console_audit_jobs_and_retention_on_both_backends(store_location: str) -> None:
+    """Audit rows, bulk-job rows (progress, interruption after a minute without heartbeat,
+    cancel seen by the runner), and retention deleting a delivered message's attempts, the
+    same on SQLite and PostgreSQL."""
+    from relay.store import open_store
+
+    clock = FakeClock(T0)
+    store = await open_store(store_location, clock=clock, serve=True)
+    try:
+        ids = []
+        for n, amount in ((1, 1000), (2, 5000), (3, 300)):
+            result = await store.enqueue(inbound(f"wh_{n}", purchase(f"ord_{n}", amount)))
+            ids += list(result.message_ids)
+        one, two, three = ids
+        # 35 s into a minute: PostgreSQL's CAST would round it into the next one.
+        attempt = AttemptRecord(T0 + 15, 422, None, 0.05, "unknown site")
+        for claimed in await store.claim("faurya", 3, 30.0):
+            if claimed.id == one:
+                assert await store.mark_delivered(
+                    claimed, 200, AttemptRecord(T0 + 15, 200, None, 0.01)
+                )
+            else:
+                assert await store.mark_dead(claimed, Dead("422", 422), "HTTP 422", attempt)
 
         audit_id = await store.add_audit("admin", "retry", str(two), None, 1)
         [entry] = await store.audit_entries(10, None)

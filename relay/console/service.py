@@ -111,7 +111,7 @@ class ListFilters:
     def from_query(cls, query: Mapping[str, str] | Any, now: float) -> ListFilters:
         """Read filters from a URL query (a MultiDict: `status` may repeat, or be
         comma-separated). Raises ConsoleError naming the bad parameter."""
-        from relay.operator import BadTime, parse_time
+        from relay.outbox_commands import BadTime, parse_time
 
         getall = getattr(query, "getall", None)
         raw_statuses: list[str] = list(getall("status", [])) if getall else []
