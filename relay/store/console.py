@@ -85,10 +85,14 @@ class ConsoleQueries:
             if cursor is not None:
                 where.raw("m.id < ?", cursor.after_id)
             order = "m.id DESC"
+        # The page's ids from the messages alone (their indexes cover the order), then the
+        # rows with their events: joining every candidate before the sort cost 30-90 ms for
+        # 5,000 dead messages sorted by amount.
+        chosen = f"SELECT m.id FROM {_source(filters)} WHERE {where.sql} ORDER BY {order} LIMIT ?"
         rows = await self._fetch(
             f"SELECT {_ITEM_COLUMNS} FROM outbound_messages m "
-            f"JOIN inbound_events e ON e.id = m.event_id WHERE {where.sql} "
-            f"ORDER BY {order} LIMIT ?",
+            f"JOIN inbound_events e ON e.id = m.event_id WHERE m.id IN "
+            f"(SELECT id FROM ({chosen}) AS page) ORDER BY {order}",
             (*where.params, limit),
         )
         return [_item(r) for r in rows]
@@ -108,8 +112,8 @@ class ConsoleQueries:
             if cursor is not None:
                 where.raw("m.id < ?", cursor.after_id)
             branches.append(
-                f"SELECT id FROM (SELECT m.id FROM outbound_messages m JOIN inbound_events e "
-                f"ON e.id = m.event_id WHERE {where.sql} ORDER BY m.id DESC LIMIT ?) AS s{n}"
+                f"SELECT id FROM (SELECT m.id FROM {_source(filters)} "
+                f"WHERE {where.sql} ORDER BY m.id DESC LIMIT ?) AS s{n}"
             )
             params += [*where.params, limit]
         rows = await self._fetch(
@@ -225,8 +229,7 @@ class ConsoleQueries:
         """How many DEAD messages the filter matches (a bulk replay's confirmation)."""
         where = _console_where(_dead_only(filters))
         rows = await self._fetch(
-            "SELECT COUNT(*) FROM outbound_messages m JOIN inbound_events e "
-            f"ON e.id = m.event_id WHERE {where.sql}",
+            f"SELECT COUNT(*) FROM {_source(filters)} WHERE {where.sql}",
             where.params,
         )
         return int(rows[0][0])
@@ -243,8 +246,7 @@ class ConsoleQueries:
             "m.id > ? AND m.id <= ?", after_id, upper_id
         )
         rows = await self._fetch(
-            "SELECT m.id FROM outbound_messages m JOIN inbound_events e ON e.id = m.event_id "
-            f"WHERE {where.sql} ORDER BY m.id LIMIT ?",
+            f"SELECT m.id FROM {_source(filters)} WHERE {where.sql} ORDER BY m.id LIMIT ?",
             (*where.params, limit),
         )
         return [int(r[0]) for r in rows]
@@ -565,6 +567,14 @@ def _search_sql(q: str, limit: int | None = None) -> tuple[str, list[Any]]:
         for n, term in enumerate(terms)
     ]
     return " UNION ALL ".join(limited), params
+
+
+def _source(f: ListFilters) -> str:
+    """The FROM of a filtered selection: the events are joined only when a filter reads them
+    (the event type); every other filter is on the message's own columns."""
+    if f.event_type is not None:
+        return "outbound_messages m JOIN inbound_events e ON e.id = m.event_id"
+    return "outbound_messages m"
 
 
 def _console_where(f: ListFilters, found: Sequence[int] | None = None) -> sql.Where:
