@@ -26,7 +26,7 @@ WHERE json_valid(CAST(body AS TEXT)) AND json_type(CAST(body AS TEXT)) = 'object
 CREATE INDEX outbound_messages_order ON outbound_messages (order_id);
 CREATE INDEX outbound_messages_payment ON outbound_messages (payment_ref);
 CREATE INDEX outbound_messages_refund ON outbound_messages (refund_id);
-CREATE INDEX outbound_messages_key ON outbound_messages (idempotency_key);
+CREATE INDEX outbound_messages_idempotency ON outbound_messages (idempotency_key);
 CREATE INDEX inbound_events_webhook ON inbound_events (webhook_id);
 -- The list, newest first, by status / destination / route; the dead-letter view by amount.
 CREATE INDEX outbound_messages_status_id ON outbound_messages (status, id);

@@ -12,7 +12,7 @@ ALTER TABLE outbound_messages ADD COLUMN attributed INTEGER;
 CREATE INDEX outbound_messages_order ON outbound_messages (order_id);
 CREATE INDEX outbound_messages_payment ON outbound_messages (payment_ref);
 CREATE INDEX outbound_messages_refund ON outbound_messages (refund_id);
-CREATE INDEX outbound_messages_key ON outbound_messages (idempotency_key);
+CREATE INDEX outbound_messages_idempotency ON outbound_messages (idempotency_key);
 CREATE INDEX inbound_events_webhook ON inbound_events (webhook_id);
 CREATE INDEX outbound_messages_status_id ON outbound_messages (status, id);
 CREATE INDEX outbound_messages_dest_id ON outbound_messages (destination, id);
