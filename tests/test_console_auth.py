@@ -348,3 +348,22 @@ def test_a_non_loopback_listener_still_needs_the_admin_token(
             RELAY_ADMIN_LISTEN="0.0.0.0:9090",
             RELAY_ADMIN_READ_TOKEN="t2",
         )
+
+
+def test_an_unknown_key_with_a_newline_is_named_on_one_line(
+    faurya: FakeFaurya, tmp_path: Any
+) -> None:
+    """A key TOML would quote (a newline in it) is named quoted in the error, which stays one
+    line (the config fuzz test found it under [admin] once read_token and hosts were added)."""
+    import tomllib
+
+    from relay.config import parse
+    from tests.helpers import REPO, env
+
+    raw = tomllib.loads((REPO / "relay.toml").read_text())
+    raw["admin"]["\n"] = "x"
+    with pytest.raises(ConfigError) as refused:
+        parse(raw, env())
+    [problem] = [p for p in refused.value.problems if "unknown key" in p]
+    assert problem.startswith('admin."\\n": unknown key')
+    assert "\n" not in problem

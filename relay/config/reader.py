@@ -5,6 +5,7 @@ small value checks the sections share. Never quotes a secret's value in a messag
 
 from __future__ import annotations
 
+import json
 import math
 import re
 from collections.abc import Callable, Mapping
@@ -73,8 +74,14 @@ def interpolate(
     return _VAR.sub(substitute, raw)
 
 
+_BARE_KEY = re.compile(r"[A-Za-z0-9_-]+")
+
+
 def _join(where: str, key: str) -> str:
-    return f"{where}.{key}" if where else key
+    # A key that TOML would need quotes for is shown quoted, escapes and all: an error stays
+    # one line whatever a key holds (a newline, a dot).
+    shown = key if _BARE_KEY.fullmatch(key) else json.dumps(key)
+    return f"{where}.{shown}" if where else shown
 
 
 # ---------------------------------------------------------------- a checked reader
