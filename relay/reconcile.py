@@ -16,6 +16,11 @@ into the event a webhook would have carried, and runs it through the same routes
 A message whose idempotency key the outbox already holds was recorded (by a
 webhook or an earlier reconciliation) and is skipped; the rest are enqueued through the store
 with those same keys, so reconciling twice, or a webhook arriving later, never double-counts.
+
+Every object a run reads (orders of any status, refunds, lost disputes; customer PII redacted
+per `log.redact`) is kept in the store's Polar snapshot when the run completes, with the window
+it covers: the revenue ledger (relay/ledger.py) reads Polar's side from there and never walks
+Polar's API a second time.
 """
 
 from __future__ import annotations
@@ -27,8 +32,15 @@ from typing import Any
 
 from relay.config import Config
 from relay.ingest import resolve_lookups
-from relay.mapping import encode, map_event
-from relay.models import Clock, EventStatus, InboundDraft
+from relay.mapping import encode, map_event, redact
+from relay.models import (
+    Clock,
+    EventStatus,
+    InboundDraft,
+    PolarKind,
+    PolarRecord,
+    SnapshotCoverage,
+)
 from relay.polar_api import PolarApi, PolarApiError, is_paid
 from relay.store import Store
 
@@ -61,6 +73,11 @@ class Summary:
 REFUND_STATUSES = frozenset({"succeeded", "failed", "canceled"})
 DISPUTE_EVENT = "dispute.lost"
 DISPUTES_SCOPE = "disputes:read"
+_KINDS = {
+    "order.paid": PolarKind.ORDER,
+    "refund.updated": PolarKind.REFUND,
+    DISPUTE_EVENT: PolarKind.DISPUTE,
+}
 
 
 def _created_at(item: dict[str, Any]) -> float | None:
@@ -103,11 +120,17 @@ class Reconciler:
         self._dry_run = dry_run
         self._progress = progress
         self._source = config.reconcile.source
+        self._records: list[PolarRecord] = []
+        self._started_at = 0.0
 
     async def run(self, since: float | None, until: float | None) -> Summary:
         """Orders first, then refunds, then disputes: a refund or dispute reads the purchase
-        (and a reversal the refund) that the walk before it may have just enqueued."""
+        (and a reversal the refund) that the walk before it may have just enqueued. A run
+        that completes (not a dry run) stores what it read as the Polar snapshot."""
         summary = Summary()
+        self._records = []
+        self._started_at = self._clock.now()
+        kinds = [PolarKind.ORDER, PolarKind.REFUND, PolarKind.DISPUTE]
         await self._walk("/v1/orders/", {}, "order.paid", is_paid, since, until, summary)
         await self._walk(
             "/v1/refunds/",
@@ -136,7 +159,35 @@ class Reconciler:
             summary.skipped.append(
                 f"lost disputes (the token lacks the {DISPUTES_SCOPE} scope: {exc.status})"
             )
+            kinds.remove(PolarKind.DISPUTE)
+        if not self._dry_run:
+            first = min((r.created_at for r in self._records), default=self._started_at)
+            coverage = SnapshotCoverage(
+                since=first if since is None else since,
+                until=until,
+                fetched_at=self._started_at,
+                kinds=tuple(kinds),
+            )
+            await self._store.save_polar_snapshot(self._records, coverage)
         return summary
+
+    def _keep(self, event_type: str, item: dict[str, Any], created: float | None) -> None:
+        """Remember one object for the snapshot, its customer PII redacted as in stored
+        webhook bodies (the routes never read those paths: the config forbids it)."""
+        ident = item.get("id")
+        if not isinstance(ident, str) or created is None:
+            return
+        data = redact({"data": item}, self._config.log.redact)["data"]
+        self._records.append(
+            PolarRecord(
+                kind=_KINDS[event_type],
+                polar_id=ident,
+                created_at=created,
+                status=str(item.get("status")),
+                data=encode(data),
+                fetched_at=self._started_at,
+            )
+        )
 
     async def _walk(
         self,
@@ -161,6 +212,7 @@ class Reconciler:
                     # Newest first: everything after this is older still.
                     past_cutoff = True
                     break
+                self._keep(event_type, item, created)
                 if wanted(item):
                     summary.seen += 1
                     await self._one(event_type, item, summary)

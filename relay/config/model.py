@@ -201,6 +201,13 @@ class CheckoutConfig:
 
 
 @dataclass(frozen=True, slots=True)
+class LedgerConfig:
+    """The revenue ledger (`relay ledger`): days are cut at midnight in `timezone` (IANA)."""
+
+    timezone: str = "UTC"
+
+
+@dataclass(frozen=True, slots=True)
 class Config:
     server: ServerConfig
     storage: StorageConfig
@@ -215,6 +222,7 @@ class Config:
     checkout: CheckoutConfig = CheckoutConfig()
     # Variables that were not set, in an offline load only (they read as "<unset: NAME>").
     unset_variables: tuple[str, ...] = ()
+    ledger: LedgerConfig = LedgerConfig()
 
 
 @dataclass(frozen=True, slots=True)

@@ -14,6 +14,7 @@ from relay.config.model import (
     CheckoutConfig,
     DestinationConfig,
     Header,
+    LedgerConfig,
     LogConfig,
     PolarApiConfig,
     ReconcileConfig,
@@ -107,6 +108,22 @@ def read_reconcile(
     )
     if c.source not in sources and sources:
         t.problems.append(f"{t.path('source')}: no source named {c.source!r}")
+    t.done()
+    return c
+
+
+def read_ledger(t: Table) -> LedgerConfig:
+    from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
+
+    c = LedgerConfig(timezone=t.get("timezone", str, LedgerConfig().timezone))
+    try:
+        ZoneInfo(c.timezone)
+    except (ZoneInfoNotFoundError, ValueError):
+        t.problems.append(
+            f"{t.path('timezone')}: unknown time zone {c.timezone!r} (an IANA name such as "
+            "UTC or Europe/Berlin)"
+        )
+        c = LedgerConfig()
     t.done()
     return c
 

@@ -31,6 +31,7 @@ from relay.models import (
 from relay.store import writer as w
 from relay.store.admin import AdminQueries
 from relay.store.schema import PRAGMAS, ServeLock, connect, create_private, migrate
+from relay.store.snapshot import SnapshotQueries
 from relay.store.writer import Db
 
 # How often a serving relay on SQLite looks for commits of operator commands run in another
@@ -38,7 +39,7 @@ from relay.store.writer import Db
 OPERATIONS_POLL_S = 0.1
 
 
-class Store(AdminQueries):
+class Store(AdminQueries, SnapshotQueries):
     """The outbox on SQLite. Open with `Store.open` (or `open_store` for any backend)."""
 
     # This process alone serves the database (the serve lock): every inflight row found at
