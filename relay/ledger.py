@@ -401,6 +401,8 @@ def _compare(
                 f"none needed: it is being retried (relay outbox retry {message.id} sends it now)",
             )
             detail = f"message {message.id} is {status.value} after {message.attempts} attempt(s)"
+            if message.webhook_id.startswith("reconcile:"):
+                detail += " (enqueued by reconciliation: its webhook never came)"
         elif status is MessageStatus.DEAD:
             why, fix = Why.DEAD, f"fix the cause, then relay outbox retry {message.id}"
             detail = f"message {message.id} is dead: {message.last_error or 'no answer recorded'}"

@@ -18,7 +18,7 @@ from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
 
 from relay.config import Config
 from relay.errors import ConfigError
-from relay.ledger import Ledger, Tally, day_start, difference_json, major, tally_json, to_json
+from relay.ledger import Ledger, Tally, day_start, difference_json, major, to_json
 from relay.operator import parse_time
 
 FORMATS = ("table", "json", "csv")
@@ -210,11 +210,3 @@ def table(ledger: Ledger, *, differences_only: bool = False) -> str:
         where = f"message {d.message_id}: " if d.message_id is not None else ""
         lines.append(f"      {where}fix: {d.fix}")
     return "\n".join(lines) + "\n"
-
-
-def tally_from_json(data: dict[str, int]) -> Tally:
-    """The inverse of `tally_json` (for readers of the JSON)."""
-    return Tally(data["purchases"], data["purchase_minor"], data["refunds"], data["refund_minor"])
-
-
-__all__ = ["FORMATS", "render", "run", "tally_json"]

@@ -126,7 +126,7 @@ class Reconciler:
     async def run(self, since: float | None, until: float | None) -> Summary:
         """Orders first, then refunds, then disputes: a refund or dispute reads the purchase
         (and a reversal the refund) that the walk before it may have just enqueued. A run
-        that completes (not a dry run) stores what it read as the Polar snapshot."""
+        that completes (a dry run too) stores what it read as the Polar snapshot."""
         summary = Summary()
         self._records = []
         self._started_at = self._clock.now()
@@ -160,15 +160,16 @@ class Reconciler:
                 f"lost disputes (the token lacks the {DISPUTES_SCOPE} scope: {exc.status})"
             )
             kinds.remove(PolarKind.DISPUTE)
-        if not self._dry_run:
-            first = min((r.created_at for r in self._records), default=self._started_at)
-            coverage = SnapshotCoverage(
-                since=first if since is None else since,
-                until=until,
-                fetched_at=self._started_at,
-                kinds=tuple(kinds),
-            )
-            await self._store.save_polar_snapshot(self._records, coverage)
+        # A dry run too: the snapshot is Polar's data, not the outbox, and is what the ledger
+        # compares the outbox with (a dry run is how to see what is missing, in the ledger).
+        first = min((r.created_at for r in self._records), default=self._started_at)
+        coverage = SnapshotCoverage(
+            since=first if since is None else since,
+            until=until,
+            fetched_at=self._started_at,
+            kinds=tuple(kinds),
+        )
+        await self._store.save_polar_snapshot(self._records, coverage)
         return summary
 
     def _keep(self, event_type: str, item: dict[str, Any], created: float | None) -> None:
