@@ -118,7 +118,10 @@ async def _finish(db: Db, run: SnapshotCoverage, merged: SnapshotCoverage) -> No
             (*kinds, run.since, run.end, run.fetched_at),
         )
         await cursor.close()
-    cursor = await db.execute("DELETE FROM polar_snapshot WHERE created_at < ?", (merged.since,))
+    cursor = await db.execute(
+        "DELETE FROM polar_snapshot WHERE created_at < ? OR created_at >= ?",
+        (merged.since, merged.end),
+    )
     await cursor.close()
     value = json.dumps(
         {
