@@ -3,7 +3,7 @@ prune.
 
 Owns what these commands select and print. They open the store without the serve lock, so they
 are safe while `relay serve` runs on the same database: every change is one short transaction,
-and every serving relay acts on it at once (the store tells them: relay/store/outbox.py
+and every serving relay acts on it at once (the store tells them: relay/store/sqlite.py
 `_watch_operations` on SQLite, NOTIFY on PostgreSQL), not at its workers' next poll.
 """
 

@@ -53,8 +53,11 @@ from relay.models import (
     RetryLater,
 )
 from relay.store import BatchStats, Store
+from relay.store.batching import Writer
 from relay.store.schema import connect, migrate
-from relay.store.writer import Writer, claim
+from relay.store.sql import SQLITE
+from relay.store.sqlite_thread import in_thread
+from relay.store.writes import claim
 from tests.helpers import REPO, FakeClock
 
 T0 = 1_700_000_000.0
@@ -540,7 +543,7 @@ async def test_a_failing_webhook_in_a_batch_fails_alone_and_leaves_nothing(
 
 def test_aiosqlite_still_runs_a_function_on_its_connection_thread() -> None:
     """The writer runs each transaction in one hand-off through aiosqlite's private
-    Connection._execute (relay/store/writer.py says why): an aiosqlite upgrade that drops it
+    Connection._execute (relay/store/sqlite_thread.py says why): an aiosqlite upgrade that drops it
     must fail here, not silently fall back to a slower path."""
     assert inspect.iscoroutinefunction(getattr(aiosqlite.Connection, "_execute", None))
 
@@ -553,7 +556,9 @@ async def test_a_write_that_awaits_anything_but_its_statements_fails_alone(
     writer goes on with the next job."""
     db = await connect(str(db_path), busy_timeout_ms=1000)
     await migrate(db)
-    writer = Writer(db, clock, max_batch=8, serve=True)
+    writer = Writer(
+        db, clock, max_batch=8, serve=True, runner=lambda transaction: in_thread(db, transaction)
+    )
     try:
 
         async def strays(conn: Any) -> None:
@@ -563,7 +568,7 @@ async def test_a_write_that_awaits_anything_but_its_statements_fails_alone(
         with pytest.raises(StorageUnavailable, match="awaited something other than its"):
             await writer.run(strays)
         assert not (await db.execute_fetchall("SELECT 1 FROM outbound_messages"))
-        assert await writer.run(lambda conn: claim(conn, DEST, 1, LEASE_S, T0)) == []
+        assert await writer.run(lambda conn: claim(conn, SQLITE, DEST, 1, LEASE_S, T0)) == []
         assert writer.last_error is None
     finally:
         await writer.close()

@@ -1,13 +1,17 @@
-"""The SQLite outbox: the only package that knows SQL.
+"""The outbox: the only package that knows SQL or imports a database driver.
 
-`schema` (connections, pragmas, migrations, the serve lock), `writer` (the single writer and
-the hot-path statements), `outbox` (`Store`, what the relay calls), `admin` (operator queries).
+- `base`: `Store`, the protocol everything else uses, and `Backend`, what a driver offers;
+- `outbox` + `admin`: `Outbox`, the one `Store` implementation, on any backend;
+- `sqlite` (+ `sqlite_thread`, `schema`) and `postgres`: one module per backend;
+- `batching`: the group-commit engine; `writes`: the hot-path write statements;
+- `sql`: every statement, by name; `rows`: result rows to relay/models.py dataclasses;
+- `connection`: the typed connection seam; `transfer`: SQLite -> PostgreSQL.
 """
 
 from relay.models import Clock, is_postgres_url
-from relay.store.outbox import Store
+from relay.store.base import Store
+from relay.store.batching import BatchStats
 from relay.store.schema import PRAGMAS, migrations
-from relay.store.writer import BatchStats
 
 __all__ = ["PRAGMAS", "BatchStats", "Store", "migrations", "open_store"]
 
@@ -22,15 +26,17 @@ async def open_store(
 ) -> Store:
     """A SQLite file path, or a postgresql:// URL (several relays can share that one)."""
     if is_postgres_url(location):
-        from relay.store.postgres import PgStore
+        from relay.store.postgres import open_postgres
 
-        return await PgStore.open(
+        return await open_postgres(
             location,
             clock=clock,
             busy_timeout_ms=busy_timeout_ms,
             max_batch=max_batch,
             serve=serve,
         )
-    return await Store.open(
+    from relay.store.sqlite import open_sqlite
+
+    return await open_sqlite(
         location, clock=clock, busy_timeout_ms=busy_timeout_ms, max_batch=max_batch, serve=serve
     )

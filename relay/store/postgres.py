@@ -1,9 +1,10 @@
 """The outbox on PostgreSQL (asyncpg), for several relays sharing one database.
 
-The same `Store`, the same statements and the same guarantees as SQLite: this module adapts an
-asyncpg connection to the calls the store makes (`execute`, `execute_fetchall` with "?"
-placeholders, BEGIN/COMMIT), applies the PostgreSQL migrations under an advisory lock, and
-wakes idle workers on every replica with LISTEN/NOTIFY. What differs by design:
+The same `Outbox`, the same statements and the same guarantees as SQLite: this module adapts an
+asyncpg connection to the `Connection` seam (relay/store/connection.py: `execute`,
+`execute_fetchall` with "?" placeholders, BEGIN/COMMIT), applies the PostgreSQL migrations
+under an advisory lock, and wakes idle workers on every replica with LISTEN/NOTIFY
+(`PgBackend`). What differs by design:
 - claims take rows FOR UPDATE SKIP LOCKED, so replicas share the work without waiting;
 - no replica owns the database, so at start-up only EXPIRED leases go back to pending (a
   live replica's inflight messages are left to it); a crashed replica's leases expire after
@@ -17,7 +18,7 @@ import asyncio
 import contextlib
 import itertools
 import re
-from collections.abc import Awaitable, Callable, Iterable, Sequence
+from collections.abc import Awaitable, Callable, Sequence
 from importlib import resources
 from typing import Any
 
@@ -25,7 +26,10 @@ import asyncpg
 
 from relay.errors import StorageError
 from relay.models import Clock, SystemClock
-from relay.store.outbox import Store
+from relay.store import sql
+from relay.store.base import Fetch, Wakeups
+from relay.store.connection import Connection, Done
+from relay.store.outbox import Outbox
 from relay.store.schema import split_sql
 
 CHANNEL = "relay_outbox"
@@ -49,16 +53,8 @@ def _numbered(sql: str) -> str:
     return _PLACEHOLDER.sub(lambda _: f"${next(counter)}", sql)
 
 
-class _Cursor:
-    def __init__(self, rowcount: int) -> None:
-        self.rowcount = rowcount
-
-    async def close(self) -> None:
-        return None
-
-
 class PgDb:
-    """An asyncpg connection with the aiosqlite calls the store uses. It reconnects after the
+    """A `Connection` over asyncpg (the calls aiosqlite offers). It reconnects after the
     server dropped it (a PostgreSQL restart or failover), but never inside a transaction: a
     statement after a lost BEGIN must fail, not run alone on a new connection."""
 
@@ -80,14 +76,14 @@ class PgDb:
             self._conn = await self._connect()
         return self._conn
 
-    async def execute(self, sql: str, parameters: Sequence[Any] = ()) -> _Cursor:
+    async def execute(self, sql: str, parameters: Sequence[Any] = ()) -> Done:
         starting = sql in ("BEGIN IMMEDIATE", "BEGIN")
         if starting:
             sql = "BEGIN"  # PostgreSQL locks rows, not the database
         if sql in ("COMMIT", "ROLLBACK") and self._conn.is_closed():
             self._in_transaction = False
             if sql == "ROLLBACK":
-                return _Cursor(0)  # the server rolled it back when the connection died
+                return Done(0)  # the server rolled it back when the connection died
             # A COMMIT on a new connection would "succeed" with nothing in it: the batch's
             # webhooks would get 202 for rows that died with the old connection.
             raise asyncpg.ConnectionDoesNotExistError(
@@ -102,7 +98,7 @@ class PgDb:
             elif sql in ("COMMIT", "ROLLBACK"):
                 self._in_transaction = False
         match = _COUNT.search(status or "")
-        return _Cursor(int(match.group(1)) if match and " " in status else -1)
+        return Done(int(match.group(1)) if match and " " in status else -1)
 
     async def execute_fetchall(self, sql: str, parameters: Sequence[Any] = ()) -> list[Any]:
         conn = await self._live(False)
@@ -139,82 +135,104 @@ async def migrate(conn: asyncpg.Connection) -> int:
         await conn.execute("SELECT pg_advisory_unlock($1)", _MIGRATION_LOCK)
 
 
-class PgStore(Store):
-    """`Store` on PostgreSQL. Open with `PgStore.open(url)`."""
+async def open_postgres(
+    url: str,
+    *,
+    clock: Clock | None = None,
+    busy_timeout_ms: int = 5000,
+    max_batch: int = 256,
+    serve: bool = False,
+) -> Outbox:
+    """Connect (reads, writes, and LISTEN when serving), migrate, and return the shared
+    `Outbox` on a `PgBackend`."""
+    timeout_s = max(1.0, busy_timeout_ms / 1000)
+    connections: list[asyncpg.Connection] = []
+    try:
+        for _ in range(3 if serve else 2):
+            connections.append(await asyncpg.connect(url, timeout=timeout_s, command_timeout=60))
+        await migrate(connections[0])
+    # ValueError: a malformed URL (a bad port, sslmode): one line, not a traceback.
+    except (OSError, asyncpg.PostgresError, TimeoutError, ValueError) as exc:
+        for conn in connections:
+            with contextlib.suppress(Exception):
+                await conn.close()
+        raise StorageError(f"cannot open database {_safe(url)}: {exc}") from None
+
+    async def reconnect() -> asyncpg.Connection:
+        return await asyncpg.connect(url, timeout=timeout_s, command_timeout=60)
+
+    reads, writes = PgDb(connections[0], reconnect), PgDb(connections[1], reconnect)
+    backend = PgBackend(_safe(url), reads, writes, reconnect)
+    store = Outbox(backend, clock or SystemClock(), max_batch, serve)
+    if serve:
+        await backend.listen(connections[2])
+        await backend.start(store)
+    return store
+
+
+class PgBackend:
+    """A `Backend` on PostgreSQL: two `PgDb` connections, and a third that LISTENs."""
 
     exclusive = False  # replicas share the database: never requeue a live replica's leases
+    dialect = sql.POSTGRES
     # A stopped server or a failover: asyncpg's errors, and OSError/TimeoutError on reconnect.
-    driver_errors = (*Store.driver_errors, asyncpg.PostgresError, asyncpg.InterfaceError)
+    driver_errors: tuple[type[Exception], ...] = (
+        ValueError,
+        OSError,
+        TimeoutError,
+        asyncpg.PostgresError,
+        asyncpg.InterfaceError,
+    )
+    # NOTIFY every replica (this one too, if it serves) that an operator changed the outbox:
+    # they act on it at once instead of at their next poll.
+    announcement: tuple[str, tuple[Any, ...]] | None = (sql.PG_NOTIFY, (CHANNEL, OPERATION))
+    runner = None  # asyncpg has no thread: its statements are awaited one by one
 
     def __init__(
         self,
-        url: str,
+        path: str,
         reads: PgDb,
         writes: PgDb,
-        listener: asyncpg.Connection | None,
-        clock: Clock,
-        max_batch: int,
-        serve: bool,
+        connect: Callable[[], Awaitable[asyncpg.Connection]],
     ) -> None:
-        super().__init__(_safe(url), reads, writes, clock, max_batch, None, serve=serve)
-        self._listener = listener
-        self._writer.publish = self._publish
-        self._connect: Callable[[], Awaitable[asyncpg.Connection]] | None = None
+        self.path = path
+        self.reads: Connection = reads
+        self.writes: Connection = writes
+        self._connect = connect
+        self._listener: asyncpg.Connection | None = None
         self._listener_lost = asyncio.Event()
         self._keeper: asyncio.Task[None] | None = None
+        self._wakeups: Wakeups | None = None
+        self.publish: Callable[[Connection, set[str]], Awaitable[None]] | None = self._publish
 
-    @classmethod
-    async def open(
-        cls,
-        url: str,
-        *,
-        clock: Clock | None = None,
-        busy_timeout_ms: int = 5000,
-        max_batch: int = 256,
-        serve: bool = False,
-    ) -> PgStore:
-        timeout_s = max(1.0, busy_timeout_ms / 1000)
-        connections: list[asyncpg.Connection] = []
-        try:
-            for _ in range(3 if serve else 2):
-                connections.append(
-                    await asyncpg.connect(url, timeout=timeout_s, command_timeout=60)
-                )
-            await migrate(connections[0])
-        # ValueError: a malformed URL (a bad port, sslmode): one line, not a traceback.
-        except (OSError, asyncpg.PostgresError, TimeoutError, ValueError) as exc:
-            for conn in connections:
-                with contextlib.suppress(Exception):
-                    await conn.close()
-            raise StorageError(f"cannot open database {_safe(url)}: {exc}") from None
+    def locked(self, exc: Exception) -> bool:
+        return False  # PostgreSQL locks rows: a batch never waits on another process's lock
 
-        async def reconnect() -> asyncpg.Connection:
-            return await asyncpg.connect(url, timeout=timeout_s, command_timeout=60)
+    async def _publish(self, db: Connection, destinations: set[str]) -> None:
+        """Inside the committing transaction: NOTIFY is delivered at commit, to every replica."""
+        for destination in sorted(destinations):
+            await db.execute(sql.PG_NOTIFY, (CHANNEL, destination))
 
-        reads, writes = PgDb(connections[0], reconnect), PgDb(connections[1], reconnect)
-        listener = connections[2] if serve else None
-        store = cls(url, reads, writes, listener, clock or SystemClock(), max_batch, serve)
-        if listener is not None:
-            await store._listen(listener)
-            store._connect = reconnect
-            store._keeper = asyncio.create_task(store._keep_listening(), name="pg-listen")
-        return store
-
-    async def _listen(self, conn: asyncpg.Connection) -> None:
+    async def listen(self, conn: asyncpg.Connection) -> None:
         await conn.add_listener(CHANNEL, self._on_notify)
         conn.add_termination_listener(self._on_listener_closed)
         self._listener = conn
-        self._set_listening(True)
+        if self._wakeups is not None:
+            self._wakeups.listening_changed(True)
+
+    async def start(self, wakeups: Wakeups) -> None:
+        self._wakeups = wakeups
+        wakeups.listening_changed(self._listener is not None)
+        self._keeper = asyncio.create_task(self._keep_listening(wakeups), name="pg-listen")
 
     def _on_listener_closed(self, conn: Any) -> None:
         if conn is self._listener:
             self._listener_lost.set()
 
-    async def _keep_listening(self) -> None:
+    async def _keep_listening(self, wakeups: Wakeups) -> None:
         """Listen again after the LISTEN connection dropped (a PostgreSQL restart or a
         failover), with backoff. Until then no replica's commit wakes this one: its workers
-        fall back to their poll, and `on_listening(False)` says so (a log line, a gauge)."""
-        assert self._connect is not None
+        fall back to their poll, and `listening_changed(False)` says so (a log line, a gauge)."""
         while True:
             with contextlib.suppress(TimeoutError):
                 async with asyncio.timeout(LISTEN_CHECK_S):
@@ -224,13 +242,13 @@ class PgStore(Store):
             ):
                 continue
             self._listener_lost.clear()
-            self._set_listening(False)
+            wakeups.listening_changed(False)
             for attempt in itertools.count():
                 await asyncio.sleep(LISTEN_RETRY_S[min(attempt, len(LISTEN_RETRY_S) - 1)])
                 conn = None
                 try:
                     conn = await self._connect()
-                    await self._listen(conn)
+                    await self.listen(conn)
                     break
                 except self.driver_errors:
                     if conn is not None:
@@ -238,33 +256,30 @@ class PgStore(Store):
                             await conn.close()
             # Whatever the other replicas and operators committed meanwhile was not announced
             # to this one: look now.
-            self._notify(set())
-            if self.on_operation is not None:
-                self.on_operation()
-
-    def _set_listening(self, listening: bool) -> None:
-        self.listening = listening
-        if self.on_listening is not None:
-            self.on_listening(listening)
+            wakeups.commits_seen(set())
+            wakeups.operation_seen()
 
     def _on_notify(self, conn: Any, pid: int, channel: str, payload: str) -> None:
+        if self._wakeups is None:
+            return
         if payload == OPERATION:
             # An operator command (any process): re-read the pause state, claim now.
-            if self.on_operation is not None:
-                self.on_operation()
+            self._wakeups.operation_seen()
             return
         # Another replica (or this one) committed messages for `payload`: wake its workers.
-        self._notify({payload} if payload else set())
+        self._wakeups.commits_seen({payload} if payload else set())
 
-    async def _announce(self) -> None:
-        """NOTIFY every replica (this one too, if it serves) that an operator changed the
-        outbox: they act on it at once instead of at their next poll."""
-        await self._exec("SELECT pg_notify(?, ?)", (CHANNEL, OPERATION))
+    async def pragmas(self, fetch: Fetch) -> dict[str, Any]:
+        found = await fetch(sql.PG_SYNCHRONOUS_COMMIT, ())
+        return {"synchronous_commit": found[0][0]}
 
-    async def _publish(self, db: Any, destinations: Iterable[str]) -> None:
-        """Inside the committing transaction: NOTIFY is delivered at commit, to every replica."""
-        for destination in sorted(destinations):
-            await db.execute("SELECT pg_notify(?, ?)", (CHANNEL, destination))
+    async def schema_version(self, fetch: Fetch) -> int:
+        found = await fetch(sql.PG_SCHEMA_VERSION, ())
+        return int(found[0][0] or 0)
+
+    async def db_size_bytes(self, fetch: Fetch) -> int:
+        found = await fetch(sql.PG_DATABASE_SIZE, ())
+        return int(found[0][0])
 
     async def close(self) -> None:
         if self._keeper is not None:
@@ -275,19 +290,9 @@ class PgStore(Store):
             with contextlib.suppress(Exception):
                 await self._listener.remove_listener(CHANNEL, self._on_notify)
                 await self._listener.close()
-        await super().close()
-
-    async def pragmas(self) -> dict[str, Any]:
-        rows = await self._fetch("SHOW synchronous_commit")
-        return {"synchronous_commit": rows[0][0]}
-
-    async def schema_version(self) -> int:
-        rows = await self._fetch("SELECT max(version) FROM relay_schema")
-        return int(rows[0][0] or 0)
-
-    async def db_size_bytes(self) -> int:
-        rows = await self._fetch("SELECT pg_database_size(current_database())")
-        return int(rows[0][0])
+        for db in (self.writes, self.reads):
+            with contextlib.suppress(*self.driver_errors):
+                await db.close()
 
 
 # Query parameters whose value is a secret: password, sslpassword (the client key's
