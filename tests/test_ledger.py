@@ -147,16 +147,17 @@ async def test_ledger_shows_exactly_the_differences_and_what_fixes_them(
     aiohttp_client: AiohttpClient, book: FauryaBook, polar: FakePolar, tmp_path: Path
 ) -> None:
     """Purchases in USD, EUR and JPY, a refund pending then succeeded, an order whose webhook
-    was lost, a forged delivery and a tampered amount: the ledger lists exactly the lost order,
-    the forged delivery and the mismatch (each Polar - Faurya, the sums equal to Polar's books
-    minus Faurya's), and after `relay reconcile` only the two no relay command can fix."""
+    was lost, a lost dispute, a forged delivery and a tampered amount: the ledger lists exactly
+    the lost order, the dispute, the forged delivery and the mismatch (each Polar - Faurya, the
+    sums equal to Polar's books minus Faurya's), and after `relay reconcile` only the two no
+    relay command can fix."""
     clock = FakeClock(time.time())
     config = shipped(book, tmp_path / "relay.db", polar)
     relay = await aiohttp_client(create_app(config, clock=clock, poll_interval_s=0.05))
     store = relay.app[STORE]
     world = PolarWorld(polar)
     world.purchase({"orderId": "ord_usd", **IDS}, net=4410, currency="usd")
-    world.purchase({"orderId": "ord_eur", **IDS}, net=1900, currency="eur")
+    eur = world.purchase({"orderId": "ord_eur", **IDS}, net=1900, currency="eur")
     yen = world.purchase({"orderId": "ord_jpy", **IDS}, net=5000, currency="jpy")
     lost = world.purchase({"orderId": "ord_lost", **IDS}, net=2500, currency="eur", lost=True)
     big = world.purchase({"orderId": "ord_big", **IDS}, net=3000, currency="usd")
@@ -169,6 +170,8 @@ async def test_ledger_shows_exactly_the_differences_and_what_fixes_them(
     forged_id = str(uuid.uuid4())
     await post(relay, order_paid(forged_id, orderId="ord_forged"))
     await post_webhooks(relay, world.webhooks)
+    # A chargeback on the EUR order, lost: Polar sends no webhook for it.
+    dispute = world.lose_dispute(eur)
     # A refund of the USD order, pending for now (refund.created only).
     usd_order = polar.orders[0]
     refund = polar.add_refund(usd_order, amount=1000, status="pending")
@@ -183,12 +186,13 @@ async def test_ledger_shows_exactly_the_differences_and_what_fixes_them(
     api = relay.app[POLAR_API]
     since = clock.now() - config.reconcile.lookback_s
     dry = await Reconciler(store, config, api, clock, dry_run=True).run(since, None)
-    assert dry.enqueued == 1  # the lost order, only counted
+    assert dry.enqueued == 2  # the lost order and the dispute, only counted
     ledger = await read_ledger(store, config, now=clock.now())
     assert ledger.polar_available
     assert ledger.note is None
     assert shape(ledger) == {
         ("missing", "never_received", "EUR", 2500, lost["id"]),
+        ("missing", "never_received", "EUR", -1900, dispute["id"]),
         ("unknown_to_polar", "not_found", "USD", -4410, str(forged_msg.id)),
         ("mismatch", "amount", "USD", 3000 - 30000, big["id"]),
     }
@@ -217,7 +221,7 @@ async def test_ledger_shows_exactly_the_differences_and_what_fixes_them(
     refund["status"] = "succeeded"
     await post(relay, Webhook("refund.updated", copy.deepcopy(refund)).body())
     summary = await Reconciler(store, config, api, clock).run(since, None)
-    assert summary.enqueued == 1
+    assert summary.enqueued == 2
     await drain(relay)
     ledger = await read_ledger(store, config, now=clock.now())
     assert shape(ledger) == {
