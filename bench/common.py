@@ -1,4 +1,4 @@
-"""Shared pieces of the benchmark (issue 7): payloads, percentiles, /proc readings and the
+"""Shared pieces of the benchmark: payloads, percentiles, /proc readings and the
 subprocess handling of `bench/run.py`.
 
 Every process of the benchmark measures time with `time.monotonic()`: on Linux that is

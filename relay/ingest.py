@@ -152,7 +152,8 @@ class WebhookIngest:
         try:
             if request.content.is_eof():
                 # The whole body came in with the headers (the usual webhook): nothing to
-                # wait for, so no timer to arm and cancel (7% of the serving loop's time).
+                # wait for, so no timer to arm and cancel (a measurable share of the serving
+                # loop's time: docs/performance.md).
                 body = await request.read()
             else:
                 # A slow body (slow-loris) cannot hold a handler longer than body_timeout_s.

@@ -1,4 +1,4 @@
-"""The checkout endpoint under abuse (issue 15): its body read is bounded in time and size
+"""The checkout endpoint under abuse: its body read is bounded in time and size
 like a webhook's, its Polar budget is its own and bounded (a flood gets 503, payment checks
 and reconciliation do not wait behind it), and its per-client limit counts every
 X-Forwarded-For line and whole IPv6 /64s."""

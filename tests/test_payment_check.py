@@ -253,7 +253,7 @@ def test_verify_order_needs_a_token(faurya: FakeFaurya, db_path: Path, polar: Fa
     ]
 
 
-# ---------------------------------------------------------------- forgeries (issue 15 item 1)
+# -------------------------------------------- forgeries: ids that lead elsewhere in a URL
 
 
 @pytest.mark.parametrize(

@@ -5,8 +5,10 @@ error messages that name the full key path of each problem. Pure apart from read
 the environment mapping it is given; imports no I/O library. Secrets live only in `Secret`
 objects whose repr is masked, and no error message quotes a secret's value.
 
-`model` (the dataclasses), `reader` (interpolation, the checked table reader, value checks),
-`sections` (one function per section), `loader` (`load`, `parse`, `load_offline`).
+`model` (the dataclasses; each field carries its default and its check), `reader`
+(interpolation, the checked table reader, value checks, `read_fields`: a section read by its
+dataclass's fields), `sections` (one function per section, for what is not a plain field),
+`loader` (`load`, `parse`, `load_offline`).
 """
 
 from relay.config.loader import load, load_offline, parse, read_toml, storage_path

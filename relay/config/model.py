@@ -1,6 +1,9 @@
 """The configuration's frozen dataclasses: what relay.toml says, validated. No parsing here.
 
-Secrets live only in `Secret` objects, whose repr and str are masked.
+Each field relay.toml sets carries its default and, in its metadata, its check (`check`: a
+value check such as `between(0, 65535)`, or `read`: a reader of its own such as `networks`);
+`relay.config.reader.read_fields` reads a section by them. Secrets live only in `Secret`
+objects, whose repr and str are masked.
 """
 
 from __future__ import annotations
@@ -8,6 +11,18 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 from relay.access import Network
+from relay.config.reader import (
+    between,
+    http_url,
+    listen_address,
+    networks,
+    non_empty,
+    one_of,
+    optional,
+    positive,
+    readable_file,
+    url_path,
+)
 from relay.mapping import Path as PathTuple
 from relay.mapping import (
     Route,
@@ -32,28 +47,34 @@ class Secret:
 @dataclass(frozen=True, slots=True)
 class ServerConfig:
     host: str = "0.0.0.0"  # noqa: S104 - a sidecar listens on all interfaces by design
-    port: int = 8080
-    max_body_bytes: int = DEFAULT_BODY_LIMIT_BYTES
-    shutdown_grace_s: float = 10.0
+    port: int = field(default=8080, metadata={"check": between(0, 65535)})
+    max_body_bytes: int = field(
+        default=DEFAULT_BODY_LIMIT_BYTES, metadata={"check": between(1024, 64 << 20)}
+    )
+    shutdown_grace_s: float = field(default=10.0, metadata={"check": between(0, 3600)})
     # Child processes that make the delivery HTTP requests (0: the serving process does).
-    delivery_processes: int = 0
+    delivery_processes: int = field(default=0, metadata={"check": between(0, 16)})
     # Slow clients: a connection must deliver its request headers within keepalive_timeout_s
     # (and idle keep-alive connections close after it), and its body within body_timeout_s.
-    keepalive_timeout_s: float = 15.0
-    body_timeout_s: float = 10.0
-    max_header_bytes: int = 8190  # per header line and per field
-    max_headers: int = 64
-    tls_cert: str = ""  # serve HTTPS directly when both are set
-    tls_key: str = ""
+    keepalive_timeout_s: float = field(default=15.0, metadata={"check": between(1, 3600)})
+    body_timeout_s: float = field(default=10.0, metadata={"check": between(0.5, 600)})
+    # per header line and per field
+    max_header_bytes: int = field(default=8190, metadata={"check": between(256, 65536)})
+    max_headers: int = field(default=64, metadata={"check": between(8, 1000)})
+    # serve HTTPS directly when both are set
+    tls_cert: str = field(default="", metadata={"check": readable_file})
+    tls_key: str = field(default="", metadata={"check": readable_file})
     require_https: bool = False  # behind a proxy: refuse what did not arrive over HTTPS
-    trusted_proxies: tuple[Network, ...] = ()  # whose X-Forwarded-For/-Proto we believe
+    # whose X-Forwarded-For/-Proto we believe
+    trusted_proxies: tuple[Network, ...] = field(default=(), metadata={"read": networks})
 
 
 @dataclass(frozen=True, slots=True)
 class AdminConfig:
     """/metrics (and /healthz, /readyz) on a separate listener, and/or behind a token."""
 
-    listen: str = ""  # "127.0.0.1:9090"; empty: on the main listener
+    # "127.0.0.1:9090"; empty: on the main listener
+    listen: str = field(default="", metadata={"check": listen_address})
     token: Secret | None = None  # required as `Authorization: Bearer` for /metrics
 
     @property
@@ -64,13 +85,14 @@ class AdminConfig:
 
 @dataclass(frozen=True, slots=True)
 class StorageConfig:
-    path: str = "relay.db"  # SQLite (one relay per file)
+    # SQLite (one relay per file)
+    path: str = field(default="relay.db", metadata={"check": non_empty})
     url: Secret | None = None  # postgresql://user:password@host/db (several relays); wins
-    busy_timeout_ms: int = 5000
-    max_batch: int = 256
+    busy_timeout_ms: int = field(default=5000, metadata={"check": between(0, 600_000)})
+    max_batch: int = field(default=256, metadata={"check": between(1, 2000)})
     # /readyz turns 503 when the SQLite database's filesystem has less free space than this
     # (0: never). The default is about an hour of webhooks at 10/s (docs/operations.md).
-    min_free_bytes: int = 256 * 1024 * 1024
+    min_free_bytes: int = field(default=256 * 1024 * 1024, metadata={"check": between(0, 2**62)})
 
     @property
     def location(self) -> str:
@@ -84,17 +106,21 @@ class RetentionConfig:
 
     # Raw inbound bodies (they hold customer PII: email, billing address) once no message of
     # the event still needs them.
-    bodies_s: float = 30 * 24 * 3600.0
+    bodies_s: float = field(default=30 * 24 * 3600.0, metadata={"check": positive})
     # Delivered messages (with their bodies, kept for replay and refund lookups) and finished
     # events. Their idempotency keys go with them: keep this longer than any resend window.
-    rows_s: float = 365 * 24 * 3600.0
-    interval_s: float = 3600.0  # how often `relay serve` prunes
+    rows_s: float = field(default=365 * 24 * 3600.0, metadata={"check": positive})
+    # how often `relay serve` prunes
+    interval_s: float = field(default=3600.0, metadata={"check": positive})
 
 
 @dataclass(frozen=True, slots=True)
 class LogConfig:
-    level: str = "info"
-    format: str = "auto"  # auto: console on a TTY, JSON otherwise
+    level: str = field(
+        default="info", metadata={"check": one_of("debug", "info", "warning", "error")}
+    )
+    # auto: console on a TTY, JSON otherwise
+    format: str = field(default="auto", metadata={"check": one_of("auto", "json", "console")})
     # Payload fields replaced by "[redacted]" in the stored raw body (customer PII). The
     # mapping still sees them: it runs before the body is stored.
     redact: tuple[PathTuple, ...] = ()
@@ -103,23 +129,25 @@ class LogConfig:
 @dataclass(frozen=True, slots=True)
 class SourceConfig:
     name: str
-    path: str
+    path: str = field(metadata={"check": url_path})  # read with the default /webhooks/<name>
     secrets: tuple[Secret, ...]
-    kind: str = "polar"
-    tolerance_s: int = 300
-    allow_ips: tuple[Network, ...] = ()  # empty: any address (the signature still rules)
+    kind: str = field(default="polar", metadata={"check": one_of("polar", "standard-webhooks")})
+    tolerance_s: int = field(default=300, metadata={"check": between(1, 86400)})
+    # empty: any address (the signature still rules)
+    allow_ips: tuple[Network, ...] = field(default=(), metadata={"read": networks})
 
 
 @dataclass(frozen=True, slots=True)
 class RetryPolicy:
     """Pure data; `relay.retry` computes with it."""
 
-    max_attempts: int = 1000
-    base_s: float = 1.0
-    cap_s: float = 600.0
-    max_age_s: float = 7 * 24 * 3600.0
-    jitter: float = 0.5  # each delay is drawn from [(1 - jitter) * d, d]
-    max_retry_after_s: float = 3600.0
+    max_attempts: int = field(default=1000, metadata={"check": between(1, 1_000_000)})
+    base_s: float = field(default=1.0, metadata={"check": positive})
+    cap_s: float = field(default=600.0, metadata={"check": positive})
+    max_age_s: float = field(default=7 * 24 * 3600.0, metadata={"check": positive})
+    # each delay is drawn from [(1 - jitter) * d, d]
+    jitter: float = field(default=0.5, metadata={"check": between(0, 1)})
+    max_retry_after_s: float = field(default=3600.0, metadata={"check": positive})
 
 
 @dataclass(frozen=True, slots=True)
@@ -138,14 +166,15 @@ class Header:
 @dataclass(frozen=True, slots=True)
 class DestinationConfig:
     name: str
-    url: str
+    url: str = field(metadata={"check": http_url})
     headers: tuple[Header, ...] = ()
-    timeout_s: float = 10.0
-    concurrency: int = 8
-    # Attempts in flight while webhooks are arriving (0: `concurrency`). Lower, it keeps a
-    # backlog's drain from crowding out the webhooks waiting for their 202.
-    concurrency_while_receiving: int = 0
-    lease_s: float = 60.0
+    timeout_s: float = field(default=10.0, metadata={"check": between(0.1, 300)})
+    concurrency: int = field(default=8, metadata={"check": between(1, 1000)})
+    # Attempts in flight while webhooks are arriving (0, or unset: `concurrency`). Lower, it
+    # keeps a backlog's drain from crowding out the webhooks waiting for their 202.
+    concurrency_while_receiving: int = field(default=0, metadata={"check": between(1, 1000)})
+    # read with the default max(lease_s, 2 * timeout_s + 5)
+    lease_s: float = field(default=60.0, metadata={"check": positive})
     paused: bool = False
     retry: RetryPolicy = RetryPolicy()
 
@@ -154,9 +183,11 @@ class DestinationConfig:
 class PolarApiConfig:
     """Polar's API, for reconciliation, checkout creation and payment checks."""
 
-    url: str = "https://api.polar.sh"  # sandbox: https://sandbox-api.polar.sh
+    # sandbox: https://sandbox-api.polar.sh
+    url: str = field(default="https://api.polar.sh", metadata={"check": http_url})
     token: Secret | None = None  # an organization access token (POLAR_ACCESS_TOKEN)
-    min_interval_s: float = 0.15  # request spacing: 400/min, under Polar's 500/min
+    # request spacing: 400/min, under Polar's 500/min
+    min_interval_s: float = field(default=0.15, metadata={"check": between(0, 60)})
 
 
 # Reconciliation is on by default whenever a Polar token is set: webhooks alone lose revenue
@@ -172,12 +203,12 @@ class ReconcileConfig:
     """`relay serve` reconciles every `interval_s` (0: never) over the last `lookback_s`.
     Unset, `interval_s` is `RECONCILE_DEFAULT_INTERVAL_S` with a Polar token and 0 without."""
 
-    interval_s: float = 0.0
-    lookback_s: float = RECONCILE_DEFAULT_LOOKBACK_S
+    interval_s: float = field(default=0.0, metadata={"check": between(0, 7 * 86400)})
+    lookback_s: float = field(default=RECONCILE_DEFAULT_LOOKBACK_S, metadata={"check": positive})
     source: str = "polar"
     # The first run comes this soon after start (at most interval_s), so a relay that is
     # restarted more often than interval_s still reconciles.
-    first_run_after_s: float = 60.0
+    first_run_after_s: float = field(default=60.0, metadata={"check": between(0, 7 * 86400)})
 
 
 @dataclass(frozen=True, slots=True)
@@ -186,15 +217,16 @@ class CheckoutConfig:
     the Polar checkout with them (and a generated orderId) in its metadata."""
 
     enabled: bool = False
-    path: str = "/checkout"
+    path: str = field(default="/checkout", metadata={"check": url_path})
     plans: tuple[tuple[str, str], ...] = ()  # plan name -> Polar product id
     allow_origins: tuple[str, ...] = ()  # CORS: the merchant's page origins
-    success_url: str = ""
-    return_url: str = ""
-    rate_limit_per_min: int = 10  # per client address (per /64 for IPv6)
+    success_url: str = field(default="", metadata={"check": optional(http_url)})
+    return_url: str = field(default="", metadata={"check": optional(http_url)})
+    # per client address (per /64 for IPv6)
+    rate_limit_per_min: int = field(default=10, metadata={"check": between(1, 100_000)})
     # All clients together: the checkout's own Polar API budget, apart from the payment checks'
     # and reconciliation's; past it (a queue of CHECKOUT_MAX_WAIT_S) the answer is 503.
-    global_rate_limit_per_min: int = 60
+    global_rate_limit_per_min: int = field(default=60, metadata={"check": between(1, 100_000)})
 
     def product_for(self, plan: str) -> str | None:
         return dict(self.plans).get(plan)

@@ -8,14 +8,19 @@ from __future__ import annotations
 import math
 import re
 from collections.abc import Callable, Mapping
+from dataclasses import MISSING, Field, fields
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import TYPE_CHECKING, Any, TypeVar
 from urllib.parse import urlsplit
 
 from relay.access import Network, parse_networks
 from relay.errors import MissingEnvVar
 
+if TYPE_CHECKING:
+    from _typeshed import DataclassInstance
+
 T = TypeVar("T")
+D = TypeVar("D", bound="DataclassInstance")
 _VAR = re.compile(r"\$\$|\$\{([A-Za-z_][A-Za-z0-9_]*)(?::-([^}]*))?\}")
 _REQUIRED: Any = object()
 
@@ -132,6 +137,59 @@ class Table:
                 self.problems.append(f"{self.path(key)}: unknown key (allowed: {allowed})")
 
 
+# ---------------------------------------------------------------- sections from their dataclass
+
+_PLAIN_KINDS: dict[str, type] = {"str": str, "int": int, "float": float, "bool": bool}
+_FIELD_DEFAULT: Any = object()
+
+
+def read_fields(
+    t: Table,
+    cls: type[D],
+    *,
+    given: Mapping[str, Any] | None = None,
+    defaults: Mapping[str, Any] | None = None,
+) -> D:
+    """One section's dataclass from its table, field by field in declaration order: each field
+    from the key of its name, as its annotated plain type, with the field's default (or the one
+    in `defaults`) and the checks in its metadata (see `read_field`). `given` supplies the
+    fields the section reads itself (secrets, nested tables, names). Problems are recorded in
+    `t`; a value that fails its check reads as the default, so the instance can still be built.
+    """
+    given = given or {}
+    defaults = defaults or {}
+    values = {
+        f.name: given[f.name]
+        if f.name in given
+        else _read(t, f, defaults.get(f.name, _FIELD_DEFAULT))
+        for f in fields(cls)
+        if f.init
+    }
+    return cls(**values)
+
+
+def read_field(
+    t: Table, cls: type[DataclassInstance], name: str, default: Any = _FIELD_DEFAULT
+) -> Any:
+    """One field of `cls` from the key of its name, by the field's metadata: `check`, a value
+    check (`between(0, 65535)`) applied to a str/int/float/bool field; or `read`, a reader of
+    its own, called as `read(t, name)` (`networks`). Without `default`, the field's own; a field
+    without one is required."""
+    [f] = [f for f in fields(cls) if f.name == name]
+    return _read(t, f, default)
+
+
+def _read(t: Table, f: Field[Any], default: Any) -> Any:
+    if "read" in f.metadata:
+        return f.metadata["read"](t, f.name)
+    kind = _PLAIN_KINDS.get(f.type) if isinstance(f.type, str) else f.type
+    if not isinstance(kind, type):  # a mistake in this package, not in relay.toml
+        raise TypeError(f"{f.name}: a field of type {f.type} must be given or have a reader")
+    if default is _FIELD_DEFAULT:
+        default = _REQUIRED if f.default is MISSING else f.default
+    return t.get(f.name, kind, default, f.metadata.get("check"))
+
+
 def _checked(check: Callable[[Any], str | None], value: Any) -> str | None:
     """A check's verdict. A check that trips over a malformed value (a URL parser's
     ValueError, a file name the OS refuses) has found a bad value, not a bug to crash on; the
@@ -178,6 +236,19 @@ def one_of(*choices: str) -> Callable[[str], str | None]:
         return None if value in choices else f"must be one of {', '.join(choices)}"
 
     return check
+
+
+def non_empty(value: str) -> str | None:
+    return None if value else "must not be empty"
+
+
+def optional(check: Callable[[str], str | None]) -> Callable[[str], str | None]:
+    """`check`, except that an empty string (the setting left blank) passes."""
+
+    def check_unless_empty(value: str) -> str | None:
+        return None if not value else check(value)
+
+    return check_unless_empty
 
 
 def http_url(value: str) -> str | None:

@@ -1,9 +1,15 @@
-"""One function per relay.toml section: a checked table in, a frozen dataclass out."""
+"""One function per relay.toml section: a checked table in, a frozen dataclass out.
+
+A section's plain fields are read by `read_fields` from the bounds and defaults its dataclass
+declares (relay/config/model.py); a function here adds only what is its own: secrets, nested
+tables, and the checks that relate one field to another.
+"""
 
 from __future__ import annotations
 
 import re
 from collections.abc import Mapping
+from dataclasses import replace
 from typing import Any
 from urllib.parse import urlsplit
 
@@ -28,14 +34,10 @@ from relay.config.model import (
 from relay.config.reader import (
     UNSET_MARK,
     Table,
-    between,
     http_url,
     listen_address,
-    networks,
-    one_of,
-    positive,
-    readable_file,
-    url_path,
+    read_field,
+    read_fields,
 )
 from relay.mapping import (
     Lookup,
@@ -56,24 +58,7 @@ _NAME = re.compile(r"^[A-Za-z0-9_\-]+$")
 
 
 def read_server(t: Table) -> ServerConfig:
-    d = ServerConfig()
-    s = ServerConfig(
-        host=t.get("host", str, d.host),
-        port=t.get("port", int, d.port, between(0, 65535)),
-        max_body_bytes=t.get("max_body_bytes", int, d.max_body_bytes, between(1024, 64 << 20)),
-        shutdown_grace_s=t.get("shutdown_grace_s", float, d.shutdown_grace_s, between(0, 3600)),
-        delivery_processes=t.get("delivery_processes", int, d.delivery_processes, between(0, 16)),
-        keepalive_timeout_s=t.get(
-            "keepalive_timeout_s", float, d.keepalive_timeout_s, between(1, 3600)
-        ),
-        body_timeout_s=t.get("body_timeout_s", float, d.body_timeout_s, between(0.5, 600)),
-        max_header_bytes=t.get("max_header_bytes", int, d.max_header_bytes, between(256, 65536)),
-        max_headers=t.get("max_headers", int, d.max_headers, between(8, 1000)),
-        tls_cert=t.get("tls_cert", str, d.tls_cert, readable_file),
-        tls_key=t.get("tls_key", str, d.tls_key, readable_file),
-        require_https=t.get("require_https", bool, d.require_https),
-        trusted_proxies=networks(t, "trusted_proxies"),
-    )
+    s = read_fields(t, ServerConfig)
     # Judged on what was written: a cert that failed its own check must not also read as unset.
     if bool(t.raw.get("tls_cert")) != bool(t.raw.get("tls_key")):
         t.problems.append(f"{t.path('tls_key')}: tls_cert and tls_key go together")
@@ -82,30 +67,17 @@ def read_server(t: Table) -> ServerConfig:
 
 
 def read_polar_api(t: Table) -> PolarApiConfig:
-    d = PolarApiConfig()
     token = t.get("token", str, "")
-    c = PolarApiConfig(
-        url=t.get("url", str, d.url, http_url).rstrip("/"),
-        token=Secret(token) if token else None,
-        min_interval_s=t.get("min_interval_s", float, d.min_interval_s, between(0, 60)),
-    )
+    c = read_fields(t, PolarApiConfig, given={"token": Secret(token) if token else None})
     t.done()
-    return c
+    return replace(c, url=c.url.rstrip("/"))
 
 
 def read_reconcile(
     t: Table, sources: Mapping[str, Any], *, has_token: bool = False
 ) -> ReconcileConfig:
-    d = ReconcileConfig()
     default_interval_s = RECONCILE_DEFAULT_INTERVAL_S if has_token else 0.0
-    c = ReconcileConfig(
-        interval_s=t.get("interval_s", float, default_interval_s, between(0, 7 * 86400)),
-        lookback_s=t.get("lookback_s", float, d.lookback_s, positive),
-        source=t.get("source", str, d.source),
-        first_run_after_s=t.get(
-            "first_run_after_s", float, d.first_run_after_s, between(0, 7 * 86400)
-        ),
-    )
+    c = read_fields(t, ReconcileConfig, defaults={"interval_s": default_interval_s})
     if c.source not in sources and sources:
         t.problems.append(f"{t.path('source')}: no source named {c.source!r}")
     t.done()
@@ -129,7 +101,6 @@ def read_ledger(t: Table) -> LedgerConfig:
 
 
 def read_checkout(t: Table) -> CheckoutConfig:
-    d = CheckoutConfig()
     plans = t.sub("plans")
     plan_items = []
     for name, product in plans.raw.items():
@@ -152,21 +123,13 @@ def read_checkout(t: Table) -> CheckoutConfig:
             t.problems.append(
                 f"{t.path('allow_origins')}[{i}]: must be an origin like https://shop.example"
             )
-    c = CheckoutConfig(
-        enabled=t.get("enabled", bool, d.enabled),
-        path=t.get("path", str, d.path, url_path),
-        plans=tuple(plan_items),
-        allow_origins=tuple(o.rstrip("/") for o in origins if isinstance(o, str)),
-        success_url=t.get(
-            "success_url", str, d.success_url, lambda v: None if not v else http_url(v)
-        ),
-        return_url=t.get("return_url", str, d.return_url, lambda v: None if not v else http_url(v)),
-        rate_limit_per_min=t.get(
-            "rate_limit_per_min", int, d.rate_limit_per_min, between(1, 100_000)
-        ),
-        global_rate_limit_per_min=t.get(
-            "global_rate_limit_per_min", int, d.global_rate_limit_per_min, between(1, 100_000)
-        ),
+    c = read_fields(
+        t,
+        CheckoutConfig,
+        given={
+            "plans": tuple(plan_items),
+            "allow_origins": tuple(o.rstrip("/") for o in origins if isinstance(o, str)),
+        },
     )
     if c.enabled and not c.plans:
         t.problems.append(f"{t.path('plans')}: the checkout endpoint needs at least one plan")
@@ -175,10 +138,10 @@ def read_checkout(t: Table) -> CheckoutConfig:
 
 
 def read_admin(t: Table) -> AdminConfig:
-    listen = t.get("listen", str, "", listen_address)
     token = t.get("token", str, "")
+    admin = read_fields(t, AdminConfig, given={"token": Secret(token) if token else None})
+    listen = admin.listen
     t.done()
-    admin = AdminConfig(listen=listen, token=Secret(token) if token else None)
     # Metrics show revenue and the backlog: off loopback, only behind a token.
     if listen and not token and not listen_address(listen):
         host = admin.host_port[0]
@@ -205,25 +168,13 @@ def _storage_url(t: Table) -> Secret | None:
 
 
 def read_storage(t: Table) -> StorageConfig:
-    d = StorageConfig()
-    s = StorageConfig(
-        path=t.get("path", str, d.path, lambda v: None if v else "must not be empty"),
-        url=_storage_url(t),
-        busy_timeout_ms=t.get("busy_timeout_ms", int, d.busy_timeout_ms, between(0, 600_000)),
-        max_batch=t.get("max_batch", int, d.max_batch, between(1, 2000)),
-        min_free_bytes=t.get("min_free_bytes", int, d.min_free_bytes, between(0, 2**62)),
-    )
+    s = read_fields(t, StorageConfig, given={"url": _storage_url(t)})
     t.done()
     return s
 
 
 def read_retention(t: Table) -> RetentionConfig:
-    d = RetentionConfig()
-    r = RetentionConfig(
-        bodies_s=t.get("bodies_s", float, d.bodies_s, positive),
-        rows_s=t.get("rows_s", float, d.rows_s, positive),
-        interval_s=t.get("interval_s", float, d.interval_s, positive),
-    )
+    r = read_fields(t, RetentionConfig)
     if r.rows_s < r.bodies_s:
         t.problems.append(f"{t.path('rows_s')}: must be at least bodies_s ({r.bodies_s:g})")
     t.done()
@@ -231,12 +182,7 @@ def read_retention(t: Table) -> RetentionConfig:
 
 
 def read_log(t: Table) -> LogConfig:
-    d = LogConfig()
-    s = LogConfig(
-        level=t.get("level", str, d.level, one_of("debug", "info", "warning", "error")),
-        format=t.get("format", str, d.format, one_of("auto", "json", "console")),
-        redact=_redact_paths(t),
-    )
+    s = read_fields(t, LogConfig, given={"redact": _redact_paths(t)})
     t.done()
     return s
 
@@ -271,28 +217,18 @@ def read_source(name: str, t: Table) -> SourceConfig:
     else:
         t.problems.append(f"{t.path('secrets')}: required")
         secrets = ()
-    s = SourceConfig(
-        name=name,
-        kind=t.get("kind", str, "polar", one_of("polar", "standard-webhooks")),
-        path=t.get("path", str, f"/webhooks/{name}", url_path),
-        secrets=secrets,
-        tolerance_s=t.get("tolerance_s", int, 300, between(1, 86400)),
-        allow_ips=networks(t, "allow_ips"),
+    s = read_fields(
+        t,
+        SourceConfig,
+        given={"name": name, "secrets": secrets},
+        defaults={"path": f"/webhooks/{name}"},
     )
     t.done()
     return s
 
 
 def _retry(t: Table) -> RetryPolicy:
-    d = RetryPolicy()
-    r = RetryPolicy(
-        max_attempts=t.get("max_attempts", int, d.max_attempts, between(1, 1_000_000)),
-        base_s=t.get("base_s", float, d.base_s, positive),
-        cap_s=t.get("cap_s", float, d.cap_s, positive),
-        max_age_s=t.get("max_age_s", float, d.max_age_s, positive),
-        jitter=t.get("jitter", float, d.jitter, between(0, 1)),
-        max_retry_after_s=t.get("max_retry_after_s", float, d.max_retry_after_s, positive),
-    )
+    r = read_fields(t, RetryPolicy)
     if r.cap_s < r.base_s:
         t.problems.append(f"{t.path('cap_s')}: must be at least base_s ({r.base_s:g})")
     t.done()
@@ -316,13 +252,13 @@ def _headers(t: Table) -> tuple[Header, ...]:
 
 def read_destination(name: str, t: Table) -> DestinationConfig:
     d = DestinationConfig(name="", url="")
-    url = t.get("url", str, check=http_url)
+    url = read_field(t, DestinationConfig, "url")
     if isinstance(url, str):
         # `${FAURYA_URL}/api/revenue` with a trailing slash in the variable: collapse it.
         parts = urlsplit(url)
         url = parts._replace(path=re.sub(r"/{2,}", "/", parts.path)).geturl()
-    timeout_s = t.get("timeout_s", float, d.timeout_s, between(0.1, 300))
-    lease_s = t.get("lease_s", float, max(d.lease_s, timeout_s * 2 + 5), positive)
+    timeout_s = read_field(t, DestinationConfig, "timeout_s")
+    lease_s = read_field(t, DestinationConfig, "lease_s", max(d.lease_s, timeout_s * 2 + 5))
     if lease_s < timeout_s + 5:
         # A lease shorter than the request would let a second attempt start while the first
         # is still in flight: a double send caused by us, not by a crash.
@@ -330,9 +266,9 @@ def read_destination(name: str, t: Table) -> DestinationConfig:
             f"{t.path('lease_s')}: must be at least timeout_s + 5 ({timeout_s + 5:g})"
         )
     before = len(t.problems)
-    concurrency = t.get("concurrency", int, d.concurrency, between(1, 1000))
+    concurrency = read_field(t, DestinationConfig, "concurrency")
     concurrency_ok = len(t.problems) == before  # else `concurrency` is only the default
-    receiving = t.get("concurrency_while_receiving", int, 0, between(1, 1000))
+    receiving = read_field(t, DestinationConfig, "concurrency_while_receiving")
     if concurrency_ok and isinstance(receiving, int) and receiving > concurrency:
         t.problems.append(
             f"{t.path('concurrency_while_receiving')}: must be at most concurrency ({concurrency})"

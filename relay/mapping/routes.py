@@ -165,9 +165,9 @@ def encode(body: Any) -> bytes:
     if not _finite(body):
         raise ValueError("Out of range float values are not JSON compliant")
     try:
-        # orjson: 0.3 us against 7 us for a Faurya body (relay/codec.py says why it is a
-        # dependency). It would write NaN as null (hence the check above) and datetimes as
-        # text (hence the passthrough options, which make them a TypeError here).
+        # orjson: an outbound body is encoded per message, on the hot path (relay/codec.py
+        # says why it is a dependency). It would write NaN as null (hence the check above) and
+        # datetimes as text (hence the passthrough options, which make them a TypeError here).
         return orjson.dumps(body, option=_JSON_TYPES_ONLY)
     except TypeError:  # integers beyond 64 bits, or a type JSON does not have
         return json.dumps(body, separators=(",", ":"), ensure_ascii=False, allow_nan=False).encode()
