@@ -376,6 +376,22 @@ async def _reconcile(args: argparse.Namespace, config: Config) -> int:
     return 0
 
 
+def ledger_arguments(p: argparse.ArgumentParser) -> argparse.ArgumentParser:
+    p.add_argument(
+        "--since",
+        help="a day (in the ledger's time zone), ISO time or an age like 7d "
+        "(default: the window reconciliation read)",
+    )
+    p.add_argument("--until", help="a day (included), ISO time or an age (default: now)")
+    p.add_argument("--currency", help="only this currency (ISO 4217, e.g. USD)")
+    p.add_argument("--format", choices=["table", "json", "csv"], default="table")
+    p.add_argument("--timezone", help="cut days in this IANA time zone (default: ledger.timezone)")
+    p.add_argument(
+        "--differences", action="store_true", help="only the differences (CSV: one per row)"
+    )
+    return p
+
+
 def cmd_ledger(args: argparse.Namespace) -> int:
     from relay import ledger_report
 
@@ -612,26 +628,15 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--dry-run", action="store_true", help="list what would be enqueued")
     p.set_defaults(func=cmd_reconcile)
 
-    p = sub.add_parser(
-        "ledger",
-        parents=[common, with_db],
-        help="the revenue ledger: Polar's paid orders and refunds against what Faurya got, "
-        "per day and currency, and each difference with its fix (Polar's side as the last "
-        "reconciliation read it)",
-    )
-    p.add_argument(
-        "--since",
-        help="a day (in the ledger's time zone), ISO time or an age like 7d "
-        "(default: the window reconciliation read)",
-    )
-    p.add_argument("--until", help="a day (included), ISO time or an age (default: now)")
-    p.add_argument("--currency", help="only this currency (ISO 4217, e.g. USD)")
-    p.add_argument("--format", choices=["table", "json", "csv"], default="table")
-    p.add_argument("--timezone", help="cut days in this IANA time zone (default: ledger.timezone)")
-    p.add_argument(
-        "--differences", action="store_true", help="only the differences (CSV: one per row)"
-    )
-    p.set_defaults(func=cmd_ledger)
+    ledger_arguments(
+        sub.add_parser(
+            "ledger",
+            parents=[common, with_db],
+            help="the revenue ledger: Polar's paid orders and refunds against what Faurya got, "
+            "per day and currency, and each difference with its fix (Polar's side as the last "
+            "reconciliation read it)",
+        )
+    ).set_defaults(func=cmd_ledger)
 
     p = sub.add_parser(
         "map",

@@ -162,6 +162,8 @@ class Ledger:
     differences: tuple[Difference, ...]
     coverage: SnapshotCoverage | None
     note: str | None = None  # why Polar's side is missing or partial
+    # Polar's side lacks fields the routes read now: its differences may be the route's change.
+    stale: bool = False
 
     @property
     def polar_available(self) -> bool:
@@ -216,6 +218,7 @@ def build(
     settle_s: float,
     currency: str | None = None,
     note: str | None = None,
+    stale: bool = False,
 ) -> Ledger:
     """The ledger of [since, until). `messages`: the outbox's messages that may belong to it
     (every one created since `since` and any for the entries' keys); `destinations`: those
@@ -310,6 +313,7 @@ def build(
         differences=tuple(diffs),
         coverage=coverage,
         note=note,
+        stale=stale,
     )
 
 

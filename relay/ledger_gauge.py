@@ -40,8 +40,11 @@ class LedgerGauge:
         except Exception as exc:  # a gauge must never take the relay down
             log.warning("ledger_refresh_failed", error=f"{type(exc).__name__}: {exc}")
             return
-        if not ledger.polar_available:
-            return  # no Polar side: the gauges stay absent, not a misleading 0
+        if not ledger.polar_available or ledger.stale:
+            # No (complete) Polar side: the gauges are absent, not a misleading value.
+            self._metrics.ledger_difference.clear()
+            self._metrics.ledger_differences.clear()
+            return
         values = dict.fromkeys({row.currency for row in ledger.rows}, (0, 0))
         values.update(ledger.settled_by_currency())
         self._metrics.ledger_difference.clear()

@@ -24,10 +24,10 @@ from relay.ledger import (
     PolarEntry,
     build,
 )
-from relay.mapping import MapResult, map_event
+from relay.mapping import MapResult, format_path, map_event
 from relay.models import EventFilter, EventStatus, MessageFilter, PolarKind, PolarRecord
 from relay.polar_api import is_paid
-from relay.reconcile import DISPUTE_EVENT, REFUND_STATUSES
+from relay.reconcile import DISPUTE_EVENT, REFUND_STATUSES, snapshot_paths
 from relay.revenue import facts
 from relay.store import Store
 
@@ -74,6 +74,7 @@ async def read_ledger(
     if until is None:
         until = now
     note = None
+    stale = False
     if coverage is None:
         note = NO_TOKEN_NOTE if config.polar_api.token is None else NO_SNAPSHOT_NOTE
     else:
@@ -81,6 +82,14 @@ async def read_ledger(
             note = (
                 "lost disputes were not read (the token lacks disputes:read): Polar's side "
                 "leaves them out"
+            )
+        wanted = {format_path(p) for p in snapshot_paths(config)}
+        if not wanted <= set(coverage.fields):
+            stale = True
+            note = (
+                "the routes read fields of Polar's objects that the last reconciliation run did "
+                "not keep (a route changed since): Polar's side is complete again after the "
+                "next run (relay reconcile --dry-run does it now)"
             )
         if config.polar_api.token is None:
             note = (
@@ -108,6 +117,7 @@ async def read_ledger(
         settle_s=settle_s(config),
         currency=currency,
         note=note,
+        stale=stale,
     )
 
 

@@ -248,8 +248,8 @@ class PolarKind(StrEnum):
 
 @dataclass(frozen=True, slots=True)
 class PolarRecord:
-    """One Polar order, refund or lost dispute as a reconciliation run read it: the object as
-    JSON (customer PII redacted per `log.redact`), for the routes to map again."""
+    """One Polar order, refund or lost dispute as a reconciliation run read it: the fields of
+    the object the routes read (and the ledger's own) as JSON, for the routes to map again."""
 
     kind: PolarKind
     polar_id: str
@@ -268,6 +268,8 @@ class SnapshotCoverage:
     until: float | None
     fetched_at: float
     kinds: tuple[PolarKind, ...]
+    # The object fields kept (dotted paths): what the routes read then, and the ledger's own.
+    fields: tuple[str, ...] = ()
 
     @property
     def end(self) -> float:

@@ -545,3 +545,47 @@ def test_ledger_timezone_is_read_and_checked_from_relay_toml() -> None:
     raw["ledger"] = {"timezone": "Europe/Atlantis"}
     with pytest.raises(Exception, match=r"ledger\.timezone: unknown time zone"):
         parse(raw, env())
+
+
+async def test_the_snapshot_keeps_only_what_the_routes_read_and_notices_a_route_change(
+    aiohttp_client: AiohttpClient, book: FauryaBook, polar: FakePolar, tmp_path: Path
+) -> None:
+    """Polar's objects are kept with the fields the routes and the ledger read (the checkout's
+    metadata, the amount), without the customer; after a route starts reading a field the
+    last run did not keep, the ledger says so and its gauges go absent until the next run."""
+    config = shipped(book, tmp_path / "relay.db", polar)
+    relay = await aiohttp_client(create_app(config, poll_interval_s=0.05))
+    store = relay.app[STORE]
+    world = PolarWorld(polar)
+    order = world.purchase({"orderId": "ord_kept", **IDS}, net=4410, currency="usd")
+    assert order["customer"]["email"]
+    await post_webhooks(relay, world.webhooks)
+    await drain(relay)
+    clock = FakeClock(time.time() + 1)
+    await Reconciler(store, config, relay.app[POLAR_API], clock, dry_run=True).run(None, None)
+    [kept] = await store.polar_snapshot()
+    data = json.loads(kept.data)
+    assert "customer" not in data
+    assert "email" not in kept.data.decode()
+    assert data["metadata"]["orderId"] == "ord_kept"
+    assert (data["net_amount"], data["currency"], data["billing_reason"]) == (
+        4410,
+        "usd",
+        "purchase",
+    )
+    assert (await read_ledger(store, config, now=clock.now())).differences == ()
+
+    raw = tomllib.loads((REPO / "relay.toml").read_text())
+    raw["storage"]["path"] = str(tmp_path / "relay.db")
+    raw["routes"][0]["body"]["productId"] = {"path": "data.product_id"}
+    changed = with_polar_api(parse(raw, env(FAURYA_URL=book.url)), polar)
+    ledger = await read_ledger(store, changed, now=clock.now())
+    assert ledger.stale
+    assert ledger.note is not None
+    assert "a route changed" in ledger.note
+    gauge = LedgerGauge(changed, relay.app[METRICS], clock)
+    await gauge.refresh(store)
+    registry = relay.app[METRICS].registry
+    assert registry.get_sample_value("relay_ledger_differences", {"currency": "USD"}) is None
+    await Reconciler(store, changed, relay.app[POLAR_API], clock, dry_run=True).run(None, None)
+    assert not (await read_ledger(store, changed, now=clock.now())).stale

@@ -51,14 +51,16 @@ async def test_a_run_replaces_its_window_and_overlapping_runs_extend_the_coverag
     assert await store.snapshot_coverage() is None
     assert await store.polar_snapshot() == []
     first = [record("o1", T0 - 5 * DAY_S), record("o2", T0 - DAY_S), record("r1", T0 - DAY_S)]
-    await store.save_polar_snapshot(first, SnapshotCoverage(T0 - 10 * DAY_S, None, T0, ALL))
+    await store.save_polar_records(first)
+    await store.finish_polar_snapshot(SnapshotCoverage(T0 - 10 * DAY_S, None, T0, ALL))
     assert await store.polar_snapshot() == first
     later = T0 + DAY_S
     second = [
         record("r1", T0 - DAY_S, "succeeded", fetched_at=later),
         record("o3", T0, fetched_at=later),
     ]
-    await store.save_polar_snapshot(second, SnapshotCoverage(T0 - 2 * DAY_S, None, later, ALL))
+    await store.save_polar_records(second)
+    await store.finish_polar_snapshot(SnapshotCoverage(T0 - 2 * DAY_S, None, later, ALL))
     stored = await store.polar_snapshot()
     # o2 (in the second window, not listed again) is gone; o1 (before it) stays.
     assert [(r.polar_id, r.status) for r in stored] == [
@@ -73,10 +75,10 @@ async def test_a_run_replaces_its_window_and_overlapping_runs_extend_the_coverag
 async def test_a_window_apart_from_the_stored_one_replaces_it(store: Store) -> None:
     """A run over a window that does not touch the stored coverage (an old month, by hand)
     becomes the coverage alone, and the rows outside it go."""
-    await store.save_polar_snapshot(
-        [record("o1", T0 - DAY_S)], SnapshotCoverage(T0 - 2 * DAY_S, None, T0, ALL)
-    )
+    await store.save_polar_records([record("o1", T0 - DAY_S)])
+    await store.finish_polar_snapshot(SnapshotCoverage(T0 - 2 * DAY_S, None, T0, ALL))
     old = SnapshotCoverage(T0 - 60 * DAY_S, T0 - 30 * DAY_S, T0, (PolarKind.ORDER,))
-    await store.save_polar_snapshot([record("o9", T0 - 40 * DAY_S)], old)
+    await store.save_polar_records([record("o9", T0 - 40 * DAY_S)])
+    await store.finish_polar_snapshot(old)
     assert await store.snapshot_coverage() == old
     assert [r.polar_id for r in await store.polar_snapshot()] == ["o9"]

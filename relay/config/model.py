@@ -21,6 +21,7 @@ from relay.config.reader import (
     optional,
     positive,
     readable_file,
+    time_zone,
     url_path,
 )
 from relay.mapping import Path as PathTuple
@@ -236,7 +237,7 @@ class CheckoutConfig:
 class LedgerConfig:
     """The revenue ledger (`relay ledger`): days are cut at midnight in `timezone` (IANA)."""
 
-    timezone: str = "UTC"
+    timezone: str = field(default="UTC", metadata={"check": time_zone})
 
 
 @dataclass(frozen=True, slots=True)

@@ -85,17 +85,7 @@ def read_reconcile(
 
 
 def read_ledger(t: Table) -> LedgerConfig:
-    from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
-
-    c = LedgerConfig(timezone=t.get("timezone", str, LedgerConfig().timezone))
-    try:
-        ZoneInfo(c.timezone)
-    except (ZoneInfoNotFoundError, ValueError):
-        t.problems.append(
-            f"{t.path('timezone')}: unknown time zone {c.timezone!r} (an IANA name such as "
-            "UTC or Europe/Berlin)"
-        )
-        c = LedgerConfig()
+    c = read_fields(t, LedgerConfig)
     t.done()
     return c
 

@@ -208,12 +208,14 @@ class Store(Protocol):
 
     # ------------------------------------------------------------ the ledger's Polar snapshot
 
-    async def save_polar_snapshot(
-        self, records: Sequence[PolarRecord], coverage: SnapshotCoverage
-    ) -> None:
-        """Store what one reconciliation run read: its rows replace those of the same kinds
-        created in its window; the coverage becomes the union of the stored one and this
-        window when they overlap (else this window alone), and rows outside it go."""
+    async def save_polar_records(self, records: Sequence[PolarRecord]) -> None:
+        """Store objects one reconciliation run read (a page at a time), replacing the stored
+        ones of the same kind and id."""
+
+    async def finish_polar_snapshot(self, coverage: SnapshotCoverage) -> None:
+        """End a run: its coverage becomes the union of the stored one and its window when
+        they overlap (else its window alone); rows of its kinds in its window that it did not
+        read, and rows outside the coverage, go."""
 
     async def snapshot_coverage(self) -> SnapshotCoverage | None:
         """What the stored snapshot covers; None before any reconciliation run stored one."""

@@ -2,16 +2,18 @@
 of Polar). Half of `Outbox` (relay/store/outbox.py), beside `AdminQueries`: written by
 reconciliation, read by the ledger. Its statements are in relay/store/sql.py.
 
-Writes go through the single writer in chunks of `SNAPSHOT_CHUNK` rows, each its own job, so a
-30-day snapshot never holds a webhook's commit for long. The coverage (which window and kinds
-the rows stand for) is written last, in `relay_meta`: until a run has finished, the ledger
-keeps reading the previous run's coverage.
+A run writes each page of objects as it reads it (`save_polar_records`, through the single
+writer in chunks of `SNAPSHOT_CHUNK` rows, each its own job, so a 30-day snapshot never holds a
+webhook's commit for long nor sits in memory whole), then its coverage (`finish_polar_snapshot`:
+which window, kinds and fields the rows stand for, in `relay_meta`). Until a run has finished,
+the ledger reads the previous run's coverage.
 """
 
 from __future__ import annotations
 
 import json
 from collections.abc import Awaitable, Callable, Sequence
+from dataclasses import replace
 from typing import Any
 
 from relay.models import PolarKind, PolarRecord, SnapshotCoverage
@@ -19,7 +21,8 @@ from relay.store import sql
 from relay.store.batching import Writer
 from relay.store.connection import Connection, Row
 
-SNAPSHOT_CHUNK = 500
+# Rows per write job: each shares a group commit with webhooks, which must not wait long.
+SNAPSHOT_CHUNK = 200
 _COVERAGE_KEY = "polar_snapshot"
 
 
@@ -31,11 +34,11 @@ class SnapshotQueries:
     async def _fetch(self, statement: str, params: Sequence[Any] = ()) -> list[Row]:
         raise NotImplementedError
 
-    async def save_polar_snapshot(
-        self, records: Sequence[PolarRecord], coverage: SnapshotCoverage
-    ) -> None:
+    async def save_polar_records(self, records: Sequence[PolarRecord]) -> None:
         for start in range(0, len(records), SNAPSHOT_CHUNK):
             await self._writer.run(_upserter(records[start : start + SNAPSHOT_CHUNK]))
+
+    async def finish_polar_snapshot(self, coverage: SnapshotCoverage) -> None:
         previous = await self.snapshot_coverage()
         merged = coverage
         if (
@@ -43,12 +46,7 @@ class SnapshotQueries:
             and previous.since <= coverage.end
             and coverage.since <= previous.end
         ):
-            merged = SnapshotCoverage(
-                since=min(previous.since, coverage.since),
-                until=None,
-                fetched_at=coverage.fetched_at,
-                kinds=coverage.kinds,
-            )
+            merged = replace(coverage, since=min(previous.since, coverage.since), until=None)
         await self._writer.run(lambda db: _finish(db, coverage, merged))
 
     async def snapshot_coverage(self) -> SnapshotCoverage | None:
@@ -62,6 +60,7 @@ class SnapshotQueries:
                 until=None if raw["until"] is None else float(raw["until"]),
                 fetched_at=float(raw["fetched_at"]),
                 kinds=tuple(PolarKind(k) for k in raw["kinds"]),
+                fields=tuple(str(f) for f in raw.get("fields", ())),
             )
         except (ValueError, KeyError, TypeError):
             return None  # written by a newer relay, say: as if no run had stored anything
@@ -107,6 +106,7 @@ async def _finish(db: Connection, run: SnapshotCoverage, merged: SnapshotCoverag
             "until": merged.until,
             "fetched_at": merged.fetched_at,
             "kinds": [k.value for k in merged.kinds],
+            "fields": list(merged.fields),
         }
     )
     cursor = await db.execute(sql.UPSERT_META, (_COVERAGE_KEY, value))
