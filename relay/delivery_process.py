@@ -141,10 +141,10 @@ class _Child:
     async def _read(self, reader: asyncio.StreamReader) -> None:
         try:
             while True:
-                seq, *fields = await _read_frame(reader)
+                seq, fields = await _read_frame(reader)
                 future = self._waiting.get(seq)
                 if future is not None and not future.done():
-                    future.set_result(AttemptResult(*fields))
+                    future.set_result(AttemptResult.from_wire(fields))
         except (EOFError, ConnectionError, *_BAD_FRAME):
             pass  # gone (IncompleteReadError is an EOFError): fail what waits (below)
         finally:
@@ -410,7 +410,7 @@ async def _serve(fd: int, parent_pid: int | None = None) -> None:
                 r = AttemptResult.failed(
                     ErrorKind.CHILD_ERROR, detail, time.perf_counter() - started
                 )
-            out.send((seq, r.status, r.error, r.retry_after, r.snippet, r.duration_s, r.kind))
+            out.send((seq, r.to_wire()))
 
         while True:
             try:

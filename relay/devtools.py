@@ -34,6 +34,7 @@ from relay.errors import RelayError
 from relay.ingest import resolve_lookups
 from relay.mapping import map_event
 from relay.models import EventStatus
+from relay.serve import start_site
 from relay.store import open_store
 from relay.verify import sign
 
@@ -272,8 +273,6 @@ async def run_dev(config_path: str, port: int, host: str, db: str | None) -> Non
     )
     await runner.setup()
     try:
-        from relay.cli import start_site
-
         await start_site(
             web.TCPSite(runner, host, port), (host, port), "--port", "--port or --host"
         )

@@ -19,7 +19,7 @@ from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
 from relay.config import Config
 from relay.errors import ConfigError
 from relay.ledger import Ledger, Tally, day_start, difference_json, major, to_json
-from relay.operator import parse_time
+from relay.outbox_commands import parse_time
 
 FORMATS = ("table", "json", "csv")
 _DATE = re.compile(r"^\d{4}-\d{2}-\d{2}$")

@@ -2,8 +2,8 @@
 Polar's API returns say what the message is about to send?
 
 Owns: the Polar id format, and the field-by-field comparison of a message body with the body
-its route builds from Polar's own order. Pure: no I/O; the worker (relay/workers.py) fetches the
-order and records the verdict.
+its route builds from Polar's own order. Pure: no I/O; relay/payment_check.py fetches the
+order, and the worker records the verdict (relay/recorder.py).
 
 Why it exists: `verify_order` guards against a leaked webhook secret. A forger who can sign
 webhooks chooses every byte of `data`, so "Polar says order X is paid" is not enough: the

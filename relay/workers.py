@@ -4,11 +4,11 @@ Owns: the claim loop (`concurrency` attempts at once, `concurrency_while_receivi
 webhooks arrive, refilled in chunks), wake-ups (a commit wakes idle workers at once; otherwise
 they sleep until the next retry is due, at most `poll_interval_s`), the periodic return of
 expired leases, the bookkeeping write of each attempt (a tracked task, shielded where a
-cancellation could reach it: stop() waits for every one), the optional payment check, and the
-graceful stop.
-
-Each attempt's outcome maps to exactly one store call: delivered, retry, dead (or release, when
-a stop interrupts it). A message never leaves the outbox any other way.
+cancellation could reach it: stop() waits for every one), and the graceful stop. Each attempt
+is claim, (payment check,) send, decide, record: the payment check is relay/payment_check.py,
+the decision relay/retry.py, and the record relay/recorder.py, which maps each outcome to
+exactly one store call: delivered, retry, dead (or release, when a stop interrupts it). A
+message never leaves the outbox any other way.
 """
 
 from __future__ import annotations
@@ -16,27 +16,24 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import random
-import time
 from collections.abc import Callable, Coroutine, Iterable, Mapping
 from typing import Any
 
-from relay import order_check, retry, revenue
+from relay import retry
 from relay.config import DestinationConfig
-from relay.delivery import AttemptResult, Attempts
-from relay.errors import StorageError
+from relay.delivery import Attempts
 from relay.logs import get_logger
 from relay.mapping import Route
-from relay.metrics import Metrics, status_class
-from relay.models import ClaimedMessage, Clock, Dead, Delivered, ErrorKind, Outcome, RetryLater
-from relay.order_check import is_polar_id, shown_id
-from relay.polar_api import PolarApi, PolarApiError, WrongOrder, is_paid
+from relay.metrics import Metrics
+from relay.models import ClaimedMessage, Clock
+from relay.payment_check import PaymentCheck
+from relay.polar_api import PolarApi
+from relay.recorder import Recorder
 from relay.store import Store
 
 log = get_logger("relay.workers")
 # How long after the last commit of new messages a worker keeps to its smaller pool.
 RECEIVING_WINDOW_S = 1.0
-# The store turns every driver error into a StorageError (relay/store/outbox.py).
-_STORE_ERRORS = (StorageError,)
 
 
 class DestinationWorker:
@@ -59,11 +56,8 @@ class DestinationWorker:
         self._store = store
         self._sender = sender
         self._clock = clock
-        self._metrics = metrics
         self._poll_interval_s = poll_interval_s
         self._rand = rand
-        self._polar = polar
-        self._routes = routes or {}  # by name: what a payment check compares a message with
         self._wake = asyncio.Event()
         self._attempts: set[asyncio.Task[None]] = set()
         self._writes: set[asyncio.Task[None]] = set()
@@ -74,12 +68,10 @@ class DestinationWorker:
         self._received_at = -1e18  # loop time of the last commit that brought messages
         self.receiving_window_s = RECEIVING_WINDOW_S
         self._pause_checked_at = -1e18  # loop time of the last read of the pause override
-        # Label children bound once: .labels() takes a lock and a lookup, per delivery.
-        name = destination.name
-        self._duration = metrics.delivery_duration.labels(name)
-        self._outcomes = {
-            o: metrics.deliveries.labels(name, o) for o in ("delivered", "retry", "dead")
-        }
+        self._recorder = Recorder(store, destination.name, clock, metrics)
+        self._payment_check = PaymentCheck(
+            destination, clock, metrics, polar=polar, routes=routes, rand=rand
+        )
 
     @property
     def running(self) -> bool:
@@ -197,16 +189,16 @@ class DestinationWorker:
 
     async def _attempt(self, msg: ClaimedMessage) -> None:
         if msg.verify_ref is not None:
-            refused = await self._check_payment(msg)
+            refused = await self._payment_check.refusal(msg)
             if refused is not None:
-                await self._shielded(self._record(msg, *refused))
+                await self._shielded(self._recorder.record(msg, *refused))
                 return
         try:
             result = await self._sender.send(msg)
         except asyncio.CancelledError:
             # Stopped mid-request: hand the message back untried (it may still have reached
             # the destination; the idempotency key covers the resend).
-            await self._shielded(self._release(msg))
+            await self._shielded(self._recorder.release(msg))
             raise
         now = self._clock.now()
         outcome = retry.decide(
@@ -222,92 +214,7 @@ class DestinationWorker:
         # The slot frees now: the bookkeeping write runs on, tracked (stop() and
         # run_until_idle() wait for it), so the next claim shares the writer's commit with
         # this ack instead of waiting a commit for it.
-        self._background(self._record(msg, result, outcome))
-
-    async def _check_payment(self, msg: ClaimedMessage) -> tuple[AttemptResult, Outcome] | None:
-        """Confirm with Polar that the order is paid and is the one the message describes,
-        before sending (routes with `verify_order`). None when it is; else what to record
-        instead of a delivery: a retry when Polar could not answer; dead when the id is not a
-        Polar id, Polar returns another order, the order is unknown or unpaid, or a field the
-        message sends differs from Polar's order (relay/order_check.py says why the stored body
-        is kept and compared, not rebuilt from Polar's order)."""
-        ref = msg.verify_ref
-        assert ref is not None
-        started = time.perf_counter()
-        route = self._routes.get(msg.route or "")
-        if not is_polar_id(ref):
-            return self._unverified("bad_id", f"{shown_id(ref)} is not a Polar order id", started)
-        if route is None:
-            # Config changed since ingest: nothing to compare the message with.
-            return self._unverified(
-                "no_route",
-                f"route {msg.route!r} is not configured any more: cannot compare order {ref}",
-                started,
-            )
-        api = self._polar() if self._polar is not None else None
-        now = self._clock.now()
-        order = None
-        error = "no Polar API client (polar_api.token)"
-        if api is not None:
-            try:
-                order = await api.get_order(ref)
-                error = ""
-            except WrongOrder as exc:
-                self._mismatched(msg, ref, ["id"])
-                return self._unverified("mismatch", exc.message, started)
-            except PolarApiError as exc:
-                error = exc.message
-        if error:
-            self._metrics.payment_checks.labels("error").inc()
-            result = AttemptResult.failed(
-                ErrorKind.PAYMENT_CHECK, error, time.perf_counter() - started
-            )
-            return result, retry.decide(
-                self.destination.retry,
-                attempt=msg.attempt,
-                retry_from_at=msg.retry_from_at,
-                now=now,
-                status=None,
-                error=result.error,
-                retry_after_s=None,
-                rand=self._rand(),
-            )
-        if order is None or not is_paid(order):
-            state = "unknown to Polar" if order is None else f"{order.get('status')!s}"
-            return self._unverified("not_paid", f"Polar order {ref} is {state}", started)
-        mismatches = order_check.compare(route, msg.body, order)
-        if mismatches:
-            self._mismatched(msg, ref, [m.field for m in mismatches])
-            return self._unverified(
-                "mismatch",
-                f"Polar order {ref} differs from the message in "
-                + "; ".join(m.describe() for m in mismatches),
-                started,
-            )
-        self._metrics.payment_checks.labels("paid").inc()
-        return None
-
-    def _unverified(self, outcome: str, why: str, started: float) -> tuple[AttemptResult, Outcome]:
-        """Dead-letter: the payment is not what the message claims (counted by `outcome`)."""
-        self._metrics.payment_checks.labels(outcome).inc()
-        result = AttemptResult.failed(
-            ErrorKind.PAYMENT_NOT_VERIFIED, why, time.perf_counter() - started
-        )
-        assert result.error is not None
-        return result, Dead(result.error, None)
-
-    def _mismatched(self, msg: ClaimedMessage, order_id: str, fields: list[str]) -> None:
-        route = msg.route or ""
-        for name in fields:
-            self._metrics.payment_check_mismatches.labels(route, name).inc()
-        log.error(
-            "payment_check_mismatch",
-            destination=self.destination.name,
-            message_id=msg.id,
-            route=route,
-            order_id=order_id,
-            fields=fields,
-        )
+        self._background(self._recorder.record(msg, result, outcome))
 
     def _background(self, coro: Coroutine[Any, Any, None]) -> None:
         task = asyncio.create_task(coro)
@@ -319,88 +226,6 @@ class DestinationWorker:
         self._writes.add(task)
         task.add_done_callback(self._writes.discard)
         await asyncio.shield(task)
-
-    async def _release(self, msg: ClaimedMessage) -> None:
-        with contextlib.suppress(*_STORE_ERRORS):
-            await self._store.release(msg)
-        log.info("delivery_released", destination=msg.destination, message_id=msg.id)
-
-    async def _record(self, msg: ClaimedMessage, result: AttemptResult, outcome: Outcome) -> None:
-        name = self.destination.name
-        m = self._metrics
-        self._duration.observe(result.duration_s)
-        m.delivery_attempts.labels(name, status_class(result.status, result.kind)).inc()
-        detail = result.error or (f"HTTP {result.status}: {result.snippet}".strip())
-        fields = {
-            "destination": name,
-            "message_id": msg.id,
-            "request_id": msg.request_id,
-            "idempotency_key": msg.idempotency_key,
-            "attempt": msg.attempt,
-            "status": result.status,
-            "duration_ms": round(result.duration_s * 1000, 2),
-        }
-        if result.kind is not None:
-            fields["error_kind"] = result.kind.value
-        try:
-            if isinstance(outcome, Delivered):
-                changed = await self._store.mark_delivered(msg, outcome.status)
-                self._outcomes["delivered"].inc()
-                log.info("delivery_succeeded", **fields)
-                if changed:
-                    self._count_revenue(msg, fields)
-            elif isinstance(outcome, RetryLater):
-                changed = await self._store.mark_retry(msg, outcome, detail[:1000])
-                self._outcomes["retry"].inc()
-                if outcome.retry_after_s is not None:
-                    # What we actually wait, not what was asked (it is clamped).
-                    m.retry_after_wait.labels(name).inc(outcome.at - self._clock.now())
-                log.warning(
-                    "delivery_retry_scheduled",
-                    **fields,
-                    reason=outcome.reason,
-                    retry_in_s=round(outcome.at - self._clock.now(), 3),
-                    counts_attempt=outcome.counts_attempt,
-                )
-            else:
-                assert isinstance(outcome, Dead)
-                changed = await self._store.mark_dead(
-                    msg, outcome, f"{outcome.reason}; {detail}"[:1000]
-                )
-                self._outcomes["dead"].inc()
-                log.error(
-                    "delivery_dead_lettered",
-                    **fields,
-                    reason=outcome.reason,
-                    response=result.snippet[:200],
-                )
-        except _STORE_ERRORS as exc:
-            # The lease still holds the message; it returns to pending when the lease expires
-            # and is sent again with the same idempotency key. Nothing is lost.
-            log.error("delivery_record_failed", **fields, error=str(exc))
-            return
-        if not changed:
-            log.warning("delivery_lease_lost", **fields)
-
-    def _count_revenue(self, msg: ClaimedMessage, fields: dict[str, Any]) -> None:
-        found = revenue.facts(msg.body)
-        if found is None:
-            return
-        name = self.destination.name
-        self._metrics.revenue_delivered.labels(name, found.event, found.currency).inc(
-            found.amount_minor
-        )
-        if found.event == "purchase" and not found.attributed:
-            self._metrics.unattributed.labels(name).inc()
-            self._metrics.unattributed_amount.labels(name, found.currency).inc(found.amount_minor)
-            log.warning(
-                "revenue_unattributed",
-                **fields,
-                amount_minor=found.amount_minor,
-                currency=found.currency,
-                hint="the order's metadata had no faSessionId or faAttributionToken; see "
-                + revenue.TROUBLESHOOTING,
-            )
 
     async def run_until_idle(self) -> None:
         """Deliver every message that is due now, then return (tests, and `burst` use)."""

@@ -1,7 +1,9 @@
-"""Operator commands on the outbox: list, show, retry, discard, stats, replay, reprocess, pause,
-prune.
+"""Operator commands on the outbox: list, show, retry, discard, stats, events, replay,
+reprocess, pause, resume, prune. (Named for what it holds: `relay/operator.py` shadowed the
+standard library's `operator`.)
 
-Owns what these commands select and print. They open the store without the serve lock, so they
+Owns what these commands select and print; relay/cli/outbox.py parses their arguments and
+opens the store for them (`run`). They open the store without the serve lock, so they
 are safe while `relay serve` runs on the same database: every change is one short transaction,
 and every serving relay acts on it at once (the store tells them: relay/store/sqlite.py
 `_watch_operations` on SQLite, NOTIFY on PostgreSQL), not at its workers' next poll.
@@ -16,11 +18,10 @@ import re
 import sys
 from collections.abc import Awaitable, Callable
 from datetime import UTC, datetime
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from relay.config import Config, RetentionConfig
 from relay.errors import RelayError
-from relay.ingest import resolve_lookups
 from relay.mapping import map_event
 from relay.models import (
     EventFilter,
@@ -30,7 +31,11 @@ from relay.models import (
     MessageStatus,
     SystemClock,
 )
-from relay.store import Store, open_store
+
+if TYPE_CHECKING:
+    # The store (and relay.ingest) import the database drivers and aiohttp: loaded by `run`,
+    # so that building the `relay` command's parser, which names these commands, stays cheap.
+    from relay.store import Store
 
 _AGE = re.compile(r"^(\d+(?:\.\d+)?)\s*([smhd])$")
 _UNIT_S = {"s": 1, "m": 60, "h": 3600, "d": 86400}
@@ -90,24 +95,27 @@ def message_filter(
     )
 
 
-async def run(
-    args: argparse.Namespace, db_path: str, retention: RetentionConfig, config: Config | None
-) -> int:
-    """Run one command. `config` is the full config (only `reprocess` needs the routes)."""
-    store = await open_store(db_path)
+@dataclasses.dataclass(frozen=True, slots=True)
+class Context:
+    retention: RetentionConfig
+    config: Config | None  # the full config: only `reprocess` needs it (the routes)
+
+
+Command = Callable[["Store", argparse.Namespace, Context], Awaitable[int]]
+
+
+async def run(command: Command, args: argparse.Namespace, location: str, ctx: Context) -> int:
+    """Run one command on the outbox at `location` (a path or a postgresql:// URL)."""
+    from relay.store import open_store
+
+    store = await open_store(location)
     try:
-        return await _COMMANDS[args.func_name](store, args, Context(retention, config))
+        return await command(store, args, ctx)
     finally:
         await store.close()
 
 
-@dataclasses.dataclass(frozen=True, slots=True)
-class Context:
-    retention: RetentionConfig
-    config: Config | None
-
-
-async def _list(store: Store, args: argparse.Namespace, ctx: Context) -> int:
+async def list_messages(store: Store, args: argparse.Namespace, ctx: Context) -> int:
     records = await store.list_messages(message_filter(args, SystemClock().now()), limit=args.limit)
     if args.json:
         for r in records:
@@ -127,7 +135,7 @@ async def _list(store: Store, args: argparse.Namespace, ctx: Context) -> int:
     return 0
 
 
-async def _show(store: Store, args: argparse.Namespace, ctx: Context) -> int:
+async def show(store: Store, args: argparse.Namespace, ctx: Context) -> int:
     record = await store.get_message(args.id)
     if record is None:
         print(f"relay: no message with id {args.id}", file=sys.stderr)
@@ -136,7 +144,7 @@ async def _show(store: Store, args: argparse.Namespace, ctx: Context) -> int:
     return 0
 
 
-async def _retry(store: Store, args: argparse.Namespace, ctx: Context) -> int:
+async def retry(store: Store, args: argparse.Namespace, ctx: Context) -> int:
     if not args.ids and not args.all_dead:
         print("relay: give message ids or --all-dead", file=sys.stderr)
         return 2
@@ -145,7 +153,7 @@ async def _retry(store: Store, args: argparse.Namespace, ctx: Context) -> int:
     return 0
 
 
-async def _discard(store: Store, args: argparse.Namespace, ctx: Context) -> int:
+async def discard(store: Store, args: argparse.Namespace, ctx: Context) -> int:
     reason = args.reason.strip()
     if not reason:
         print("relay: --reason must say why these messages are given up", file=sys.stderr)
@@ -187,7 +195,7 @@ async def _discard(store: Store, args: argparse.Namespace, ctx: Context) -> int:
     return 0
 
 
-async def _stats(store: Store, args: argparse.Namespace, ctx: Context) -> int:
+async def stats(store: Store, args: argparse.Namespace, ctx: Context) -> int:
     overrides = await store.paused_overrides()
     destinations = sorted(set(await store.destinations()) | set(overrides))
     now = SystemClock().now()
@@ -209,7 +217,7 @@ async def _stats(store: Store, args: argparse.Namespace, ctx: Context) -> int:
     return 0
 
 
-async def _replay(store: Store, args: argparse.Namespace, ctx: Context) -> int:
+async def replay(store: Store, args: argparse.Namespace, ctx: Context) -> int:
     selection = message_filter(args, SystemClock().now(), default_status=(MessageStatus.DEAD,))
     count = await store.replay(selection, dry_run=args.dry_run)
     if args.dry_run:
@@ -219,7 +227,9 @@ async def _replay(store: Store, args: argparse.Namespace, ctx: Context) -> int:
     return 0
 
 
-async def _reprocess(store: Store, args: argparse.Namespace, ctx: Context) -> int:
+async def reprocess(store: Store, args: argparse.Namespace, ctx: Context) -> int:
+    from relay.ingest import resolve_lookups
+
     config = ctx.config
     assert config is not None
     now = SystemClock().now()
@@ -277,7 +287,7 @@ async def _reprocess(store: Store, args: argparse.Namespace, ctx: Context) -> in
     return 0
 
 
-async def _events(store: Store, args: argparse.Namespace, ctx: Context) -> int:
+async def events(store: Store, args: argparse.Namespace, ctx: Context) -> int:
     now = SystemClock().now()
     events = await store.list_events(
         EventFilter(
@@ -317,15 +327,19 @@ async def _events(store: Store, args: argparse.Namespace, ctx: Context) -> int:
     return 0
 
 
-async def _pause(store: Store, args: argparse.Namespace, ctx: Context) -> int:
-    paused = args.func_name == "pause"
-    await store.set_paused(args.destination, paused)
-    state = "paused: messages wait in the outbox" if paused else "resumed"
-    print(f"destination {args.destination} {state}")
+async def pause(store: Store, args: argparse.Namespace, ctx: Context) -> int:
+    await store.set_paused(args.destination, True)
+    print(f"destination {args.destination} paused: messages wait in the outbox")
     return 0
 
 
-async def _prune(store: Store, args: argparse.Namespace, ctx: Context) -> int:
+async def resume(store: Store, args: argparse.Namespace, ctx: Context) -> int:
+    await store.set_paused(args.destination, False)
+    print(f"destination {args.destination} resumed")
+    return 0
+
+
+async def prune(store: Store, args: argparse.Namespace, ctx: Context) -> int:
     retention = ctx.retention
     now = SystemClock().now()
     result = await store.prune(
@@ -333,18 +347,3 @@ async def _prune(store: Store, args: argparse.Namespace, ctx: Context) -> int:
     )
     print(", ".join(f"{k.replace('_', ' ')}: {v}" for k, v in dataclasses.asdict(result).items()))
     return 0
-
-
-_COMMANDS: dict[str, Callable[[Store, argparse.Namespace, Context], Awaitable[int]]] = {
-    "list": _list,
-    "show": _show,
-    "retry": _retry,
-    "discard": _discard,
-    "stats": _stats,
-    "replay": _replay,
-    "reprocess": _reprocess,
-    "pause": _pause,
-    "resume": _pause,
-    "prune": _prune,
-    "events": _events,
-}
