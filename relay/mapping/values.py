@@ -308,31 +308,49 @@ def compile_value(raw: Any, where: str) -> ValueRule | ObjectRule:
         for k in unknown
     ]
     kwargs: dict[str, Any] = {}
+    _compile_source(raw, where, kwargs, problems)
+    _compile_options(raw, where, kwargs, problems)
+    if problems:
+        raise RuleSyntaxError(problems)
+    return ValueRule(**kwargs)
+
+
+def _compile_source(
+    raw: dict[str, Any], where: str, kwargs: dict[str, Any], problems: list[str]
+) -> None:
+    """The rule's one source (const, path, first, sum or template) into `kwargs`."""
     try:
         if "const" in raw:
             kwargs["const"] = raw["const"]
         elif "path" in raw:
             kwargs["paths"] = (parse_path(raw["path"], f"{where}.path"),)
         elif "first" in raw:
-            first = raw["first"]
-            if not isinstance(first, list) or not first:
-                problems.append(f"{where}.first: must be a non-empty array of paths")
-            else:
-                kwargs["paths"] = tuple(
-                    _compile_candidate(p, f"{where}.first[{i}]") for i, p in enumerate(first)
-                )
+            entries = _non_empty_array(raw["first"], f"{where}.first", problems)
+            kwargs["paths"] = tuple(
+                _compile_candidate(p, f"{where}.first[{i}]") for i, p in enumerate(entries)
+            )
         elif "sum" in raw:
-            addends = raw["sum"]
-            if not isinstance(addends, list) or not addends:
-                problems.append(f"{where}.sum: must be a non-empty array of paths")
-            else:
-                kwargs["addends"] = tuple(
-                    parse_path(p, f"{where}.sum[{i}]") for i, p in enumerate(addends)
-                )
+            entries = _non_empty_array(raw["sum"], f"{where}.sum", problems)
+            kwargs["addends"] = tuple(
+                parse_path(p, f"{where}.sum[{i}]") for i, p in enumerate(entries)
+            )
         else:
             kwargs["template"] = compile_template(raw["template"], f"{where}.template")
     except RuleSyntaxError as exc:
         problems += exc.problems
+
+
+def _non_empty_array(value: Any, where: str, problems: list[str]) -> list[Any]:
+    if not isinstance(value, list) or not value:
+        problems.append(f"{where}: must be a non-empty array of paths")
+        return []
+    return value
+
+
+def _compile_options(
+    raw: dict[str, Any], where: str, kwargs: dict[str, Any], problems: list[str]
+) -> None:
+    """default, type, units, transform and required into `kwargs`."""
     if "default" in raw:
         kwargs["default"] = raw["default"]
     if "type" in raw:
@@ -354,23 +372,24 @@ def compile_value(raw: Any, where: str) -> ValueRule | ObjectRule:
         except RuleSyntaxError as exc:
             problems += [p + " (the path of the currency code)" for p in exc.problems]
     if "transform" in raw:
-        is_list = isinstance(raw["transform"], list)
-        names = raw["transform"] if is_list else [raw["transform"]]
-        for i, name in enumerate(names):
-            if not isinstance(name, str) or name not in ALL_TRANSFORMS:  # a list is unhashable
-                at = f"{where}.transform[{i}]" if is_list else f"{where}.transform"
-                problems.append(
-                    f"{at}: unknown transform {name!r} (allowed: {', '.join(ALL_TRANSFORMS)})"
-                )
-        kwargs["transforms"] = tuple(str(n) for n in names)
+        kwargs["transforms"] = _compile_transforms(raw["transform"], where, problems)
     if "required" in raw:
         if not isinstance(raw["required"], bool):
             problems.append(f"{where}.required: must be true or false")
         else:
             kwargs["required"] = raw["required"]
-    if problems:
-        raise RuleSyntaxError(problems)
-    return ValueRule(**kwargs)
+
+
+def _compile_transforms(raw: Any, where: str, problems: list[str]) -> tuple[str, ...]:
+    is_list = isinstance(raw, list)
+    names = raw if is_list else [raw]
+    for i, name in enumerate(names):
+        if not isinstance(name, str) or name not in ALL_TRANSFORMS:  # a list is unhashable
+            at = f"{where}.transform[{i}]" if is_list else f"{where}.transform"
+            problems.append(
+                f"{at}: unknown transform {name!r} (allowed: {', '.join(ALL_TRANSFORMS)})"
+            )
+    return tuple(str(n) for n in names)
 
 
 def _compile_candidate(raw: Any, where: str) -> Path | Template:
