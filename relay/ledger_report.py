@@ -1,8 +1,9 @@
 """`relay ledger`: the revenue ledger as a table, JSON or CSV, on stdout.
 
 Owns the command's time arguments (dates are days in the ledger's time zone) and the three
-renderings. JSON and CSV carry minor units (with each currency's exponent, Polar's); the table
-shows major units by Polar's exponent. Reads the store and the config only: never Polar's API.
+renderings; `to_json` is the plain data the console's API serves too. JSON and CSV carry minor
+units (with each currency's exponent, Polar's); the table shows major units by Polar's
+exponent. Reads the store and the config only: never Polar's API.
 """
 
 from __future__ import annotations
@@ -12,13 +13,15 @@ import csv
 import io
 import json
 import re
-from datetime import date, datetime, timedelta
+from datetime import UTC, date, datetime, timedelta
 from typing import Any
 from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
 
 from relay.config import Config
+from relay.currency import polar_exponent
 from relay.errors import ConfigError
-from relay.ledger import Ledger, Tally, day_start, difference_json, major, to_json
+from relay.ledger import Ledger, Tally, day_start
+from relay.ledger_differences import Difference
 from relay.outbox_commands import parse_time
 
 FORMATS = ("table", "json", "csv")
@@ -48,6 +51,83 @@ DIFFERENCE_COLUMNS = (
     "detail",
     "fix",
 )
+
+
+def major(amount_minor: int, currency: str) -> str:
+    """Minor units as a major-unit string by Polar's exponent ("44.10", "4410" for JPY)."""
+    exp = polar_exponent(currency)
+    if exp is None or exp == 0:
+        return str(amount_minor)
+    sign = "-" if amount_minor < 0 else ""
+    whole, frac = divmod(abs(amount_minor), 10**exp)
+    return f"{sign}{whole}.{frac:0{exp}d}"
+
+
+def tally_json(tally: Tally) -> dict[str, int]:
+    return {
+        "purchases": tally.purchases,
+        "purchase_minor": tally.purchase_minor,
+        "refunds": tally.refunds,
+        "refund_minor": tally.refund_minor,
+        "net_minor": tally.net_minor,
+    }
+
+
+def difference_json(d: Difference) -> dict[str, Any]:
+    return {
+        "kind": d.kind.value,
+        "why": d.why.value,
+        "day": d.day.isoformat(),
+        "currency": d.currency,
+        "amount_minor": d.amount_minor,
+        "at": datetime.fromtimestamp(d.at, UTC).isoformat(),
+        "polar_kind": None if d.polar_kind is None else d.polar_kind.value,
+        "polar_id": d.polar_id,
+        "idempotency_key": d.idempotency_key,
+        "message_id": d.message_id,
+        "event_id": d.event_id,
+        "settled": d.settled,
+        "detail": d.detail,
+        "fix": d.fix,
+    }
+
+
+def to_json(ledger: Ledger) -> dict[str, Any]:
+    """The ledger as plain JSON data (the CLI's --format json, the console's API)."""
+    tz = ZoneInfo(ledger.timezone)
+    coverage = ledger.coverage
+    return {
+        "timezone": ledger.timezone,
+        "since": datetime.fromtimestamp(ledger.since, tz).isoformat(),
+        "until": datetime.fromtimestamp(ledger.until, tz).isoformat(),
+        "polar": {
+            "available": coverage is not None,
+            "note": ledger.note,
+            "covers_since": None
+            if coverage is None
+            else datetime.fromtimestamp(coverage.since, tz).isoformat(),
+            "read_at": None
+            if coverage is None
+            else datetime.fromtimestamp(coverage.fetched_at, tz).isoformat(),
+            "kinds": [] if coverage is None else [k.value for k in coverage.kinds],
+        },
+        "days": [
+            {
+                "day": row.day.isoformat(),
+                "currency": row.currency,
+                "exponent": polar_exponent(row.currency),
+                "polar": None if row.polar is None else tally_json(row.polar),
+                "received": tally_json(row.received),
+                "delivered": tally_json(row.delivered),
+                "pending": tally_json(row.pending),
+                "dead": tally_json(row.dead),
+                "discarded": tally_json(row.discarded),
+                "difference_minor": row.difference_minor,
+            }
+            for row in ledger.rows
+        ],
+        "differences": [difference_json(d) for d in ledger.differences],
+    }
 
 
 def zone(name: str) -> ZoneInfo:

@@ -16,14 +16,8 @@ from zoneinfo import ZoneInfo
 
 from relay.config import Config
 from relay.ingest import resolve_lookups
-from relay.ledger import (
-    NO_SNAPSHOT_NOTE,
-    NO_TOKEN_NOTE,
-    Expected,
-    Ledger,
-    PolarEntry,
-    build,
-)
+from relay.ledger import NO_SNAPSHOT_NOTE, NO_TOKEN_NOTE, Ledger, build
+from relay.ledger_differences import Expected, PolarEntry
 from relay.mapping import MapResult, format_path, map_event
 from relay.models import EventFilter, EventStatus, MessageFilter, PolarKind, PolarRecord
 from relay.polar_api import is_paid

@@ -31,18 +31,10 @@ from pytest_aiohttp import AiohttpClient, AiohttpServer
 from relay import ledger_report
 from relay.app import LEDGER_GAUGE, METRICS, POLAR_API, STORE, WORKERS, create_app
 from relay.config import Config, LedgerConfig, parse
-from relay.ledger import (
-    NO_TOKEN_NOTE,
-    Expected,
-    Kind,
-    Ledger,
-    PolarEntry,
-    Why,
-    build,
-    major,
-    to_json,
-)
+from relay.ledger import NO_TOKEN_NOTE, Ledger, build
+from relay.ledger_differences import Expected, Kind, PolarEntry, Why
 from relay.ledger_gauge import LedgerGauge
+from relay.ledger_report import major, to_json
 from relay.ledger_source import read_ledger, settle_s
 from relay.models import (
     EventStatus,
