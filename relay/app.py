@@ -29,6 +29,7 @@ from relay.delivery import Attempts, Redactor, Sender, client_session
 from relay.delivery_process import ProcessSenders
 from relay.diskspace import DiskSpace
 from relay.ingest import WebhookIngest
+from relay.ledger_gauge import LedgerGauge
 from relay.logs import get_logger
 from relay.metrics import CONTENT_TYPE, Metrics
 from relay.models import Clock, MessageStatus, SystemClock, is_postgres_url
@@ -56,6 +57,7 @@ READINESS = web.AppKey("readiness", Readiness)
 REJECTED = web.AppKey("rejected", RejectedLog)
 JOBS = web.AppKey("jobs", Jobs)
 RECONCILE_RUNS = web.AppKey("reconcile_runs", list[ReconcileRun])
+LEDGER_GAUGE = web.AppKey("ledger_gauge", LedgerGauge)
 
 
 def secret_values(config: Config) -> list[str]:
@@ -120,6 +122,7 @@ def create_app(
     app[REJECTED] = RejectedLog()
     app[JOBS] = Jobs(lambda: app.get(STORE), app[CLOCK])
     app[RECONCILE_RUNS] = []
+    app[LEDGER_GAUGE] = LedgerGauge(config, app[METRICS], app[CLOCK])
     if config.polar_api.token is not None:
         app.cleanup_ctx.append(_polar_api_ctx)
     app.cleanup_ctx.append(_store_ctx)
@@ -324,6 +327,7 @@ async def _store_ctx(app: web.Application) -> AsyncIterator[None]:
     try:
         yield
     finally:
+        await app[LEDGER_GAUGE].close()  # a scrape's refresh still reading the store
         await store.close()
         log.info("store_closed")
 
@@ -471,6 +475,7 @@ async def _reconcile_ctx(app: web.Application) -> AsyncIterator[None]:
                 pages=summary.pages,
                 skipped=summary.skipped or None,
             )
+            await app[LEDGER_GAUGE].refresh(app[STORE])
 
     async with _running(loop(), "reconcile"):
         yield
@@ -552,6 +557,7 @@ async def _render_metrics(app: web.Application, request: web.Request) -> web.Res
                     0 if oldest is None else max(0.0, now - oldest)
                 )
             metrics.db_size.set(await store.db_size_bytes())
+            app[LEDGER_GAUGE].refresh_soon(store)
         except Exception as exc:  # a scrape must still answer (with the last values)
             log.warning("metrics_refresh_failed", error=str(exc))
         ready, _ = await _ready(app)

@@ -190,6 +190,21 @@ class Metrics:
             "Orders and refunds found in Polar with no record in the relay, and enqueued.",
             registry=r,
         )
+        self.ledger_difference = Gauge(
+            "relay_ledger_difference_minor_units",
+            "The revenue ledger's difference, Polar minus Faurya, in minor units, by currency: "
+            "the signed sum of the differences older than one reconcile interval (relay ledger "
+            "lists them). Absent without a stored Polar snapshot.",
+            ["currency"],
+            registry=r,
+        )
+        self.ledger_differences = Gauge(
+            "relay_ledger_differences",
+            "How many revenue ledger differences older than one reconcile interval there are, "
+            "by currency (a missing order and a forged one do not cancel out here).",
+            ["currency"],
+            registry=r,
+        )
         self.checkouts = Counter(
             "relay_checkouts_total",
             "Checkout endpoint requests, by outcome: created, invalid, forbidden, "

@@ -289,3 +289,44 @@ class PruneResult:
     event_bodies_cleared: int = 0
     messages_deleted: int = 0
     events_deleted: int = 0
+
+
+# --- Polar's side of the revenue ledger (what reconciliation read) ---
+
+
+class PolarKind(StrEnum):
+    """The Polar objects the ledger keeps: each listing reconciliation reads."""
+
+    ORDER = "order"
+    REFUND = "refund"
+    DISPUTE = "dispute"
+
+
+@dataclass(frozen=True, slots=True)
+class PolarRecord:
+    """One Polar order, refund or lost dispute as a reconciliation run read it: the fields of
+    the object the routes read (and the ledger's own) as JSON, for the routes to map again."""
+
+    kind: PolarKind
+    polar_id: str
+    created_at: float
+    status: str
+    data: bytes = field(repr=False)
+    fetched_at: float = 0.0
+
+
+@dataclass(frozen=True, slots=True)
+class SnapshotCoverage:
+    """What the stored Polar snapshot covers: objects created in [since, until) (until None:
+    up to `fetched_at`), of these kinds, as of `fetched_at` (the last run's end)."""
+
+    since: float
+    until: float | None
+    fetched_at: float
+    kinds: tuple[PolarKind, ...]
+    # The object fields kept (dotted paths): what the routes read then, and the ledger's own.
+    fields: tuple[str, ...] = ()
+
+    @property
+    def end(self) -> float:
+        return self.fetched_at if self.until is None else min(self.until, self.fetched_at)

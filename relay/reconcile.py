@@ -16,6 +16,13 @@ into the event a webhook would have carried, and runs it through the same routes
 A message whose idempotency key the outbox already holds was recorded (by a
 webhook or an earlier reconciliation) and is skipped; the rest are enqueued through the store
 with those same keys, so reconciling twice, or a webhook arriving later, never double-counts.
+
+Every object a run reads (orders of any status, refunds, lost disputes) is kept in the store's
+Polar snapshot, page by page, and the window it covers when the run completes: the revenue
+ledger (relay/ledger.py) reads Polar's side from there and never walks Polar's API a second
+time. Only the fields the ledger needs are kept: those the source's routes read, and the
+ledger's own (`LEDGER_FIELDS`); never the customer object unless a route reads it, and then
+with `log.redact` applied as in stored webhook bodies.
 """
 
 from __future__ import annotations
@@ -27,8 +34,15 @@ from typing import Any
 
 from relay.config import Config
 from relay.ingest import resolve_lookups
-from relay.mapping import encode, map_event
-from relay.models import Clock, EventStatus, InboundDraft
+from relay.mapping import Path, encode, format_path, map_event, parse_path, redact
+from relay.models import (
+    Clock,
+    EventStatus,
+    InboundDraft,
+    PolarKind,
+    PolarRecord,
+    SnapshotCoverage,
+)
 from relay.polar_api import PolarApi, PolarApiError, is_paid
 from relay.store import Store
 
@@ -61,6 +75,22 @@ class Summary:
 REFUND_STATUSES = frozenset({"succeeded", "failed", "canceled"})
 DISPUTE_EVENT = "dispute.lost"
 DISPUTES_SCOPE = "disputes:read"
+# The fields of a Polar object the ledger reads itself, whatever the routes read.
+LEDGER_FIELDS = (
+    "data.id",
+    "data.status",
+    "data.paid",
+    "data.created_at",
+    "data.currency",
+    "data.net_amount",
+    "data.amount",
+    "data.order_id",
+)
+_KINDS = {
+    "order.paid": PolarKind.ORDER,
+    "refund.updated": PolarKind.REFUND,
+    DISPUTE_EVENT: PolarKind.DISPUTE,
+}
 
 
 def _created_at(item: dict[str, Any]) -> float | None:
@@ -85,6 +115,42 @@ def _webhook_id(event_type: str, data: dict[str, Any]) -> str:
     return ident
 
 
+def snapshot_paths(config: Config) -> tuple[Path, ...]:
+    """The fields of Polar's objects the snapshot keeps: what the routes of the reconcile
+    source read, and LEDGER_FIELDS, sorted (a route change shows as a different set)."""
+    source = config.reconcile.source
+    paths = {parse_path(text, "LEDGER_FIELDS") for text in LEDGER_FIELDS}
+    for route in config.routes:
+        if route.source == source:
+            paths.update(p for p in route.reads() if p[:1] == ("data",) and len(p) > 1)
+    return tuple(sorted(paths, key=format_path))
+
+
+def project(data: dict[str, Any], paths: tuple[Path, ...]) -> dict[str, Any]:
+    """`data` with only the values at `paths` (each path under "data."); a path into a list
+    keeps that whole list."""
+    out: dict[str, Any] = {}
+    for path in paths:
+        _copy(data, out, path[1:])
+    return out
+
+
+def _copy(source: Any, target: dict[str, Any], parts: Path) -> None:
+    part = parts[0]
+    if not isinstance(source, dict) or not isinstance(part, str) or part not in source:
+        return
+    value = source[part]
+    rest = parts[1:]
+    if not rest or not isinstance(value, dict) or isinstance(rest[0], int):
+        target[part] = value  # a leaf, a list, or everything under it
+        return
+    child = target.get(part)
+    if child is None:
+        child = target[part] = {}
+    if isinstance(child, dict) and child is not value:
+        _copy(value, child, rest)
+
+
 class Reconciler:
     def __init__(
         self,
@@ -103,11 +169,19 @@ class Reconciler:
         self._dry_run = dry_run
         self._progress = progress
         self._source = config.reconcile.source
+        self._page: list[PolarRecord] = []
+        self._first_at: float | None = None
+        self._started_at = 0.0
+        self._paths = snapshot_paths(config)
 
     async def run(self, since: float | None, until: float | None) -> Summary:
         """Orders first, then refunds, then disputes: a refund or dispute reads the purchase
-        (and a reversal the refund) that the walk before it may have just enqueued."""
+        (and a reversal the refund) that the walk before it may have just enqueued. A run
+        that completes (a dry run too) stores what it read as the Polar snapshot."""
         summary = Summary()
+        self._first_at = None
+        self._started_at = self._clock.now()
+        kinds = [PolarKind.ORDER, PolarKind.REFUND, PolarKind.DISPUTE]
         await self._walk("/v1/orders/", {}, "order.paid", is_paid, since, until, summary)
         await self._walk(
             "/v1/refunds/",
@@ -136,7 +210,38 @@ class Reconciler:
             summary.skipped.append(
                 f"lost disputes (the token lacks the {DISPUTES_SCOPE} scope: {exc.status})"
             )
+            kinds.remove(PolarKind.DISPUTE)
+        # A dry run too: the snapshot is Polar's data, not the outbox, and is what the ledger
+        # compares the outbox with (a dry run is how to see what is missing, in the ledger).
+        first = self._started_at if self._first_at is None else self._first_at
+        coverage = SnapshotCoverage(
+            since=first if since is None else since,
+            until=until,
+            fetched_at=self._started_at,
+            kinds=tuple(kinds),
+            fields=tuple(format_path(p) for p in self._paths),
+        )
+        await self._store.finish_polar_snapshot(coverage)
         return summary
+
+    def _keep(self, event_type: str, item: dict[str, Any], created: float | None) -> None:
+        """Remember one object of this page for the snapshot: the fields the ledger needs,
+        customer PII redacted as in stored webhook bodies."""
+        ident = item.get("id")
+        if not isinstance(ident, str) or created is None:
+            return
+        self._first_at = created if self._first_at is None else min(self._first_at, created)
+        data = redact({"data": project(item, self._paths)}, self._config.log.redact)["data"]
+        self._page.append(
+            PolarRecord(
+                kind=_KINDS[event_type],
+                polar_id=ident,
+                created_at=created,
+                status=str(item.get("status")),
+                data=encode(data),
+                fetched_at=self._started_at,
+            )
+        )
 
     async def _walk(
         self,
@@ -161,9 +266,13 @@ class Reconciler:
                     # Newest first: everything after this is older still.
                     past_cutoff = True
                     break
+                self._keep(event_type, item, created)
                 if wanted(item):
                     summary.seen += 1
                     await self._one(event_type, item, summary)
+            # Page by page: a 30-day window of a large shop never sits in memory whole.
+            await self._store.save_polar_records(self._page)
+            self._page = []
             if self._progress is not None:
                 self._progress(f"{path} page {page.page}/{page.max_page}: {summary.line()}")
             if past_cutoff:

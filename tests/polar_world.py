@@ -119,9 +119,16 @@ class PolarWorld:
         return order
 
     def purchase(
-        self, metadata: dict[str, Any], *, net: int, currency: str, tax: int = 0
+        self,
+        metadata: dict[str, Any],
+        *,
+        net: int,
+        currency: str,
+        tax: int = 0,
+        lost: bool = False,
     ) -> dict[str, Any]:
-        """A one-time purchase through a checkout with `metadata`."""
+        """A one-time purchase through a checkout with `metadata`. `lost`: its webhooks never
+        reach the relay (an outage longer than Polar's retries)."""
         return self._order(
             metadata=metadata,
             net=net,
@@ -129,6 +136,7 @@ class PolarWorld:
             currency=currency,
             billing_reason="purchase",
             subscription_id=None,
+            lost=lost,
         )
 
     def subscribe(

@@ -334,6 +334,7 @@ def test_alert_rules_have_severity_summary_and_a_runbook() -> None:
         "RelayStorageErrors",
         "RelayDestinationPaused",
         "RelayUnattributedRevenueHigh",
+        "RelayLedgerDifference",
     } <= set(names)
     for rule in rules:
         assert rule.get("expr"), rule

@@ -15,6 +15,9 @@ Commands, by group (each group's parser and functions in its module):
   copies a SQLite outbox into PostgreSQL.
 - Polar's API (relay/cli/reconcile.py): `reconcile` enqueues what Polar has and the relay
   has no record of.
+- the revenue ledger (relay/cli/ledger.py, with relay/ledger_report.py): `ledger` puts
+  Polar's revenue (as reconciliation last read it) beside what Faurya got, per day and
+  currency, with each difference and its fix.
 
 Owns argument parsing and turning errors into one short line and an exit code: 2 for
 configuration and usage errors, 1 for run-time failures. No traceback unless `--debug`. Each
@@ -29,6 +32,7 @@ import sys
 from collections.abc import Sequence
 
 from relay import __version__
+from relay.cli.ledger import add_ledger_parser
 from relay.cli.outbox import add_outbox_parsers
 from relay.cli.reconcile import add_reconcile_parser
 from relay.cli.serving import add_serving_parsers
@@ -50,6 +54,7 @@ def build_parser() -> argparse.ArgumentParser:
     add_tool_parsers(subparsers)
     add_outbox_parsers(subparsers)
     add_reconcile_parser(subparsers)
+    add_ledger_parser(subparsers)
     return parser
 
 

@@ -15,6 +15,7 @@ from relay.config.sections import (
     read_admin,
     read_checkout,
     read_destination,
+    read_ledger,
     read_log,
     read_polar_api,
     read_reconcile,
@@ -48,6 +49,7 @@ def parse(raw: dict[str, Any], env: Mapping[str, str], *, offline: bool = False)
     admin = read_admin(top.sub("admin"))
     polar_api = read_polar_api(top.sub("polar_api"))
     checkout = read_checkout(top.sub("checkout"))
+    ledger = read_ledger(top.sub("ledger"))
     sources = {n: read_source(n, st) for n, st in named_tables(top, "sources").items()}
     reconcile = read_reconcile(top.sub("reconcile"), sources, has_token=polar_api.token is not None)
     if checkout.enabled and polar_api.token is None:
@@ -105,6 +107,7 @@ def parse(raw: dict[str, Any], env: Mapping[str, str], *, offline: bool = False)
         reconcile,
         checkout,
         unset_variables=tuple(dict.fromkeys(m.var_name for m in missing)),
+        ledger=ledger,
     )
 
 

@@ -21,6 +21,7 @@ from relay.config.reader import (
     optional,
     positive,
     readable_file,
+    time_zone,
     url_path,
 )
 from relay.mapping import Path as PathTuple
@@ -238,6 +239,13 @@ class CheckoutConfig:
 
 
 @dataclass(frozen=True, slots=True)
+class LedgerConfig:
+    """The revenue ledger (`relay ledger`): days are cut at midnight in `timezone` (IANA)."""
+
+    timezone: str = field(default="UTC", metadata={"check": time_zone})
+
+
+@dataclass(frozen=True, slots=True)
 class Config:
     server: ServerConfig
     storage: StorageConfig
@@ -252,6 +260,7 @@ class Config:
     checkout: CheckoutConfig = CheckoutConfig()
     # Variables that were not set, in an offline load only (they read as "<unset: NAME>").
     unset_variables: tuple[str, ...] = ()
+    ledger: LedgerConfig = LedgerConfig()
 
 
 @dataclass(frozen=True, slots=True)

@@ -268,6 +268,17 @@ def http_url(value: str) -> str | None:
     return None
 
 
+def time_zone(value: str) -> str | None:
+    """An IANA time zone name this system knows."""
+    from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
+
+    try:
+        ZoneInfo(value)
+    except (ZoneInfoNotFoundError, ValueError):
+        return f"unknown time zone {value!r} (an IANA name such as UTC or Europe/Berlin)"
+    return None
+
+
 def url_path(value: str) -> str | None:
     return None if value.startswith("/") else "must start with /"
 

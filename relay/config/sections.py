@@ -20,6 +20,7 @@ from relay.config.model import (
     CheckoutConfig,
     DestinationConfig,
     Header,
+    LedgerConfig,
     LogConfig,
     PolarApiConfig,
     ReconcileConfig,
@@ -79,6 +80,12 @@ def read_reconcile(
     c = read_fields(t, ReconcileConfig, defaults={"interval_s": default_interval_s})
     if c.source not in sources and sources:
         t.problems.append(f"{t.path('source')}: no source named {c.source!r}")
+    t.done()
+    return c
+
+
+def read_ledger(t: Table) -> LedgerConfig:
+    c = read_fields(t, LedgerConfig)
     t.done()
     return c
 

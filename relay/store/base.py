@@ -27,8 +27,10 @@ from relay.models import (
     MessageRecord,
     MessageStatus,
     OutboundDraft,
+    PolarRecord,
     PruneResult,
     RetryLater,
+    SnapshotCoverage,
     StoredEvent,
 )
 from relay.store import sql
@@ -330,6 +332,25 @@ class Store(Protocol):
 
     async def job_position(self, job_id: int) -> tuple[int, int] | None:
         """(last id done, upper id) of a job: where a restart continues."""
+
+    # ------------------------------------------------------------ the ledger's Polar snapshot
+
+    async def save_polar_records(self, records: Sequence[PolarRecord]) -> None:
+        """Store objects one reconciliation run read (a page at a time), replacing the stored
+        ones of the same kind and id."""
+
+    async def finish_polar_snapshot(self, coverage: SnapshotCoverage) -> None:
+        """End a run: its coverage becomes the union of the stored one and its window when
+        they overlap (else its window alone); rows of its kinds in its window that it did not
+        read, and rows outside the coverage, go."""
+
+    async def snapshot_coverage(self) -> SnapshotCoverage | None:
+        """What the stored snapshot covers; None before any reconciliation run stored one."""
+
+    async def polar_snapshot(
+        self, since: float | None = None, until: float | None = None
+    ) -> list[PolarRecord]:
+        """The stored Polar objects created in [since, until), oldest first."""
 
 
 class Wakeups(Protocol):

@@ -33,9 +33,10 @@ from relay.store.base import Backend, Store
 from relay.store.batching import BatchStats, Writer
 from relay.store.connection import Connection, Row
 from relay.store.console import ConsoleQueries
+from relay.store.snapshot import SnapshotQueries
 
 
-class Outbox(AdminQueries, ConsoleQueries):
+class Outbox(AdminQueries, ConsoleQueries, SnapshotQueries):
     """A `Store` on a `Backend`. Open one with `open_store` (relay/store/__init__.py)."""
 
     @staticmethod

@@ -309,6 +309,36 @@ class Where:
         return self
 
 
+# ---------------------------------------------------------------- the Polar snapshot (ledger)
+
+UPSERT_POLAR_RECORD = (
+    "INSERT INTO polar_snapshot (kind, polar_id, created_at, status, data, fetched_at) "
+    "VALUES (?, ?, ?, ?, ?, ?) ON CONFLICT (kind, polar_id) DO UPDATE SET "
+    "created_at = excluded.created_at, status = excluded.status, data = excluded.data, "
+    "fetched_at = excluded.fetched_at"
+)
+SELECT_POLAR_RECORDS = (
+    "SELECT kind, polar_id, created_at, status, data, fetched_at FROM polar_snapshot "
+    "WHERE created_at >= ? AND created_at < ? ORDER BY created_at, kind, polar_id"
+)
+
+
+# Rows this run's listings (of `count` kinds) no longer show in its window.
+def delete_polar_unlisted(count: int) -> str:
+    return (
+        f"DELETE FROM polar_snapshot WHERE kind IN ({marks(count)}) AND created_at >= ? "
+        "AND created_at < ? AND fetched_at < ?"
+    )
+
+
+DELETE_POLAR_OUTSIDE = "DELETE FROM polar_snapshot WHERE created_at < ? OR created_at >= ?"
+SELECT_META = "SELECT value FROM relay_meta WHERE key = ?"
+UPSERT_META = (
+    "INSERT INTO relay_meta (key, value) VALUES (?, ?) "
+    "ON CONFLICT (key) DO UPDATE SET value = excluded.value"
+)
+
+
 # ---------------------------------------------------------------- backend-specific
 
 SQLITE_DATA_VERSION = "PRAGMA data_version"
