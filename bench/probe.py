@@ -8,8 +8,8 @@ then `relay resume` and the drain to the fake Faurya. Prints one JSON line: the 
 messages (delivery), the acceptance rate and the drain rate. CPU per webhook is what an A/B
 pair compares: it moves far less than the rates with the machine's other load.
 
-To measure another checkout of the relay with the same bench code, put it first on
-PYTHONPATH (`PYTHONPATH=/path/to/other/checkout`): the relay subprocess inherits it.
+To measure another checkout of the relay with the same bench code, give it with
+`--relay-src /path/to/other/checkout`: the relay subprocesses get it first on PYTHONPATH.
 """
 
 from __future__ import annotations
@@ -30,12 +30,16 @@ def main() -> int:
     parser = argparse.ArgumentParser(description="one ingest + drain round (A/B probes)")
     parser.add_argument("--messages", type=int, default=10_000)
     parser.add_argument("--out", help="also append the JSON line to this file")
+    parser.add_argument("--relay-src", help="the relay's code from this checkout instead")
     args = parser.parse_args()
     settings = replace(QUICK, drain=args.messages, retries=0)
     workdir = Path(tempfile.mkdtemp(prefix="relay-probe-"))
     group = ServiceGroup()
     try:
         bench = Bench(settings, workdir, group)
+        if args.relay_src:
+            relay_env, src = bench.relay_env, str(Path(args.relay_src).resolve())
+            bench.relay_env = lambda: {**relay_env(), "PYTHONPATH": src}  # type: ignore[method-assign]
         bench.start_faurya()
         round_ = bench.drain(bench.new_db())
     finally:
