@@ -11,9 +11,9 @@ Three servers under test, each a subprocess on 127.0.0.1:
 Load comes from bench/load.py (another subprocess) with pre-signed order.paid webhooks;
 deliveries go to bench/faurya.py (a third), which records when each idempotency key arrived.
 
-Prints one table (metrics x servers, the relay/trivial ratio, the target, pass/fail) and
-writes bench/results/<UTC timestamp>.json (everything measured), bench/results/latest.md
-(the table) and, for a full run, bench/RESULTS.md (the table, kept in git).
+Prints one table (metrics x servers, the relay/trivial and relay/inline ratios, the target,
+pass/fail) and writes bench/results/<UTC timestamp>.json (everything measured),
+bench/results/latest.md (the table) and, for a full run, bench/RESULTS.md (the table, kept in git).
 See docs/performance.md for what each row measures.
 
 This module is the command: `bench/orchestration.py` runs the servers and the measurements,

@@ -46,6 +46,7 @@ class Recorder:
         self._outcomes = {
             o: metrics.deliveries.labels(destination, o) for o in ("delivered", "retry", "dead")
         }
+        self._attempts: dict[str, Any] = {}  # status class -> its bound child, as met
 
     async def release(self, msg: ClaimedMessage) -> None:
         """Hand a message back untried (a stop interrupted its attempt)."""
@@ -57,7 +58,11 @@ class Recorder:
         name = self._name
         m = self._metrics
         self._duration.observe(result.duration_s)
-        m.delivery_attempts.labels(name, status_class(result.status, result.kind)).inc()
+        status = status_class(result.status, result.kind)
+        attempts = self._attempts.get(status)
+        if attempts is None:  # a handful of classes: 2xx, 4xx, 5xx, timeout, ...
+            attempts = self._attempts[status] = m.delivery_attempts.labels(name, status)
+        attempts.inc()
         detail = result.error or (f"HTTP {result.status}: {result.snippet}".strip())
         fields = {
             "destination": name,

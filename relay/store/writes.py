@@ -5,10 +5,11 @@ ways of running a transaction (the group-commit engine, an operator's direct wri
 
 from __future__ import annotations
 
-import json
 import secrets
 from collections.abc import Iterable, Sequence
 from typing import Any, TypeVar
+
+import orjson
 
 from relay.models import (
     AttemptRecord,
@@ -46,7 +47,7 @@ async def insert_drafts(
             d.webhook_id,
             d.event_type,
             d.received_at,
-            json.dumps(d.headers, sort_keys=True),
+            orjson.dumps(d.headers, option=orjson.OPT_SORT_KEYS).decode(),
             d.body,
             d.status.value,
             d.reason,
