@@ -10,10 +10,10 @@ import json
 import time
 import tomllib
 import uuid
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, MutableMapping
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol
 
 from aiohttp import web
 from aiohttp.test_utils import TestClient
@@ -30,6 +30,29 @@ LEGACY_SECRET = "polar_whs_9Kq1xY7mVb3NcR2tLp8ZsW4dF6gH0jAe"  # signs with its o
 STANDARD_SECRET = "whsec_" + "c2VjcmV0LWtleS1mb3ItdGVzdHMtb25seS0xMjM0NTY="  # base64 key
 WRITE_KEY = "wk_live_TESTWRITEKEY_5d8e1f"
 SITE_ID = "site_test_123"
+# Every fake secret value, the standard key bare too: none may reach a log, error or metric.
+SECRETS = (LEGACY_SECRET, STANDARD_SECRET, STANDARD_SECRET.removeprefix("whsec_"), WRITE_KEY)
+
+Client = TestClient[web.Request, web.Application]
+LogList = list[MutableMapping[str, Any]]  # what structlog.testing.capture_logs collects
+
+
+def logged(logs: LogList, event: str) -> LogList:
+    """The captured log entries of one event."""
+    return [entry for entry in logs if entry["event"] == event]
+
+
+class StartRelay(Protocol):
+    """The `start` fixture (conftest.py): the relay app on a loopback port, on the test's
+    FakeClock unless `real_clock`, its workers polling every `poll_interval_s`."""
+
+    async def __call__(
+        self,
+        config_: Config | None = None,
+        *,
+        real_clock: bool = False,
+        poll_interval_s: float = 30,
+    ) -> Client: ...
 
 
 def fixture_body(name: str) -> bytes:
@@ -320,6 +343,27 @@ class RelayProcess:
         await self._proc.wait()
         if self._reader is not None:
             await self._reader
+
+
+class RelayProcesses:
+    """The `relay serve` processes one test makes, on its database, with the shipped config's
+    environment pointed at a fake Faurya; `close()` (the `relay_processes` fixture's teardown)
+    kills and reaps every one."""
+
+    def __init__(self, db: Path) -> None:
+        self.db = db
+        self.made: list[RelayProcess] = []
+
+    def new(self, config: Path, faurya_url: str, **variables: str) -> RelayProcess:
+        relay = RelayProcess(
+            config, self.db, process_env(**env(FAURYA_URL=faurya_url), **variables)
+        )
+        self.made.append(relay)
+        return relay
+
+    async def close(self) -> None:
+        for relay in self.made:
+            await relay.close()
 
 
 def stored_form(body: bytes, config: Config) -> bytes:

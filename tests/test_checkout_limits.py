@@ -10,38 +10,30 @@ import contextlib
 import dataclasses
 import json
 import time
-from collections.abc import AsyncIterator, Iterator, MutableMapping
+from collections.abc import AsyncIterator
 from typing import Any
 
 import pytest
-import structlog
-from aiohttp import ClientResponse, web
-from aiohttp.test_utils import TestClient
+from aiohttp import ClientResponse
 from multidict import CIMultiDict
-from pytest_aiohttp import AiohttpClient, AiohttpServer
+from pytest_aiohttp import AiohttpClient
 
 from relay.access import parse_networks
 from relay.app import METRICS, POLAR_API, create_app
 from relay.checkout import RateLimiter, client_key
 from relay.config import CheckoutConfig, Config
-from tests.polar_fake import FakePolar, serve, with_polar_api
+from tests import conftest
+from tests.helpers import Client, LogList
+from tests.polar_fake import FakePolar, with_polar_api
 
-Client = TestClient[web.Request, web.Application]
-LogList = list[MutableMapping[str, Any]]
+# Fixtures that moved to tests/conftest.py, still importable from here by name.
+logs, polar = conftest.logs, conftest.polar
+
+pytestmark = pytest.mark.usefixtures("logs")  # every test captures its log events
+
 
 PRODUCT = "5f0e6c1e-8a4b-4c7e-9a53-2f6d1b0c7e11"
 SHOP = "http://shop.example"
-
-
-@pytest.fixture(autouse=True)
-def logs(_plain_logs: None) -> Iterator[LogList]:
-    with structlog.testing.capture_logs() as captured:
-        yield captured
-
-
-@pytest.fixture
-async def polar(aiohttp_server: AiohttpServer) -> FakePolar:
-    return await serve(aiohttp_server)
 
 
 def with_checkout(config: Config, polar: FakePolar, **changes: Any) -> Config:

@@ -26,9 +26,8 @@ from tests.helpers import (
     REPO,
     FakeFaurya,
     RelayProcess,
-    env,
+    RelayProcesses,
     order_paid,
-    process_env,
     sign_headers,
     wait_until,
 )
@@ -74,18 +73,13 @@ def switchboard(faurya: FakeFaurya) -> Iterator[Switchboard]:
 
 
 @pytest.fixture
-async def make_relay(faurya: FakeFaurya, db_path: Path) -> AsyncIterator[MakeRelay]:
-    """Builds relay processes on the test database; teardown kills and reaps every one."""
-    made: list[RelayProcess] = []
+def make_relay(faurya: FakeFaurya, relay_processes: RelayProcesses) -> MakeRelay:
+    """Builds relay processes on the test database (`relay_processes` kills and reaps them)."""
 
     def make(config: Path = CONFIG) -> RelayProcess:
-        relay = RelayProcess(config, db_path, process_env(**env(FAURYA_URL=faurya.url)))
-        made.append(relay)
-        return relay
+        return relay_processes.new(config, faurya.url)
 
-    yield make
-    for relay in made:
-        await relay.close()
+    return make
 
 
 @pytest.fixture

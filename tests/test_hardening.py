@@ -21,15 +21,12 @@ import ssl
 import stat
 import time
 import tomllib
-from collections.abc import AsyncIterator, Awaitable, Callable, Iterator, MutableMapping
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 from pathlib import Path
 from typing import Any
 
 import aiohttp
 import pytest
-import structlog
-from aiohttp import web
-from aiohttp.test_utils import TestClient
 from multidict import CIMultiDict
 from prometheus_client.parser import text_string_to_metric_families
 from pytest_aiohttp import AiohttpClient
@@ -43,14 +40,19 @@ from relay.mapping import REDACTED, parse_path
 from relay.readiness import Readiness
 from relay.store import open_store
 from relay.store.postgres import _safe
+from tests import conftest
 from tests.helpers import (
     REPO,
     SITE_ID,
+    Client,
     FakeClock,
     FakeFaurya,
+    LogList,
     RelayProcess,
+    RelayProcesses,
     admin_get,
     env,
+    logged,
     order_paid,
     process_env,
     relay_command,
@@ -59,8 +61,11 @@ from tests.helpers import (
     wait_until,
 )
 
-Client = TestClient[web.Request, web.Application]
-LogList = list[MutableMapping[str, Any]]
+# Fixtures that moved to tests/conftest.py, still importable from here by name.
+logs = conftest.logs
+
+pytestmark = pytest.mark.usefixtures("logs")  # every test captures its log events
+
 MakeRelay = Callable[[Config], Awaitable[Client]]
 StartRelay = Callable[..., Awaitable[RelayProcess]]
 
@@ -68,12 +73,6 @@ PATH = "/webhooks/polar"
 SHIPPED_TEXT = (REPO / "relay.toml").read_text(encoding="utf-8")
 ADMIN_TOKEN = "adm_tok_7Fh2Kq9ZxW3pLm5N"
 EMAIL = "jane.doe@example.com"  # the customer's, in the order.paid fixture
-
-
-@pytest.fixture(autouse=True)
-def logs(_plain_logs: None) -> Iterator[LogList]:
-    with structlog.testing.capture_logs() as captured:
-        yield captured
 
 
 @pytest.fixture
@@ -105,10 +104,6 @@ def received(client: Client, outcome: str, event_type: str = "unknown") -> float
     labels = {"source": "polar", "event_type": event_type, "outcome": outcome}
     value = client.app[METRICS].registry.get_sample_value("relay_webhooks_received_total", labels)
     return value or 0.0
-
-
-def logged(logs: LogList, event: str) -> LogList:
-    return [entry for entry in logs if entry["event"] == event]
 
 
 async def post_order(client: Client, extra: dict[str, str] | None = None) -> tuple[int, Any]:
@@ -634,21 +629,16 @@ def config_copy(tmp_path: Path, *, server: str = "", tail: str = "") -> Path:
 
 
 @pytest.fixture
-async def start_relay(
-    faurya: FakeFaurya, db_path: Path
-) -> AsyncIterator[Callable[..., Awaitable[RelayProcess]]]:
-    """Starts `relay serve` subprocesses on the test database; teardown kills and reaps them."""
-    made: list[RelayProcess] = []
+def start_relay(
+    faurya: FakeFaurya, relay_processes: RelayProcesses
+) -> Callable[..., Awaitable[RelayProcess]]:
+    """Starts `relay serve` subprocesses on the test database (`relay_processes` kills and
+    reaps them)."""
 
     async def start(config: Path, **variables: str) -> RelayProcess:
-        environ = process_env(**env(FAURYA_URL=faurya.url), **variables)
-        relay = RelayProcess(config, db_path, environ)
-        made.append(relay)
-        return await relay.start()
+        return await relay_processes.new(config, faurya.url, **variables).start()
 
-    yield start
-    for relay in made:
-        await relay.close()
+    return start
 
 
 @pytest.fixture

@@ -8,17 +8,13 @@ workers), a retry only once the test moves the clock and drains with `run_until_
 from __future__ import annotations
 
 import json
-import time
 import tomllib
 import uuid
-from collections.abc import Iterator, MutableMapping
 from pathlib import Path
 from typing import Any
 
 import pytest
-import structlog
 from aiohttp import web
-from aiohttp.test_utils import TestClient
 from pytest_aiohttp import AiohttpClient, AiohttpServer
 
 from relay import order_check
@@ -26,34 +22,34 @@ from relay.app import METRICS, STORE, create_app
 from relay.config import Config, parse
 from relay.errors import ConfigError
 from relay.models import MessageRecord, MessageStatus
+from tests import conftest
 from tests.helpers import (
     REPO,
+    Client,
     FakeClock,
     FakeFaurya,
+    LogList,
     env,
     fixture_body,
+    logged,
     order_paid,
     settled,
     sign_headers,
 )
-from tests.polar_fake import TOKEN, FakePolar, serve
+from tests.polar_fake import TOKEN, FakePolar
 
-Client = TestClient[web.Request, web.Application]
-LogList = list[MutableMapping[str, Any]]
+# Fixtures that moved to tests/conftest.py, still importable from here by name.
+clock, logs, polar = conftest.clock, conftest.logs, conftest.polar
+
+pytestmark = pytest.mark.usefixtures("logs")  # every test captures its log events
+
 WRONG_TOKEN = "polar_oat_REVOKED_verify_token_31"
 
 
-@pytest.fixture(autouse=True)
-def logs(_plain_logs: None) -> Iterator[LogList]:
-    """Every log event of the test; none may hold a Polar token."""
-    with structlog.testing.capture_logs() as captured:
-        yield captured
-    assert [e for e in captured if TOKEN in repr(e) or WRONG_TOKEN in repr(e)] == []
-
-
 @pytest.fixture
-async def polar(aiohttp_server: AiohttpServer) -> FakePolar:
-    return await serve(aiohttp_server)
+def log_secrets() -> tuple[str, ...]:
+    """No log event of a test here may hold one of these."""
+    return (TOKEN, WRONG_TOKEN)
 
 
 def raw_config(faurya: FakeFaurya, db_path: Path, polar: FakePolar, token: str) -> dict[str, Any]:
@@ -69,11 +65,6 @@ def raw_config(faurya: FakeFaurya, db_path: Path, polar: FakePolar, token: str) 
 @pytest.fixture
 def config(faurya: FakeFaurya, db_path: Path, polar: FakePolar) -> Config:
     return parse(raw_config(faurya, db_path, polar, polar.token), env(FAURYA_URL=faurya.url))
-
-
-@pytest.fixture
-def clock() -> FakeClock:
-    return FakeClock(float(int(time.time())))
 
 
 @pytest.fixture
@@ -106,10 +97,6 @@ def metric(relay: Client, name: str, **labels: str) -> float:
 
 def checks(relay: Client, outcome: str) -> float:
     return metric(relay, "relay_payment_checks_total", outcome=outcome)
-
-
-def logged(logs: LogList, name: str) -> list[MutableMapping[str, Any]]:
-    return [e for e in logs if e["event"] == name]
 
 
 async def test_a_paid_order_is_delivered_after_the_check(

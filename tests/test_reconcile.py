@@ -10,7 +10,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import time
-from collections.abc import AsyncIterator, MutableMapping
+from collections.abc import AsyncIterator
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
@@ -18,9 +18,7 @@ from typing import Any
 import aiohttp
 import pytest
 import structlog
-from aiohttp import web
-from aiohttp.test_utils import TestClient
-from pytest_aiohttp import AiohttpClient, AiohttpServer
+from pytest_aiohttp import AiohttpClient
 
 from relay.app import METRICS, POLAR_API, STORE, WORKERS, create_app
 from relay.config import Config
@@ -28,13 +26,16 @@ from relay.models import EventFilter, MessageRecord, MessageStatus
 from relay.polar_api import PolarApi
 from relay.reconcile import Reconciler, Summary
 from relay.store import Store
+from tests import conftest
 from tests.helpers import (
     LEGACY_SECRET,
     REPO,
     SITE_ID,
     WRITE_KEY,
+    Client,
     FakeClock,
     FakeFaurya,
+    LogList,  # noqa: F401 - re-exported: defined here before
     order_paid,
     process_env,
     relay_command,
@@ -43,15 +44,10 @@ from tests.helpers import (
     sign_headers,
     wait_until,
 )
-from tests.polar_fake import FakePolar, serve, with_polar_api
+from tests.polar_fake import FakePolar, with_polar_api
 
-Client = TestClient[web.Request, web.Application]
-LogList = list[MutableMapping[str, Any]]
-
-
-@pytest.fixture
-async def polar(aiohttp_server: AiohttpServer) -> FakePolar:
-    return await serve(aiohttp_server)
+# Fixtures that moved to tests/conftest.py, still importable from here by name.
+polar = conftest.polar
 
 
 @pytest.fixture
