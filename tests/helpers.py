@@ -6,11 +6,12 @@ Nothing here replaces relay code: the fakes stand in for Polar and Faurya, and f
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import time
 import tomllib
 import uuid
-from collections.abc import Awaitable, Callable, MutableMapping
+from collections.abc import AsyncIterator, Awaitable, Callable, MutableMapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Protocol
@@ -181,6 +182,32 @@ async def wait_until(predicate: Callable[[], Awaitable[bool]], timeout_s: float 
         # A deadline-bound poll of an async predicate (a DB query): there is no event to await.
         while not await predicate():  # noqa: ASYNC110
             await asyncio.sleep(0.01)
+
+
+@contextlib.asynccontextmanager
+async def raw_connection(
+    port: int,
+) -> AsyncIterator[tuple[asyncio.StreamReader, asyncio.StreamWriter]]:
+    """A bare TCP connection to a loopback port, for requests aiohttp's client cannot send."""
+    reader, writer = await asyncio.open_connection("127.0.0.1", port)
+    try:
+        yield reader, writer
+    finally:
+        writer.close()
+        with contextlib.suppress(OSError):
+            await writer.wait_closed()
+
+
+async def status_line_after(port: int, sent: bytes, timeout_s: float) -> tuple[bytes, float]:
+    """Send `sent` on a raw connection and read the answer's status line: the line, and the
+    seconds the server took to send it."""
+    async with raw_connection(port) as (reader, writer):
+        writer.write(sent)
+        await writer.drain()
+        started = time.monotonic()
+        async with asyncio.timeout(timeout_s):
+            status_line = await reader.readline()
+        return status_line, time.monotonic() - started
 
 
 # ---------------------------------------------------------------- the real `relay` command

@@ -6,7 +6,6 @@ X-Forwarded-For line and whole IPv6 /64s."""
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import dataclasses
 import json
 import time
@@ -23,7 +22,7 @@ from relay.app import METRICS, POLAR_API, create_app
 from relay.checkout import RateLimiter, client_key
 from relay.config import CheckoutConfig, Config
 from tests import conftest
-from tests.helpers import Client, LogList
+from tests.helpers import Client, LogList, raw_connection, status_line_after
 from tests.polar_fake import FakePolar, with_polar_api
 
 # Fixtures that moved to tests/conftest.py, still importable from here by name.
@@ -67,17 +66,6 @@ async def post_from(relay: Client, *forwarded_for: str) -> ClientResponse:
     return await relay.post("/checkout", json={"plan": "pro"}, headers=headers)
 
 
-@contextlib.asynccontextmanager
-async def raw_connection(port: int) -> AsyncIterator[tuple[asyncio.StreamReader, Any]]:
-    reader, writer = await asyncio.open_connection("127.0.0.1", port)
-    try:
-        yield reader, writer
-    finally:
-        writer.close()
-        with contextlib.suppress(OSError):
-            await writer.wait_closed()
-
-
 def head(port: int, length: int) -> bytes:
     return (
         f"POST /checkout HTTP/1.1\r\nHost: 127.0.0.1:{port}\r\nOrigin: {SHOP}\r\n"
@@ -97,13 +85,7 @@ async def test_a_body_that_never_comes_gets_408_after_body_timeout(
     port = relay.server.port
     assert port is not None
 
-    async with raw_connection(port) as (reader, writer):
-        writer.write(head(port, 60))
-        await writer.drain()
-        started = time.monotonic()
-        async with asyncio.timeout(5):
-            status_line = await reader.readline()
-        waited = time.monotonic() - started
+    status_line, waited = await status_line_after(port, head(port, 60), timeout_s=5)
 
     assert status_line.startswith(b"HTTP/1.1 408 "), status_line
     assert 0.5 < waited < 3

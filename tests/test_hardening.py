@@ -55,9 +55,11 @@ from tests.helpers import (
     logged,
     order_paid,
     process_env,
+    raw_connection,
     relay_command,
     run_command,
     sign_headers,
+    status_line_after,
     wait_until,
 )
 
@@ -828,19 +830,6 @@ def request_head(port: int, body: bytes, extra: list[str] | None = None) -> byte
     return ("\r\n".join(lines) + "\r\n\r\n").encode()
 
 
-@contextlib.asynccontextmanager
-async def raw_connection(
-    port: int,
-) -> AsyncIterator[tuple[asyncio.StreamReader, asyncio.StreamWriter]]:
-    reader, writer = await asyncio.open_connection("127.0.0.1", port)
-    try:
-        yield reader, writer
-    finally:
-        writer.close()
-        with contextlib.suppress(OSError):
-            await writer.wait_closed()
-
-
 @pytest.mark.e2e
 async def test_a_client_that_never_finishes_its_headers_is_disconnected(
     tmp_path: Path, start_relay: StartRelay, db_path: Path
@@ -877,13 +866,8 @@ async def test_a_slow_body_gets_408_and_nothing_is_stored(
     relay = await start_relay(config_copy(tmp_path, server=SLOW))
     body = order_paid()
 
-    async with raw_connection(relay.port) as (reader, writer):
-        writer.write(request_head(relay.port, body) + body[: int(len(body) * sent_fraction)])
-        await writer.drain()
-        started = time.monotonic()
-        async with asyncio.timeout(3.5):
-            status_line = await reader.readline()
-        waited = time.monotonic() - started
+    sent = request_head(relay.port, body) + body[: int(len(body) * sent_fraction)]
+    status_line, waited = await status_line_after(relay.port, sent, timeout_s=3.5)
 
     assert status_line.startswith(b"HTTP/1.1 408 "), status_line
     assert 0.5 < waited < 3.5
@@ -916,11 +900,8 @@ async def test_oversized_headers_are_refused_and_the_relay_stays_healthy(
     relay = await start_relay(config_copy(tmp_path, server=SLOW))
     body = order_paid()
 
-    async with raw_connection(relay.port) as (reader, writer):
-        writer.write(request_head(relay.port, body, extra) + body)
-        await writer.drain()
-        async with asyncio.timeout(3.5):
-            status_line = await reader.readline()
+    sent = request_head(relay.port, body, extra) + body
+    status_line, _ = await status_line_after(relay.port, sent, timeout_s=3.5)
 
     status = int(status_line.split()[1])
     assert 400 <= status < 500, status_line
