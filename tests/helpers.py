@@ -18,6 +18,7 @@ from typing import Any, Protocol
 
 from aiohttp import web
 from aiohttp.test_utils import TestClient
+from prometheus_client.parser import text_string_to_metric_families
 from standardwebhooks.webhooks import Webhook
 
 from relay.config import Config, parse
@@ -182,6 +183,15 @@ async def wait_until(predicate: Callable[[], Awaitable[bool]], timeout_s: float 
         # A deadline-bound poll of an async predicate (a DB query): there is no event to await.
         while not await predicate():  # noqa: ASYNC110
             await asyncio.sleep(0.01)
+
+
+def metric(text: str, name: str, labels: dict[str, str] | None = None) -> float | None:
+    """One sample from a Prometheus exposition (a scraped /metrics), or None when absent."""
+    for family in text_string_to_metric_families(text):
+        for sample in family.samples:
+            if sample.name == name and sample.labels == (labels or {}):
+                return float(sample.value)
+    return None
 
 
 @contextlib.asynccontextmanager

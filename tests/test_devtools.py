@@ -22,7 +22,6 @@ from typing import Any
 
 import aiohttp
 import pytest
-from prometheus_client.parser import text_string_to_metric_families
 from standardwebhooks.webhooks import Webhook, WebhookVerificationError
 
 from relay.mapping import map_event
@@ -39,6 +38,7 @@ from tests.helpers import (
     Run,
     env,
     fixture_body,
+    metric,
     process_env,
     relay_command,
     run_command,
@@ -86,15 +86,6 @@ def free_port() -> int:
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
         return int(sock.getsockname()[1])
-
-
-def metric(text: str, name: str, labels: dict[str, str]) -> float | None:
-    """One sample from a Prometheus exposition, or None when absent."""
-    for family in text_string_to_metric_families(text):
-        for sample in family.samples:
-            if sample.name == name and sample.labels == labels:
-                return float(sample.value)
-    return None
 
 
 async def stored_events(db: Path) -> list[tuple[str, EventStatus]]:

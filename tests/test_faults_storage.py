@@ -29,7 +29,6 @@ from typing import Any
 import aiohttp
 import pytest
 from aiohttp import web
-from prometheus_client.parser import text_string_to_metric_families
 from pytest_aiohttp import AiohttpClient
 
 from relay.app import METRICS, create_app
@@ -44,6 +43,7 @@ from tests.helpers import (
     RelayProcess,
     env,
     logged,
+    metric,
     order_paid,
     process_env,
     shipped_config,
@@ -541,15 +541,6 @@ async def test_a_file_size_limit_answers_503_and_a_restart_serves_the_intact_dat
         assert await webhook.send(relay) == 202
     assert set(stored(db_path)) == set(burst.accepted) | {w.webhook_id for w in retried}
     assert integrity(db_path) == "ok"
-
-
-def metric(exposition: str, name: str, labels: dict[str, str] | None = None) -> float | None:
-    """One sample from a Prometheus exposition, or None when absent."""
-    for family in text_string_to_metric_families(exposition):
-        for found in family.samples:
-            if found.name == name and found.labels == (labels or {}):
-                return float(found.value)
-    return None
 
 
 # ---------------------------------------------------------------- free disk space
