@@ -108,6 +108,16 @@ def received(client: Client, outcome: str, event_type: str = "unknown") -> float
     return value or 0.0
 
 
+async def post_with_lines(client: Client, header: str, *values: str) -> int:
+    """A signed order.paid with one `header` line per value, in order; the answer's status."""
+    body = order_paid()
+    headers = CIMultiDict(sign_headers(body))
+    for value in values:
+        headers.add(header, value)
+    resp = await client.post(PATH, data=body, headers=headers)
+    return resp.status
+
+
 async def post_order(client: Client, extra: dict[str, str] | None = None) -> tuple[int, Any]:
     body = order_paid()
     resp = await client.post(PATH, data=body, headers={**sign_headers(body), **(extra or {})})
@@ -222,14 +232,10 @@ async def test_every_forwarded_for_line_counts_not_only_the_first(
     client is 203.0.113.9, outside allow_ips 10.0.0.0/8, so 403."""
     config = with_server(config, trusted_proxies=parse_networks(["127.0.0.1/32"]))
     client = await make_relay(with_allow_ips(config, "10.0.0.0/8"))
-    body = order_paid()
-    headers = CIMultiDict(sign_headers(body))
-    headers.add("X-Forwarded-For", "10.1.1.1")
-    headers.add("X-Forwarded-For", "203.0.113.9")
 
-    resp = await client.post(PATH, data=body, headers=headers)
+    status = await post_with_lines(client, "X-Forwarded-For", "10.1.1.1", "203.0.113.9")
 
-    assert resp.status == 403
+    assert status == 403
     assert rows(db_path) == (0, 0)
     assert received(client, "forbidden") == 1
     [entry] = logged(logs, "webhook_forbidden")
@@ -245,14 +251,10 @@ async def test_every_forwarded_proto_line_counts_not_only_the_first(
         config, trusted_proxies=parse_networks(["127.0.0.1/32"]), require_https=True
     )
     client = await make_relay(config)
-    body = order_paid()
-    headers = CIMultiDict(sign_headers(body))
-    headers.add("X-Forwarded-Proto", "https")
-    headers.add("X-Forwarded-Proto", "http")
 
-    resp = await client.post(PATH, data=body, headers=headers)
+    status = await post_with_lines(client, "X-Forwarded-Proto", "https", "http")
 
-    assert resp.status == 403
+    assert status == 403
     assert rows(db_path) == (0, 0)
     assert received(client, "https_required") == 1
 

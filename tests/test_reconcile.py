@@ -18,6 +18,7 @@ from typing import Any
 import aiohttp
 import pytest
 import structlog
+from aiohttp import web
 from pytest_aiohttp import AiohttpClient
 
 from relay.app import METRICS, POLAR_API, STORE, WORKERS, create_app
@@ -339,6 +340,14 @@ def reconcile_metric(relay: Client, name: str, **labels: str) -> float:
     return relay.app[METRICS].registry.get_sample_value(name, labels) or 0.0
 
 
+def reconciling_app(config: Config, clock: FakeClock) -> web.Application:
+    """The relay app reconciling on its own every 0.2 s (reconcile.interval_s)."""
+    config = dataclasses.replace(
+        config, reconcile=dataclasses.replace(config.reconcile, interval_s=0.2)
+    )
+    return create_app(config, clock=clock, poll_interval_s=0.05)
+
+
 async def test_the_relay_reconciles_periodically(
     aiohttp_client: AiohttpClient,
     config: Config,
@@ -349,11 +358,8 @@ async def test_the_relay_reconciles_periodically(
     """With reconcile.interval_s set, relay serve reconciles on its own: missed orders are
     enqueued, delivered, counted in relay_reconcile_enqueued_total and logged."""
     orders = [polar.add_order(), polar.add_order()]
-    config = dataclasses.replace(
-        config, reconcile=dataclasses.replace(config.reconcile, interval_s=0.2)
-    )
     with structlog.testing.capture_logs() as logs:
-        relay = await aiohttp_client(create_app(config, clock=clock, poll_interval_s=0.05))
+        relay = await aiohttp_client(reconciling_app(config, clock))
 
         async def ran() -> bool:
             return reconcile_metric(relay, "relay_reconcile_runs_total", outcome="ok") >= 1
@@ -378,11 +384,8 @@ async def test_a_failed_periodic_run_is_counted_and_changes_nothing(
     a reconcile_failed log line, nothing enqueued, and the relay keeps serving."""
     polar.add_order()
     polar.outage(503, retry_after="0")
-    config = dataclasses.replace(
-        config, reconcile=dataclasses.replace(config.reconcile, interval_s=0.2)
-    )
     with structlog.testing.capture_logs() as logs:
-        relay = await aiohttp_client(create_app(config, clock=clock, poll_interval_s=0.05))
+        relay = await aiohttp_client(reconciling_app(config, clock))
 
         async def failed() -> bool:
             return reconcile_metric(relay, "relay_reconcile_runs_total", outcome="failed") >= 1
