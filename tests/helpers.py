@@ -456,6 +456,18 @@ async def run_command(
     return Run(proc.returncode, out.decode(), err.decode())
 
 
+async def run_relay(
+    *args: str, environ: dict[str, str] | None = None, timeout_s: float = 20
+) -> Run:
+    """Run `relay ARGS` to completion; without `environ`, no relay variable is set at all."""
+    return await run_command(relay_command(), *args, environ=environ, timeout_s=timeout_s)
+
+
+def configured(**overrides: str) -> dict[str, str]:
+    """The environment the shipped relay.toml needs, with test values."""
+    return process_env(**env(**overrides))
+
+
 async def settled(
     relay: TestClient[web.Request, web.Application], message_id: int
 ) -> MessageRecord:

@@ -36,12 +36,12 @@ from tests.helpers import (
     FakeFaurya,
     RelayProcess,
     Run,
-    env,
+    configured,
     fixture_body,
     metric,
     process_env,
     relay_command,
-    run_command,
+    run_relay,
     shipped_config,
     sign_headers,
 )
@@ -55,14 +55,7 @@ PURCHASE = FIXTURES / "order.paid.purchase.json"
 PURCHASE_ORDER_ID = "b4c1f2e3-6d7a-4b8c-9e0f-1a2b3c4d5e6f"  # Polar's id in that fixture
 
 
-async def relay(*args: str, environ: dict[str, str] | None = None, timeout_s: float = 20) -> Run:
-    """Run `relay ARGS` to completion; without `environ`, no relay variable is set at all."""
-    return await run_command(relay_command(), *args, environ=environ, timeout_s=timeout_s)
-
-
-def configured(**overrides: str) -> dict[str, str]:
-    """The environment the shipped relay.toml needs, with test values."""
-    return process_env(**env(**overrides))
+relay = run_relay
 
 
 def header_lines(text: str) -> dict[str, str]:
