@@ -2,7 +2,8 @@
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator, Callable
+import time
+from collections.abc import AsyncIterator, Callable, Iterator
 from pathlib import Path
 
 import pytest
@@ -15,7 +16,16 @@ from relay.app import STORE, WORKERS, create_app
 from relay.config import Config
 from relay.store import Store
 from relay.workers import Workers
-from tests.helpers import FakeClock, FakeFaurya, shipped_config
+from tests.helpers import (
+    Client,
+    FakeClock,
+    FakeFaurya,
+    LogList,
+    RelayProcesses,
+    StartRelay,
+    shipped_config,
+)
+from tests.polar_fake import FakePolar, serve
 
 
 @pytest.fixture(autouse=True)
@@ -28,11 +38,35 @@ def _plain_logs() -> None:
 
 
 @pytest.fixture
+def log_secrets() -> tuple[str, ...]:
+    """Values no log event of a test may hold: a module whose tests handle secrets overrides
+    this fixture with them, and `logs` checks every event against them."""
+    return ()
+
+
+@pytest.fixture
+def logs(_plain_logs: None, log_secrets: tuple[str, ...]) -> Iterator[LogList]:
+    """Every log event of the test (app shutdown included, when `logs` is set up before the
+    app: a module makes it autouse with `pytestmark = pytest.mark.usefixtures("logs")`); none
+    may hold a value of `log_secrets`."""
+    with structlog.testing.capture_logs() as captured:
+        yield captured
+    leaks = [entry for entry in captured if any(s in repr(entry) for s in log_secrets)]
+    assert leaks == []
+
+
+@pytest.fixture
 async def faurya(aiohttp_server: AiohttpServer) -> FakeFaurya:
     fake = FakeFaurya()
     server: TestServer = await aiohttp_server(fake.app())
     fake.url = str(server.make_url("")).rstrip("/")
     return fake
+
+
+@pytest.fixture
+async def polar(aiohttp_server: AiohttpServer) -> FakePolar:
+    """A fake Polar API on loopback (tests/polar_fake.py)."""
+    return await serve(aiohttp_server)
 
 
 @pytest.fixture
@@ -47,7 +81,39 @@ def config(faurya: FakeFaurya, db_path: Path) -> Config:
 
 @pytest.fixture
 def clock() -> FakeClock:
-    return FakeClock()
+    """A fake clock on a whole second, so HTTP dates (whole seconds) convert exactly and the
+    times tests add up come out exact."""
+    return FakeClock(float(int(time.time())))
+
+
+@pytest.fixture
+def start(aiohttp_client: AiohttpClient, config: Config, clock: FakeClock) -> StartRelay:
+    """Starts the relay app (`config` unless given another) with its store and workers; the
+    aiohttp client fixture stops it at teardown."""
+
+    async def start_(
+        config_: Config | None = None, *, real_clock: bool = False, poll_interval_s: float = 30
+    ) -> Client:
+        app = create_app(
+            config_ or config,
+            clock=None if real_clock else clock,
+            poll_interval_s=poll_interval_s,
+        )
+        return await aiohttp_client(app)
+
+    return start_
+
+
+@pytest.fixture
+async def relay_processes(db_path: Path) -> AsyncIterator[RelayProcesses]:
+    """Makes `relay serve` subprocesses on the test database; teardown kills and reaps them.
+    A fixture built on it that also takes `faurya` must name `faurya` first, so the processes
+    stop before the fake Faurya does."""
+    made = RelayProcesses(db_path)
+    try:
+        yield made
+    finally:
+        await made.close()
 
 
 MakeRelay = Callable[..., "AsyncIterator[TestClient[web.Request, web.Application]]"]

@@ -6,17 +6,19 @@ Nothing here replaces relay code: the fakes stand in for Polar and Faurya, and f
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import time
 import tomllib
 import uuid
-from collections.abc import Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable, MutableMapping
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol
 
 from aiohttp import web
 from aiohttp.test_utils import TestClient
+from prometheus_client.parser import text_string_to_metric_families
 from standardwebhooks.webhooks import Webhook
 
 from relay.config import Config, parse
@@ -30,6 +32,29 @@ LEGACY_SECRET = "polar_whs_9Kq1xY7mVb3NcR2tLp8ZsW4dF6gH0jAe"  # signs with its o
 STANDARD_SECRET = "whsec_" + "c2VjcmV0LWtleS1mb3ItdGVzdHMtb25seS0xMjM0NTY="  # base64 key
 WRITE_KEY = "wk_live_TESTWRITEKEY_5d8e1f"
 SITE_ID = "site_test_123"
+# Every fake secret value, the standard key bare too: none may reach a log, error or metric.
+SECRETS = (LEGACY_SECRET, STANDARD_SECRET, STANDARD_SECRET.removeprefix("whsec_"), WRITE_KEY)
+
+Client = TestClient[web.Request, web.Application]
+LogList = list[MutableMapping[str, Any]]  # what structlog.testing.capture_logs collects
+
+
+def logged(logs: LogList, event: str) -> LogList:
+    """The captured log entries of one event."""
+    return [entry for entry in logs if entry["event"] == event]
+
+
+class StartRelay(Protocol):
+    """The `start` fixture (conftest.py): the relay app on a loopback port, on the test's
+    FakeClock unless `real_clock`, its workers polling every `poll_interval_s`."""
+
+    async def __call__(
+        self,
+        config_: Config | None = None,
+        *,
+        real_clock: bool = False,
+        poll_interval_s: float = 30,
+    ) -> Client: ...
 
 
 def fixture_body(name: str) -> bytes:
@@ -158,6 +183,41 @@ async def wait_until(predicate: Callable[[], Awaitable[bool]], timeout_s: float 
         # A deadline-bound poll of an async predicate (a DB query): there is no event to await.
         while not await predicate():  # noqa: ASYNC110
             await asyncio.sleep(0.01)
+
+
+def metric(text: str, name: str, labels: dict[str, str] | None = None) -> float | None:
+    """One sample from a Prometheus exposition (a scraped /metrics), or None when absent."""
+    for family in text_string_to_metric_families(text):
+        for sample in family.samples:
+            if sample.name == name and sample.labels == (labels or {}):
+                return float(sample.value)
+    return None
+
+
+@contextlib.asynccontextmanager
+async def raw_connection(
+    port: int,
+) -> AsyncIterator[tuple[asyncio.StreamReader, asyncio.StreamWriter]]:
+    """A bare TCP connection to a loopback port, for requests aiohttp's client cannot send."""
+    reader, writer = await asyncio.open_connection("127.0.0.1", port)
+    try:
+        yield reader, writer
+    finally:
+        writer.close()
+        with contextlib.suppress(OSError):
+            await writer.wait_closed()
+
+
+async def status_line_after(port: int, sent: bytes, timeout_s: float) -> tuple[bytes, float]:
+    """Send `sent` on a raw connection and read the answer's status line: the line, and the
+    seconds the server took to send it."""
+    async with raw_connection(port) as (reader, writer):
+        writer.write(sent)
+        await writer.drain()
+        started = time.monotonic()
+        async with asyncio.timeout(timeout_s):
+            status_line = await reader.readline()
+        return status_line, time.monotonic() - started
 
 
 # ---------------------------------------------------------------- the real `relay` command
@@ -322,6 +382,27 @@ class RelayProcess:
             await self._reader
 
 
+class RelayProcesses:
+    """The `relay serve` processes one test makes, on its database, with the shipped config's
+    environment pointed at a fake Faurya; `close()` (the `relay_processes` fixture's teardown)
+    kills and reaps every one."""
+
+    def __init__(self, db: Path) -> None:
+        self.db = db
+        self.made: list[RelayProcess] = []
+
+    def new(self, config: Path, faurya_url: str, **variables: str) -> RelayProcess:
+        relay = RelayProcess(
+            config, self.db, process_env(**env(FAURYA_URL=faurya_url), **variables)
+        )
+        self.made.append(relay)
+        return relay
+
+    async def close(self) -> None:
+        for relay in self.made:
+            await relay.close()
+
+
 def stored_form(body: bytes, config: Config) -> bytes:
     """The raw body as the relay keeps it: re-encoded with `log.redact` paths replaced (the
     shipped relay.toml redacts customer PII), or untouched when nothing is redacted."""
@@ -373,6 +454,18 @@ async def run_command(
             await proc.wait()
     assert proc.returncode is not None
     return Run(proc.returncode, out.decode(), err.decode())
+
+
+async def run_relay(
+    *args: str, environ: dict[str, str] | None = None, timeout_s: float = 20
+) -> Run:
+    """Run `relay ARGS` to completion; without `environ`, no relay variable is set at all."""
+    return await run_command(relay_command(), *args, environ=environ, timeout_s=timeout_s)
+
+
+def configured(**overrides: str) -> dict[str, str]:
+    """The environment the shipped relay.toml needs, with test values."""
+    return process_env(**env(**overrides))
 
 
 async def settled(

@@ -6,6 +6,11 @@ PostgreSQL binaries (initdb into a temp dir, as the postgres user when we are ro
 refuses to run as root), stopped and deleted at the end. With neither, the PostgreSQL tests
 skip and say why. `pg_url` gives each test its own database (CREATE DATABASE on the server,
 dropped WITH (FORCE) at teardown), so tests never see each other's rows.
+
+Under pytest-xdist a session is a worker's: with RELAY_TEST_PG_URL the workers share that
+server (each test still has a database of its own); without it each worker that runs a
+PostgreSQL test starts its own throwaway cluster (~2 s, on a port of its own), so no worker
+waits for another's or stops one another is using.
 """
 
 from __future__ import annotations

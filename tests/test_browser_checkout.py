@@ -66,6 +66,8 @@ def _missing() -> str | None:
 MISSING = _missing()
 pytestmark = [
     pytest.mark.e2e,
+    # One Chromium for the module: under pytest-xdist (--dist loadgroup) its tests share a worker.
+    pytest.mark.xdist_group("chromium"),
     pytest.mark.skipif(MISSING is not None, reason=f"headless Chromium unavailable: {MISSING}"),
 ]
 

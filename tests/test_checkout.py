@@ -6,24 +6,25 @@ from __future__ import annotations
 import dataclasses
 import re
 import tomllib
-from collections.abc import Iterator, MutableMapping
+from collections.abc import MutableMapping
 from pathlib import Path
 from typing import Any
 
 import pytest
-import structlog
-from aiohttp import web
-from aiohttp.test_utils import TestClient
-from pytest_aiohttp import AiohttpClient, AiohttpServer
+from pytest_aiohttp import AiohttpClient
 
 from relay.app import METRICS, create_app
 from relay.config import CheckoutConfig, Config, parse
 from relay.errors import ConfigError
-from tests.helpers import REPO, FakeFaurya, env, shipped_config
-from tests.polar_fake import TOKEN, FakePolar, serve, with_polar_api
+from tests import conftest
+from tests.helpers import REPO, Client, FakeFaurya, LogList, env, shipped_config
+from tests.polar_fake import TOKEN, FakePolar, with_polar_api
 
-Client = TestClient[web.Request, web.Application]
-LogList = list[MutableMapping[str, Any]]
+# Fixtures that moved to tests/conftest.py, still importable from here by name.
+logs, polar = conftest.logs, conftest.polar
+
+pytestmark = pytest.mark.usefixtures("logs")  # every test captures its log events
+
 
 PRODUCT = "5f0e6c1e-8a4b-4c7e-9a53-2f6d1b0c7e11"
 SHOP = "http://shop.example"
@@ -37,17 +38,10 @@ WRONG_TOKEN = "polar_oat_REVOKED_checkout_token_99"
 GENERIC_ERROR = {"error": "could not create the checkout; try again"}
 
 
-@pytest.fixture(autouse=True)
-def logs(_plain_logs: None) -> Iterator[LogList]:
-    """Every log event of the test; none may hold a Polar token."""
-    with structlog.testing.capture_logs() as captured:
-        yield captured
-    assert [e for e in captured if TOKEN in repr(e) or WRONG_TOKEN in repr(e)] == []
-
-
 @pytest.fixture
-async def polar(aiohttp_server: AiohttpServer) -> FakePolar:
-    return await serve(aiohttp_server)
+def log_secrets() -> tuple[str, ...]:
+    """No log event of a test here may hold one of these."""
+    return (TOKEN, WRONG_TOKEN)
 
 
 def with_checkout(config: Config, polar: FakePolar, **changes: Any) -> Config:

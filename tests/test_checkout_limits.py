@@ -6,42 +6,33 @@ X-Forwarded-For line and whole IPv6 /64s."""
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import dataclasses
 import json
 import time
-from collections.abc import AsyncIterator, Iterator, MutableMapping
+from collections.abc import AsyncIterator
 from typing import Any
 
 import pytest
-import structlog
-from aiohttp import ClientResponse, web
-from aiohttp.test_utils import TestClient
+from aiohttp import ClientResponse
 from multidict import CIMultiDict
-from pytest_aiohttp import AiohttpClient, AiohttpServer
+from pytest_aiohttp import AiohttpClient
 
 from relay.access import parse_networks
 from relay.app import METRICS, POLAR_API, create_app
 from relay.checkout import RateLimiter, client_key
 from relay.config import CheckoutConfig, Config
-from tests.polar_fake import FakePolar, serve, with_polar_api
+from tests import conftest
+from tests.helpers import Client, LogList, raw_connection, status_line_after
+from tests.polar_fake import FakePolar, with_polar_api
 
-Client = TestClient[web.Request, web.Application]
-LogList = list[MutableMapping[str, Any]]
+# Fixtures that moved to tests/conftest.py, still importable from here by name.
+logs, polar = conftest.logs, conftest.polar
+
+pytestmark = pytest.mark.usefixtures("logs")  # every test captures its log events
+
 
 PRODUCT = "5f0e6c1e-8a4b-4c7e-9a53-2f6d1b0c7e11"
 SHOP = "http://shop.example"
-
-
-@pytest.fixture(autouse=True)
-def logs(_plain_logs: None) -> Iterator[LogList]:
-    with structlog.testing.capture_logs() as captured:
-        yield captured
-
-
-@pytest.fixture
-async def polar(aiohttp_server: AiohttpServer) -> FakePolar:
-    return await serve(aiohttp_server)
 
 
 def with_checkout(config: Config, polar: FakePolar, **changes: Any) -> Config:
@@ -75,17 +66,6 @@ async def post_from(relay: Client, *forwarded_for: str) -> ClientResponse:
     return await relay.post("/checkout", json={"plan": "pro"}, headers=headers)
 
 
-@contextlib.asynccontextmanager
-async def raw_connection(port: int) -> AsyncIterator[tuple[asyncio.StreamReader, Any]]:
-    reader, writer = await asyncio.open_connection("127.0.0.1", port)
-    try:
-        yield reader, writer
-    finally:
-        writer.close()
-        with contextlib.suppress(OSError):
-            await writer.wait_closed()
-
-
 def head(port: int, length: int) -> bytes:
     return (
         f"POST /checkout HTTP/1.1\r\nHost: 127.0.0.1:{port}\r\nOrigin: {SHOP}\r\n"
@@ -105,13 +85,7 @@ async def test_a_body_that_never_comes_gets_408_after_body_timeout(
     port = relay.server.port
     assert port is not None
 
-    async with raw_connection(port) as (reader, writer):
-        writer.write(head(port, 60))
-        await writer.drain()
-        started = time.monotonic()
-        async with asyncio.timeout(5):
-            status_line = await reader.readline()
-        waited = time.monotonic() - started
+    status_line, waited = await status_line_after(port, head(port, 60), timeout_s=5)
 
     assert status_line.startswith(b"HTTP/1.1 408 "), status_line
     assert 0.5 < waited < 3

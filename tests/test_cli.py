@@ -37,10 +37,10 @@ from tests.helpers import (
     FakeFaurya,
     RelayProcess,
     Run,
-    env,
+    configured,
     process_env,
-    relay_command,
     run_command,
+    run_relay,
     wait_until,
 )
 
@@ -53,13 +53,7 @@ async def run(*argv: str, environ: dict[str, str] | None = None, timeout_s: floa
     return await run_command(*argv, environ=environ, timeout_s=timeout_s)
 
 
-async def relay(*args: str, environ: dict[str, str] | None = None) -> Run:
-    return await run(relay_command(), *args, environ=environ)
-
-
-def configured(**overrides: str) -> dict[str, str]:
-    """The environment the shipped relay.toml needs, with test values."""
-    return process_env(**env(**overrides))
+relay = run_relay
 
 
 def without(name: str) -> dict[str, str]:

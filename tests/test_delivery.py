@@ -12,32 +12,32 @@ import contextlib
 import dataclasses
 import socket
 import sqlite3
-import time
 import uuid
-from collections.abc import AsyncIterator, Awaitable, Callable, Iterator, MutableMapping
+from collections.abc import AsyncIterator, Awaitable, Callable
 from datetime import UTC, datetime
 from email.utils import format_datetime
 from pathlib import Path
-from typing import Any, Protocol
+from typing import Any
 
 import pytest
-import structlog
 from aiohttp import web
-from aiohttp.test_utils import TestClient
 from multidict import CIMultiDict
-from pytest_aiohttp import AiohttpClient
 
-from relay.app import METRICS, STORE, WORKERS, create_app
+from relay.app import METRICS, STORE, WORKERS
 from relay.config import Config
 from relay.models import MessageRecord, MessageStatus
 from relay.workers import RECEIVING_WINDOW_S
+from tests import conftest
 from tests.helpers import (
-    LEGACY_SECRET,
+    SECRETS,
     SITE_ID,
-    STANDARD_SECRET,
     WRITE_KEY,
+    Client,
     FakeClock,
     FakeFaurya,
+    LogList,
+    StartRelay,
+    logged,
     order_paid,
     settled,
     shipped_config,
@@ -45,49 +45,16 @@ from tests.helpers import (
     wait_until,
 )
 
-Client = TestClient[web.Request, web.Application]
-LogList = list[MutableMapping[str, Any]]
-SECRETS = (LEGACY_SECRET, STANDARD_SECRET, STANDARD_SECRET.removeprefix("whsec_"), WRITE_KEY)
+# Fixtures that moved to tests/conftest.py, still importable from here by name.
+clock, logs, start = conftest.clock, conftest.logs, conftest.start
 
-
-class StartRelay(Protocol):
-    async def __call__(
-        self,
-        config_: Config | None = None,
-        *,
-        real_clock: bool = False,
-        poll_interval_s: float = 30,
-    ) -> Client: ...
-
-
-@pytest.fixture(autouse=True)
-def logs(_plain_logs: None) -> Iterator[LogList]:
-    """Every log event of the test (app shutdown included); none may hold a secret value."""
-    with structlog.testing.capture_logs() as captured:
-        yield captured
-    leaks = [entry for entry in captured if any(s in repr(entry) for s in SECRETS)]
-    assert leaks == []
+pytestmark = pytest.mark.usefixtures("logs")  # every test captures its log events
 
 
 @pytest.fixture
-def clock() -> FakeClock:
-    """A fake clock on a whole second, so HTTP dates (whole seconds) convert exactly."""
-    return FakeClock(float(int(time.time())))
-
-
-@pytest.fixture
-def start(aiohttp_client: AiohttpClient, config: Config, clock: FakeClock) -> StartRelay:
-    async def start_(
-        config_: Config | None = None, *, real_clock: bool = False, poll_interval_s: float = 30
-    ) -> Client:
-        app = create_app(
-            config_ or config,
-            clock=None if real_clock else clock,
-            poll_interval_s=poll_interval_s,
-        )
-        return await aiohttp_client(app)
-
-    return start_
+def log_secrets() -> tuple[str, ...]:
+    """No log event of a test here may hold one of these."""
+    return SECRETS
 
 
 @pytest.fixture
@@ -123,10 +90,6 @@ def metric(relay: Client, name: str, **labels: str) -> float:
 
 def deliveries(relay: Client, outcome: str) -> float:
     return metric(relay, "relay_deliveries_total", outcome=outcome)
-
-
-def logged(logs: LogList, event: str) -> LogList:
-    return [entry for entry in logs if entry["event"] == event]
 
 
 def row_in_file(db_path: Path, message_id: int) -> sqlite3.Row:

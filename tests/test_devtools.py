@@ -22,7 +22,6 @@ from typing import Any
 
 import aiohttp
 import pytest
-from prometheus_client.parser import text_string_to_metric_families
 from standardwebhooks.webhooks import Webhook, WebhookVerificationError
 
 from relay.mapping import map_event
@@ -37,11 +36,12 @@ from tests.helpers import (
     FakeFaurya,
     RelayProcess,
     Run,
-    env,
+    configured,
     fixture_body,
+    metric,
     process_env,
     relay_command,
-    run_command,
+    run_relay,
     shipped_config,
     sign_headers,
 )
@@ -55,14 +55,7 @@ PURCHASE = FIXTURES / "order.paid.purchase.json"
 PURCHASE_ORDER_ID = "b4c1f2e3-6d7a-4b8c-9e0f-1a2b3c4d5e6f"  # Polar's id in that fixture
 
 
-async def relay(*args: str, environ: dict[str, str] | None = None, timeout_s: float = 20) -> Run:
-    """Run `relay ARGS` to completion; without `environ`, no relay variable is set at all."""
-    return await run_command(relay_command(), *args, environ=environ, timeout_s=timeout_s)
-
-
-def configured(**overrides: str) -> dict[str, str]:
-    """The environment the shipped relay.toml needs, with test values."""
-    return process_env(**env(**overrides))
+relay = run_relay
 
 
 def header_lines(text: str) -> dict[str, str]:
@@ -86,15 +79,6 @@ def free_port() -> int:
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
         return int(sock.getsockname()[1])
-
-
-def metric(text: str, name: str, labels: dict[str, str]) -> float | None:
-    """One sample from a Prometheus exposition, or None when absent."""
-    for family in text_string_to_metric_families(text):
-        for sample in family.samples:
-            if sample.name == name and sample.labels == labels:
-                return float(sample.value)
-    return None
 
 
 async def stored_events(db: Path) -> list[tuple[str, EventStatus]]:

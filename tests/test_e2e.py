@@ -20,15 +20,14 @@ from pathlib import Path
 import aiohttp
 import pytest
 from aiohttp import web
-from prometheus_client.parser import text_string_to_metric_families
 
 from tests.helpers import (
     REPO,
     FakeFaurya,
     RelayProcess,
-    env,
+    RelayProcesses,
+    metric,
     order_paid,
-    process_env,
     sign_headers,
     wait_until,
 )
@@ -74,18 +73,13 @@ def switchboard(faurya: FakeFaurya) -> Iterator[Switchboard]:
 
 
 @pytest.fixture
-async def make_relay(faurya: FakeFaurya, db_path: Path) -> AsyncIterator[MakeRelay]:
-    """Builds relay processes on the test database; teardown kills and reaps every one."""
-    made: list[RelayProcess] = []
+def make_relay(faurya: FakeFaurya, relay_processes: RelayProcesses) -> MakeRelay:
+    """Builds relay processes on the test database (`relay_processes` kills and reaps them)."""
 
     def make(config: Path = CONFIG) -> RelayProcess:
-        relay = RelayProcess(config, db_path, process_env(**env(FAURYA_URL=faurya.url)))
-        made.append(relay)
-        return relay
+        return relay_processes.new(config, faurya.url)
 
-    yield make
-    for relay in made:
-        await relay.close()
+    return make
 
 
 @pytest.fixture
@@ -144,15 +138,6 @@ def message_counts(db_path: Path) -> dict[str, int]:
     with contextlib.closing(sqlite3.connect(db_path)) as db:
         rows = db.execute("SELECT status, COUNT(*) FROM outbound_messages GROUP BY status")
         return {str(status): int(count) for status, count in rows}
-
-
-def metric(text: str, name: str, labels: dict[str, str] | None = None) -> float | None:
-    """One sample from a Prometheus exposition, or None when absent."""
-    for family in text_string_to_metric_families(text):
-        for sample in family.samples:
-            if sample.name == name and sample.labels == (labels or {}):
-                return float(sample.value)
-    return None
 
 
 async def test_orders_are_delivered_once_each_and_sigterm_stops_cleanly(

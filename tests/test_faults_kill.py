@@ -38,7 +38,15 @@ from pytest_aiohttp import AiohttpServer
 
 from relay.config import load, parse
 from relay.errors import ConfigError
-from tests.helpers import REPO, RelayProcess, env, order_paid, process_env, sign_headers, wait_until
+from tests.helpers import (
+    REPO,
+    RelayProcess,
+    RelayProcesses,
+    env,
+    order_paid,
+    sign_headers,
+    wait_until,
+)
 
 pytestmark = pytest.mark.e2e
 
@@ -207,18 +215,14 @@ MakeRelay = Callable[[Path, ScriptedFaurya], RelayProcess]
 
 
 @pytest.fixture
-async def make_relay(db_path: Path) -> AsyncIterator[MakeRelay]:
-    """Builds `relay serve` processes on the test database; teardown kills and reaps them."""
-    made: list[RelayProcess] = []
+def make_relay(relay_processes: RelayProcesses) -> MakeRelay:
+    """Builds `relay serve` processes on the test database (`relay_processes` kills and reaps
+    them)."""
 
     def make(config: Path, faurya: ScriptedFaurya) -> RelayProcess:
-        relay = RelayProcess(config, db_path, process_env(**env(FAURYA_URL=faurya.url)))
-        made.append(relay)
-        return relay
+        return relay_processes.new(config, faurya.url)
 
-    yield make
-    for relay in made:
-        await relay.close()
+    return make
 
 
 @pytest.fixture

@@ -13,20 +13,15 @@ import asyncio
 import collections
 import dataclasses
 import json
-import time
 import uuid
-from collections.abc import Iterator, MutableMapping
 from pathlib import Path
-from typing import Any, Protocol
+from typing import Any
 
 import pytest
-import structlog
 from aiohttp import web
-from aiohttp.test_utils import TestClient
 from prometheus_client.parser import text_string_to_metric_families
-from pytest_aiohttp import AiohttpClient
 
-from relay.app import METRICS, STORE, WORKERS, create_app, prune_once
+from relay.app import METRICS, STORE, WORKERS, prune_once
 from relay.config import Config
 from relay.models import (
     Clock,
@@ -37,12 +32,17 @@ from relay.models import (
     MessageStatus,
     SystemClock,
 )
+from tests import conftest
 from tests.helpers import (
     REPO,
+    Client,
     FakeClock,
     FakeFaurya,
+    LogList,
+    StartRelay,
     admin_get,
     env,
+    logged,
     order_paid,
     process_env,
     relay_command,
@@ -50,47 +50,8 @@ from tests.helpers import (
     wait_until,
 )
 
-Client = TestClient[web.Request, web.Application]
-LogList = list[MutableMapping[str, Any]]
-
-
-class StartRelay(Protocol):
-    async def __call__(
-        self,
-        config_: Config | None = None,
-        *,
-        real_clock: bool = False,
-        poll_interval_s: float = 30,
-    ) -> Client: ...
-
-
-@pytest.fixture
-def logs(_plain_logs: None) -> Iterator[LogList]:
-    with structlog.testing.capture_logs() as captured:
-        yield captured
-
-
-def logged(logs: LogList, event: str) -> LogList:
-    return [entry for entry in logs if entry["event"] == event]
-
-
-@pytest.fixture
-def clock() -> FakeClock:
-    """A fake clock on a whole second, so the times below add up exactly."""
-    return FakeClock(float(int(time.time())))
-
-
-@pytest.fixture
-def start(aiohttp_client: AiohttpClient, config: Config, clock: FakeClock) -> StartRelay:
-    async def start_(
-        config_: Config | None = None, *, real_clock: bool = False, poll_interval_s: float = 30
-    ) -> Client:
-        app = create_app(
-            config_ or config, clock=None if real_clock else clock, poll_interval_s=poll_interval_s
-        )
-        return await aiohttp_client(app)
-
-    return start_
+# Fixtures that moved to tests/conftest.py, still importable from here by name.
+clock, logs, start = conftest.clock, conftest.logs, conftest.start
 
 
 class Board:

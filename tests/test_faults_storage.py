@@ -22,26 +22,28 @@ import subprocess
 import sys
 import tempfile
 import uuid
-from collections.abc import AsyncIterator, Awaitable, Callable, Iterator, MutableMapping
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 from pathlib import Path
 from typing import Any
 
 import aiohttp
 import pytest
-import structlog
 from aiohttp import web
-from aiohttp.test_utils import TestClient
-from prometheus_client.parser import text_string_to_metric_families
 from pytest_aiohttp import AiohttpClient
 
 from relay.app import METRICS, create_app
 from relay.config import Config, parse
 from relay.errors import StorageError
+from tests import conftest
 from tests.helpers import (
     REPO,
+    Client,
     FakeFaurya,
+    LogList,
     RelayProcess,
     env,
+    logged,
+    metric,
     order_paid,
     process_env,
     shipped_config,
@@ -51,19 +53,10 @@ from tests.helpers import (
 )
 from tests.test_config import problems, shipped_raw
 
-Client = TestClient[web.Request, web.Application]
-LogList = list[MutableMapping[str, Any]]
+# Fixtures that moved to tests/conftest.py, still importable from here by name.
+logs = conftest.logs
+
 Mount = Callable[[str], Path]
-
-
-@pytest.fixture
-def logs(_plain_logs: None) -> Iterator[LogList]:
-    with structlog.testing.capture_logs() as captured:
-        yield captured
-
-
-def logged(logs: LogList, event: str) -> LogList:
-    return [entry for entry in logs if entry["event"] == event]
 
 
 def fast_failing(config: Config, *, paused: bool = False) -> Config:
@@ -548,15 +541,6 @@ async def test_a_file_size_limit_answers_503_and_a_restart_serves_the_intact_dat
         assert await webhook.send(relay) == 202
     assert set(stored(db_path)) == set(burst.accepted) | {w.webhook_id for w in retried}
     assert integrity(db_path) == "ok"
-
-
-def metric(exposition: str, name: str, labels: dict[str, str] | None = None) -> float | None:
-    """One sample from a Prometheus exposition, or None when absent."""
-    for family in text_string_to_metric_families(exposition):
-        for found in family.samples:
-            if found.name == name and found.labels == (labels or {}):
-                return float(found.value)
-    return None
 
 
 # ---------------------------------------------------------------- free disk space

@@ -22,8 +22,6 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from aiohttp import web
-from aiohttp.test_utils import TestClient
 from hypothesis import HealthCheck, event, given, settings
 from hypothesis import strategies as st
 from pytest_aiohttp import AiohttpClient
@@ -31,9 +29,15 @@ from pytest_aiohttp import AiohttpClient
 from relay.access import parse_networks
 from relay.app import create_app
 from relay.config import Config
-from tests.helpers import LEGACY_SECRET, STANDARD_SECRET, fixture_body, order_paid, sign_headers
+from tests.helpers import (
+    LEGACY_SECRET,
+    STANDARD_SECRET,
+    Client,
+    fixture_body,
+    order_paid,
+    sign_headers,
+)
 
-Client = TestClient[web.Request, web.Application]
 PATH = "/webhooks/polar"
 WRONG_SECRET = "polar_whs_FuzzFuzzFuzzFuzzFuzzFuzzFuzz000"
 SIGNATURE_HEADERS = ("webhook-id", "webhook-timestamp", "webhook-signature")

@@ -21,15 +21,12 @@ import ssl
 import stat
 import time
 import tomllib
-from collections.abc import AsyncIterator, Awaitable, Callable, Iterator, MutableMapping
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 from pathlib import Path
 from typing import Any
 
 import aiohttp
 import pytest
-import structlog
-from aiohttp import web
-from aiohttp.test_utils import TestClient
 from multidict import CIMultiDict
 from prometheus_client.parser import text_string_to_metric_families
 from pytest_aiohttp import AiohttpClient
@@ -43,24 +40,34 @@ from relay.mapping import REDACTED, parse_path
 from relay.readiness import Readiness
 from relay.store import open_store
 from relay.store.postgres import _safe
+from tests import conftest
 from tests.helpers import (
     REPO,
     SITE_ID,
+    Client,
     FakeClock,
     FakeFaurya,
+    LogList,
     RelayProcess,
+    RelayProcesses,
     admin_get,
     env,
+    logged,
     order_paid,
     process_env,
+    raw_connection,
     relay_command,
     run_command,
     sign_headers,
+    status_line_after,
     wait_until,
 )
 
-Client = TestClient[web.Request, web.Application]
-LogList = list[MutableMapping[str, Any]]
+# Fixtures that moved to tests/conftest.py, still importable from here by name.
+logs = conftest.logs
+
+pytestmark = pytest.mark.usefixtures("logs")  # every test captures its log events
+
 MakeRelay = Callable[[Config], Awaitable[Client]]
 StartRelay = Callable[..., Awaitable[RelayProcess]]
 
@@ -68,12 +75,6 @@ PATH = "/webhooks/polar"
 SHIPPED_TEXT = (REPO / "relay.toml").read_text(encoding="utf-8")
 ADMIN_TOKEN = "adm_tok_7Fh2Kq9ZxW3pLm5N"
 EMAIL = "jane.doe@example.com"  # the customer's, in the order.paid fixture
-
-
-@pytest.fixture(autouse=True)
-def logs(_plain_logs: None) -> Iterator[LogList]:
-    with structlog.testing.capture_logs() as captured:
-        yield captured
 
 
 @pytest.fixture
@@ -107,8 +108,14 @@ def received(client: Client, outcome: str, event_type: str = "unknown") -> float
     return value or 0.0
 
 
-def logged(logs: LogList, event: str) -> LogList:
-    return [entry for entry in logs if entry["event"] == event]
+async def post_with_lines(client: Client, header: str, *values: str) -> int:
+    """A signed order.paid with one `header` line per value, in order; the answer's status."""
+    body = order_paid()
+    headers = CIMultiDict(sign_headers(body))
+    for value in values:
+        headers.add(header, value)
+    resp = await client.post(PATH, data=body, headers=headers)
+    return resp.status
 
 
 async def post_order(client: Client, extra: dict[str, str] | None = None) -> tuple[int, Any]:
@@ -225,14 +232,10 @@ async def test_every_forwarded_for_line_counts_not_only_the_first(
     client is 203.0.113.9, outside allow_ips 10.0.0.0/8, so 403."""
     config = with_server(config, trusted_proxies=parse_networks(["127.0.0.1/32"]))
     client = await make_relay(with_allow_ips(config, "10.0.0.0/8"))
-    body = order_paid()
-    headers = CIMultiDict(sign_headers(body))
-    headers.add("X-Forwarded-For", "10.1.1.1")
-    headers.add("X-Forwarded-For", "203.0.113.9")
 
-    resp = await client.post(PATH, data=body, headers=headers)
+    status = await post_with_lines(client, "X-Forwarded-For", "10.1.1.1", "203.0.113.9")
 
-    assert resp.status == 403
+    assert status == 403
     assert rows(db_path) == (0, 0)
     assert received(client, "forbidden") == 1
     [entry] = logged(logs, "webhook_forbidden")
@@ -248,14 +251,10 @@ async def test_every_forwarded_proto_line_counts_not_only_the_first(
         config, trusted_proxies=parse_networks(["127.0.0.1/32"]), require_https=True
     )
     client = await make_relay(config)
-    body = order_paid()
-    headers = CIMultiDict(sign_headers(body))
-    headers.add("X-Forwarded-Proto", "https")
-    headers.add("X-Forwarded-Proto", "http")
 
-    resp = await client.post(PATH, data=body, headers=headers)
+    status = await post_with_lines(client, "X-Forwarded-Proto", "https", "http")
 
-    assert resp.status == 403
+    assert status == 403
     assert rows(db_path) == (0, 0)
     assert received(client, "https_required") == 1
 
@@ -634,21 +633,16 @@ def config_copy(tmp_path: Path, *, server: str = "", tail: str = "") -> Path:
 
 
 @pytest.fixture
-async def start_relay(
-    faurya: FakeFaurya, db_path: Path
-) -> AsyncIterator[Callable[..., Awaitable[RelayProcess]]]:
-    """Starts `relay serve` subprocesses on the test database; teardown kills and reaps them."""
-    made: list[RelayProcess] = []
+def start_relay(
+    faurya: FakeFaurya, relay_processes: RelayProcesses
+) -> Callable[..., Awaitable[RelayProcess]]:
+    """Starts `relay serve` subprocesses on the test database (`relay_processes` kills and
+    reaps them)."""
 
     async def start(config: Path, **variables: str) -> RelayProcess:
-        environ = process_env(**env(FAURYA_URL=faurya.url), **variables)
-        relay = RelayProcess(config, db_path, environ)
-        made.append(relay)
-        return await relay.start()
+        return await relay_processes.new(config, faurya.url, **variables).start()
 
-    yield start
-    for relay in made:
-        await relay.close()
+    return start
 
 
 @pytest.fixture
@@ -838,19 +832,6 @@ def request_head(port: int, body: bytes, extra: list[str] | None = None) -> byte
     return ("\r\n".join(lines) + "\r\n\r\n").encode()
 
 
-@contextlib.asynccontextmanager
-async def raw_connection(
-    port: int,
-) -> AsyncIterator[tuple[asyncio.StreamReader, asyncio.StreamWriter]]:
-    reader, writer = await asyncio.open_connection("127.0.0.1", port)
-    try:
-        yield reader, writer
-    finally:
-        writer.close()
-        with contextlib.suppress(OSError):
-            await writer.wait_closed()
-
-
 @pytest.mark.e2e
 async def test_a_client_that_never_finishes_its_headers_is_disconnected(
     tmp_path: Path, start_relay: StartRelay, db_path: Path
@@ -887,13 +868,8 @@ async def test_a_slow_body_gets_408_and_nothing_is_stored(
     relay = await start_relay(config_copy(tmp_path, server=SLOW))
     body = order_paid()
 
-    async with raw_connection(relay.port) as (reader, writer):
-        writer.write(request_head(relay.port, body) + body[: int(len(body) * sent_fraction)])
-        await writer.drain()
-        started = time.monotonic()
-        async with asyncio.timeout(3.5):
-            status_line = await reader.readline()
-        waited = time.monotonic() - started
+    sent = request_head(relay.port, body) + body[: int(len(body) * sent_fraction)]
+    status_line, waited = await status_line_after(relay.port, sent, timeout_s=3.5)
 
     assert status_line.startswith(b"HTTP/1.1 408 "), status_line
     assert 0.5 < waited < 3.5
@@ -926,11 +902,8 @@ async def test_oversized_headers_are_refused_and_the_relay_stays_healthy(
     relay = await start_relay(config_copy(tmp_path, server=SLOW))
     body = order_paid()
 
-    async with raw_connection(relay.port) as (reader, writer):
-        writer.write(request_head(relay.port, body, extra) + body)
-        await writer.drain()
-        async with asyncio.timeout(3.5):
-            status_line = await reader.readline()
+    sent = request_head(relay.port, body, extra) + body
+    status_line, _ = await status_line_after(relay.port, sent, timeout_s=3.5)
 
     status = int(status_line.split()[1])
     assert 400 <= status < 500, status_line

@@ -12,26 +12,26 @@ import dataclasses
 import json
 import sqlite3
 import time
-from collections.abc import AsyncIterator, Awaitable, Callable, Iterator, MutableMapping
+from collections.abc import AsyncIterator, Awaitable, Callable
 from pathlib import Path
 from typing import Any
 
 import pytest
-import structlog
-from aiohttp import web
-from aiohttp.test_utils import TestClient
 from pytest_aiohttp import AiohttpClient
 
 from relay.app import METRICS, STORE, WORKERS, create_app
 from relay.config import Config
 from relay.models import MessageStatus
+from tests import conftest, helpers
 from tests.helpers import (
     LEGACY_SECRET,
     STANDARD_SECRET,
-    WRITE_KEY,
+    Client,
     FakeFaurya,
+    LogList,
     admin_get,
     fixture_body,
+    logged,
     order_paid,
     shipped_config,
     shipped_redaction,
@@ -40,33 +40,25 @@ from tests.helpers import (
     wait_until,
 )
 
-Client = TestClient[web.Request, web.Application]
-LogList = list[MutableMapping[str, Any]]
+# Fixtures that moved to tests/conftest.py, still importable from here by name.
+logs = conftest.logs
+
 MakeRelay = Callable[[Config], Awaitable[Client]]
 
 PATH = "/webhooks/polar"
 # A secret Polar no longer signs with, kept first in the list during a rotation.
 RETIRED_SECRET = "polar_whs_RetiredRetiredRetired0000000000"
 RETIRED_WHSEC = "whsec_" + "cmV0aXJlZC1rZXktbm8tbG9uZ2VyLXVzZWQtMDAwMDA="
-SECRETS = (
-    LEGACY_SECRET,
-    STANDARD_SECRET,
-    STANDARD_SECRET.removeprefix("whsec_"),
-    WRITE_KEY,
-    RETIRED_SECRET,
-    RETIRED_WHSEC,
-)
+SECRETS = (*helpers.SECRETS, RETIRED_SECRET, RETIRED_WHSEC)
+
+pytestmark = pytest.mark.usefixtures("logs")  # every test captures its log events
 LIMIT = 256 * 1024  # the shipped server.max_body_bytes
 
 
-@pytest.fixture(autouse=True)
-def logs(_plain_logs: None) -> Iterator[LogList]:
-    """Every log event of the test (app start-up and shutdown included); none may hold a
-    secret value."""
-    with structlog.testing.capture_logs() as captured:
-        yield captured
-    leaks = [entry for entry in captured if any(s in repr(entry) for s in SECRETS)]
-    assert leaks == []
+@pytest.fixture
+def log_secrets() -> tuple[str, ...]:
+    """No log event of a test here may hold one of these."""
+    return SECRETS
 
 
 @pytest.fixture
@@ -102,10 +94,6 @@ def received(client: Client, outcome: str, event_type: str = "order.paid") -> fl
     labels = {"source": "polar", "event_type": event_type, "outcome": outcome}
     value = client.app[METRICS].registry.get_sample_value("relay_webhooks_received_total", labels)
     return value or 0.0
-
-
-def logged(logs: LogList, event: str) -> LogList:
-    return [entry for entry in logs if entry["event"] == event]
 
 
 async def post(client: Client, body: bytes, headers: dict[str, str]) -> tuple[int, Any]:

@@ -20,13 +20,12 @@ from typing import IO
 import aiohttp
 import pytest
 import structlog
-from aiohttp import web
-from aiohttp.test_utils import TestClient
 
 from relay import logs
 from relay.app import METRICS
 from tests.helpers import (
     REPO,
+    Client,
     FakeFaurya,
     env,
     order_paid,
@@ -35,7 +34,6 @@ from tests.helpers import (
     sign_headers,
 )
 
-Client = TestClient[web.Request, web.Application]
 PATH = "/webhooks/polar"
 DEV_FULL = Path("/dev/full")
 needs_dev_full = pytest.mark.skipif(not DEV_FULL.exists(), reason="no /dev/full (Linux only)")

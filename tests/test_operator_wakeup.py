@@ -13,13 +13,13 @@ from collections.abc import Awaitable, Callable
 from pathlib import Path
 
 from aiohttp import web
-from aiohttp.test_utils import TestClient
 from pytest_aiohttp import AiohttpClient
 
 from relay.app import STORE, WORKERS, create_app
 from relay.config import Config
 from relay.models import MessageStatus
 from tests.helpers import (
+    Client,
     FakeFaurya,
     order_paid,
     relay_command,
@@ -30,7 +30,6 @@ from tests.helpers import (
 
 POLL_S = 30.0  # the workers' own poll: far longer than any deadline below
 DEADLINE_S = 0.5  # from the command's exit to the effect
-Client = TestClient[web.Request, web.Application]
 
 
 async def operator(*args: str) -> None:

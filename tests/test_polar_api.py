@@ -13,17 +13,15 @@ from typing import Any
 
 import aiohttp
 import pytest
-from pytest_aiohttp import AiohttpServer
 
 from relay.polar_api import PolarApi, PolarApiError, is_paid
-from tests.polar_fake import TOKEN, FakePolar, serve
+from tests import conftest
+from tests.polar_fake import TOKEN, FakePolar
+
+# Fixtures that moved to tests/conftest.py, still importable from here by name.
+polar = conftest.polar
 
 MakeApi = Callable[..., PolarApi]
-
-
-@pytest.fixture
-async def polar(aiohttp_server: AiohttpServer) -> FakePolar:
-    return await serve(aiohttp_server)
 
 
 @pytest.fixture

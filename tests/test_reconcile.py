@@ -10,7 +10,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import time
-from collections.abc import AsyncIterator, MutableMapping
+from collections.abc import AsyncIterator
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
@@ -19,8 +19,7 @@ import aiohttp
 import pytest
 import structlog
 from aiohttp import web
-from aiohttp.test_utils import TestClient
-from pytest_aiohttp import AiohttpClient, AiohttpServer
+from pytest_aiohttp import AiohttpClient
 
 from relay.app import METRICS, POLAR_API, STORE, WORKERS, create_app
 from relay.config import Config
@@ -28,13 +27,16 @@ from relay.models import EventFilter, MessageRecord, MessageStatus
 from relay.polar_api import PolarApi
 from relay.reconcile import Reconciler, Summary
 from relay.store import Store
+from tests import conftest
 from tests.helpers import (
     LEGACY_SECRET,
     REPO,
     SITE_ID,
     WRITE_KEY,
+    Client,
     FakeClock,
     FakeFaurya,
+    LogList,  # noqa: F401 - re-exported: defined here before
     order_paid,
     process_env,
     relay_command,
@@ -43,15 +45,10 @@ from tests.helpers import (
     sign_headers,
     wait_until,
 )
-from tests.polar_fake import FakePolar, serve, with_polar_api
+from tests.polar_fake import FakePolar, with_polar_api
 
-Client = TestClient[web.Request, web.Application]
-LogList = list[MutableMapping[str, Any]]
-
-
-@pytest.fixture
-async def polar(aiohttp_server: AiohttpServer) -> FakePolar:
-    return await serve(aiohttp_server)
+# Fixtures that moved to tests/conftest.py, still importable from here by name.
+polar = conftest.polar
 
 
 @pytest.fixture
@@ -343,6 +340,14 @@ def reconcile_metric(relay: Client, name: str, **labels: str) -> float:
     return relay.app[METRICS].registry.get_sample_value(name, labels) or 0.0
 
 
+def reconciling_app(config: Config, clock: FakeClock) -> web.Application:
+    """The relay app reconciling on its own every 0.2 s (reconcile.interval_s)."""
+    config = dataclasses.replace(
+        config, reconcile=dataclasses.replace(config.reconcile, interval_s=0.2)
+    )
+    return create_app(config, clock=clock, poll_interval_s=0.05)
+
+
 async def test_the_relay_reconciles_periodically(
     aiohttp_client: AiohttpClient,
     config: Config,
@@ -353,11 +358,8 @@ async def test_the_relay_reconciles_periodically(
     """With reconcile.interval_s set, relay serve reconciles on its own: missed orders are
     enqueued, delivered, counted in relay_reconcile_enqueued_total and logged."""
     orders = [polar.add_order(), polar.add_order()]
-    config = dataclasses.replace(
-        config, reconcile=dataclasses.replace(config.reconcile, interval_s=0.2)
-    )
     with structlog.testing.capture_logs() as logs:
-        relay = await aiohttp_client(create_app(config, clock=clock, poll_interval_s=0.05))
+        relay = await aiohttp_client(reconciling_app(config, clock))
 
         async def ran() -> bool:
             return reconcile_metric(relay, "relay_reconcile_runs_total", outcome="ok") >= 1
@@ -382,11 +384,8 @@ async def test_a_failed_periodic_run_is_counted_and_changes_nothing(
     a reconcile_failed log line, nothing enqueued, and the relay keeps serving."""
     polar.add_order()
     polar.outage(503, retry_after="0")
-    config = dataclasses.replace(
-        config, reconcile=dataclasses.replace(config.reconcile, interval_s=0.2)
-    )
     with structlog.testing.capture_logs() as logs:
-        relay = await aiohttp_client(create_app(config, clock=clock, poll_interval_s=0.05))
+        relay = await aiohttp_client(reconciling_app(config, clock))
 
         async def failed() -> bool:
             return reconcile_metric(relay, "relay_reconcile_runs_total", outcome="failed") >= 1

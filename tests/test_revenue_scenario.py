@@ -19,8 +19,6 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from aiohttp import web
-from aiohttp.test_utils import TestClient
 from prometheus_client import CollectorRegistry
 from pytest_aiohttp import AiohttpClient, AiohttpServer
 
@@ -29,11 +27,14 @@ from relay.app import METRICS, POLAR_API, STORE, WORKERS, create_app
 from relay.config import CheckoutConfig, Config, parse
 from relay.models import MessageStatus
 from relay.reconcile import Reconciler
-from tests.helpers import REPO, FakeClock, env, sign_headers, wait_until
-from tests.polar_fake import FakePolar, serve, with_polar_api
+from tests import conftest
+from tests.helpers import REPO, Client, FakeClock, env, sign_headers, wait_until
+from tests.polar_fake import FakePolar, with_polar_api
 from tests.polar_world import FauryaBook, PolarWorld
 
-Client = TestClient[web.Request, web.Application]
+# Fixtures that moved to tests/conftest.py, still importable from here by name.
+polar = conftest.polar
+
 PRODUCT = "5f0e6c1e-8a4b-4c7e-9a53-2f6d1b0c7e11"
 SHOP = "http://shop.example"
 IDS = {
@@ -56,11 +57,6 @@ async def book(aiohttp_server: AiohttpServer) -> FauryaBook:
     server = await aiohttp_server(book.app())
     book.url = str(server.make_url("")).rstrip("/")
     return book
-
-
-@pytest.fixture
-async def polar(aiohttp_server: AiohttpServer) -> FakePolar:
-    return await serve(aiohttp_server)
 
 
 def load_shipped(name: str, book: FauryaBook, polar: FakePolar, db_path: Path) -> Config:

@@ -50,7 +50,6 @@ from relay.models import (
     MessageRecord,
     MessageStatus,
     OutboundDraft,
-    RetryLater,
 )
 from relay.store import BatchStats, Store
 from relay.store.batching import Writer
@@ -59,45 +58,23 @@ from relay.store.sql import SQLITE
 from relay.store.sqlite_thread import in_thread
 from relay.store.writes import claim
 from tests.helpers import REPO, FakeClock
-
-T0 = 1_700_000_000.0
-DEST = "faurya"
-OTHER = "faurya-eu"
-LEASE_S = 30.0
+from tests.store_helpers import (
+    DEST,
+    LEASE_S,
+    OTHER,
+    T0,
+    claim_one,
+    draft,
+    message,
+    record,
+    retry_at,
+    seed,
+)
 
 T = TypeVar("T")
 
 
 # ------------------------------------------------------------------ helpers
-
-
-def message(key: str, *, destination: str = DEST, body: bytes | None = None) -> OutboundDraft:
-    return OutboundDraft(
-        route="order_paid",
-        destination=destination,
-        idempotency_key=key,
-        body=body if body is not None else f'{{"orderId": "{key}"}}'.encode(),
-    )
-
-
-def draft(
-    webhook_id: str,
-    *messages: OutboundDraft,
-    source: str = "polar",
-    status: EventStatus = EventStatus.ROUTED,
-    reason: str | None = None,
-) -> InboundDraft:
-    return InboundDraft(
-        source=source,
-        webhook_id=webhook_id,
-        event_type="order.paid",
-        received_at=T0,
-        headers={"webhook-id": webhook_id, "content-type": "application/json"},
-        body=f'{{"type": "order.paid", "id": "{webhook_id}"}}'.encode(),
-        status=status,
-        reason=reason,
-        messages=messages,
-    )
 
 
 def query(db_path: Path, sql: str, params: tuple[Any, ...] = ()) -> list[tuple[Any, ...]]:
@@ -108,33 +85,6 @@ def query(db_path: Path, sql: str, params: tuple[Any, ...] = ()) -> list[tuple[A
 
 def count(db_path: Path, table: str) -> int:
     return int(query(db_path, f"SELECT COUNT(*) FROM {table}")[0][0])  # noqa: S608 - constant
-
-
-async def seed(store: Store, *keys: str, destination: str = DEST) -> list[int]:
-    """One event with one message per key; returns the message ids in order."""
-    ids: list[int] = []
-    for key in keys:
-        result = await store.enqueue(
-            draft(f"wh_{destination}_{key}", message(key, destination=destination))
-        )
-        assert result.outcome is IngestOutcome.ACCEPTED
-        ids.extend(result.message_ids)
-    return ids
-
-
-async def record(store: Store, message_id: int) -> MessageRecord:
-    found = await store.get_message(message_id)
-    assert found is not None
-    return found
-
-
-async def claim_one(store: Store, destination: str = DEST) -> ClaimedMessage:
-    [claimed] = await store.claim(destination, 1, LEASE_S)
-    return claimed
-
-
-def retry_at(at: float, *, counts_attempt: bool = True, status: int | None = 500) -> RetryLater:
-    return RetryLater(at=at, reason="server_error", status=status, counts_attempt=counts_attempt)
 
 
 @pytest.fixture
