@@ -73,12 +73,13 @@ def parse(raw: dict[str, Any], env: Mapping[str, str], *, offline: bool = False)
     names = [r.name for r in routes]
     for n in {n for n in names if names.count(n) > 1}:
         problems.append(f"routes: the name {n!r} is used more than once")
+    reads = [(route, route.reads()) for route in routes]  # each route walked once
     for i, redacted in enumerate(log.redact):
-        for route in routes:
+        for route, route_reads in reads:
             clash = next(
                 (
                     p
-                    for p in route.reads()
+                    for p in route_reads
                     if p[: len(redacted)] == redacted or redacted[: len(p)] == p
                 ),
                 None,
