@@ -547,6 +547,7 @@ def plain(value: Any) -> Any:
 
 
 MAX_LEDGER_PARAM = 64  # a time, a date, a zone name or a code is never longer
+MAX_LEDGER_TIME = 253_402_300_800.0  # 10000-01-01: datetime's end
 
 
 @dataclass(frozen=True, slots=True)
@@ -904,11 +905,25 @@ class ConsoleService:
             raise ConsoleError(f"currency must be a currency code such as USD, not {currency!r}")
         try:
             tz = zone(timezone)
-            since = parse_bound(text("since"), tz, now, end=False)
-            until = parse_bound(text("until"), tz, now, end=True)
-        except (ConfigError, BadTime, ValueError) as exc:
-            # The CLI's wording names its flags: the console's parameters have no dashes.
+        except ConfigError as exc:
+            # The CLI's wording names its flag: the console's parameter has no dashes.
             raise ConsoleError(str(exc).removeprefix("--")) from None
+
+        def bound(name: str, *, end: bool) -> float | None:
+            value = text(name)
+            try:
+                at = parse_bound(value, tz, now, end=end)
+            except BadTime as exc:
+                raise ConsoleError(f"{name}: {exc}") from None
+            except ValueError as exc:  # a date-shaped text that is no day (2026-13-40)
+                raise ConsoleError(f"{name}: cannot read time {value!r}: {exc}") from None
+            # An age of a million years is no time the ledger (or a datetime) can show.
+            if at is not None and not 0 <= at < MAX_LEDGER_TIME:
+                raise ConsoleError(f"{name}: {value!r} is out of range")
+            return at
+
+        since = bound("since", end=False)
+        until = bound("until", end=True)
         if since is not None and until is not None and until <= since:
             raise ConsoleError("until must be after since")
         ledger = await read_ledger(
