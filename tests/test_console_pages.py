@@ -762,6 +762,25 @@ async def test_ledger_page_shows_polar_against_faurya_and_each_difference(
     assert ">+5.00 EUR<" not in html
 
 
+async def test_a_read_session_gets_the_ledger_with_links_but_no_retry_button(
+    make_console: MakeConsole, polar: FakePolar
+) -> None:
+    """A read session sees the same differences; where the fix is a retry it gets a link to
+    the message, not a form it could not use."""
+    console = await make_console(
+        token=Secret(ADMIN_TOKEN), read_token=Secret(READ_TOKEN), polar=polar
+    )
+    seed = await seed_ledger(console.main, polar, console.refused)
+    await sign_in(console, READ_TOKEN)
+    status, html = await console.page("/ledger")
+    assert status == 200, html
+    assert "Differences (3)" in html
+    assert "/retry" not in html
+    assert f'<a href="/messages/{seed.dead_message}">open the message to retry it</a>' in html
+    for secret in (polar.token, ADMIN_TOKEN, READ_TOKEN, WRITE_KEY):
+        assert secret not in html
+
+
 async def test_ledger_page_without_a_polar_token_says_what_it_needs(console: Console) -> None:
     """No polar_api.token: the page says plainly that Polar's side needs it and its scopes,
     and still shows the relay's side (delivered, dead) per day, with no differences."""
