@@ -124,6 +124,7 @@ def _count(value: float) -> str:
 # ---------------------------------------------------------------- the ledger's chart
 
 LEDGER_HEIGHT = 180
+MAX_BAR_W = 24.0
 
 
 class LedgerDay(Protocol):
@@ -176,7 +177,8 @@ def ledger_svg(days: Sequence[LedgerDay], *, currency: str, unit: int, title: st
             f'text-anchor="end">{escape(_major(value, unit, short=True))}</text>'
         )
     slot = plot_w / n
-    bar_w = max((slot - 4.0) / 2, 1.0)
+    # A few days must not make slabs across the card: bars stay narrow, centred in their day.
+    bar_w = min(max((slot - 4.0) / 2, 1.0), MAX_BAR_W)
     zero = y_of(0)
     for i, d in enumerate(days):
         x = PAD_LEFT + i * slot + (slot - 2 * bar_w) / 2
