@@ -1,7 +1,8 @@
 """The operator console in a real headless Chromium, against a relay in process (real SQLite
 store, fake Faurya on loopback): sign in with the admin token, search an order id, open its
 dead message, replay it once Faurya is fixed and see it delivered; discard another with a
-reason and find it on the audit page.
+reason and find it on the audit page. And the revenue ledger: open it from the navigation, see
+a difference between Polar and Faurya, follow its link to the message, retry from the ledger.
 
 Needs Debian's `chromium` and `chromium-driver` packages and the `selenium` package (dev
 extras); without them the tests are skipped. No browser is ever downloaded. Selenium blocks:
@@ -17,15 +18,18 @@ from typing import TYPE_CHECKING
 import pytest
 
 from relay.models import MessageStatus
+from tests.polar_fake import serve as serve_polar
 from tests.test_browser_checkout import CHROMEDRIVER, CHROMIUM, FLAGS, MISSING
 from tests.test_console_pages import (  # noqa: F401 - make_console is a fixture used here
     ADMIN_TOKEN,
     Console,
     MakeConsole,
     make_console,
+    seed_ledger,
 )
 
 if TYPE_CHECKING:
+    from pytest_aiohttp import AiohttpServer
     from selenium.webdriver import Chrome as WebDriver
 
 pytestmark = [
@@ -164,3 +168,59 @@ async def test_sign_in_find_replay_a_dead_order_and_discard_another(
     assert len(discards) == 1, rows
     assert "admin" in discards[0]
     assert any("replay" in r for r in rows), rows
+
+
+def open_ledger(driver: WebDriver) -> list[str]:
+    """Open the ledger from the navigation; the text of each difference it lists."""
+    from selenium.webdriver.common.by import By
+    from selenium.webdriver.support.ui import WebDriverWait
+
+    driver.find_element(By.LINK_TEXT, "Ledger").click()
+    WebDriverWait(driver, 10).until(lambda d: d.title.startswith("Revenue ledger"))
+    assert driver.find_elements(By.CSS_SELECTOR, "svg.ledger-chart"), driver.page_source
+    return [li.text for li in driver.find_elements(By.CSS_SELECTOR, "li.difference")]
+
+
+def follow_message_link(driver: WebDriver, message_id: int) -> str:
+    """Click the ledger's link to a message; the message page's status pill."""
+    from selenium.webdriver.common.by import By
+    from selenium.webdriver.support.ui import WebDriverWait
+
+    driver.find_element(By.CSS_SELECTOR, f"li.difference a[href='/messages/{message_id}']").click()
+    WebDriverWait(driver, 10).until(lambda d: d.title.startswith(f"Message #{message_id}"))
+    return str(driver.find_element(By.CSS_SELECTOR, "h1 .pill").text)
+
+
+async def test_ledger_shows_a_difference_links_its_message_and_retries_it(
+    browser: WebDriver,
+    make_console: MakeConsole,  # noqa: F811 - the fixture imported above
+    aiohttp_server: AiohttpServer,
+) -> None:
+    """The ledger page in a browser: opened from the navigation it charts Polar against
+    Faurya and lists the differences; the dead purchase's difference links to its message,
+    and its Retry now button (a form, no script) sends it once Faurya accepts it."""
+    from relay.config import Secret
+
+    polar = await serve_polar(aiohttp_server)
+    console: Console = await make_console(token=Secret(ADMIN_TOKEN), read_token=None, polar=polar)
+    seed = await seed_ledger(console.main, polar, console.refused)
+    base = str(console.admin.make_url("")).rstrip("/")
+    await asyncio.to_thread(browser.delete_all_cookies)
+    assert (await asyncio.to_thread(sign_in, browser, base)).startswith("Overview")
+
+    differences = await asyncio.to_thread(open_ledger, browser)
+    assert len(differences) == 3, differences
+    [dead] = [d for d in differences if f"message #{seed.dead_message}" in d]
+    assert "+25.00 USD" in dead
+    assert f"relay outbox retry {seed.dead_message}" in dead
+    assert any(seed.lost_order in d and "+5.00 EUR" in d for d in differences), differences
+    pill = await asyncio.to_thread(follow_message_link, browser, seed.dead_message)
+    assert pill == "dead"
+
+    console.refused.clear()  # the fix: Faurya accepts the order now
+    await asyncio.to_thread(open_ledger, browser)
+    notice = await asyncio.to_thread(click, browser, "Retry now")
+    assert notice.startswith("Retry scheduled")
+    await console.settled("ord_dead", MessageStatus.DELIVERED)
+    differences = await asyncio.to_thread(open_ledger, browser)
+    assert not any(f"message #{seed.dead_message}" in d for d in differences), differences

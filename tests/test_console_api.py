@@ -22,7 +22,7 @@ import pytest
 import structlog
 from aiohttp import web
 from aiohttp.test_utils import TestClient
-from pytest_aiohttp import AiohttpClient
+from pytest_aiohttp import AiohttpClient, AiohttpServer
 
 from relay.app import REJECTED, STORE, create_admin_app, create_app
 from relay.config import Config, Secret
@@ -50,6 +50,9 @@ from tests.helpers import (
     sign_headers,
     wait_until,
 )
+from tests.polar_fake import FakePolar, with_polar_api
+from tests.polar_fake import serve as serve_polar
+from tests.test_console_pages import seed_ledger
 
 Client = TestClient[web.Request, web.Application]
 ADMIN_TOKEN = "adm_api_test_token_93be"
@@ -116,8 +119,10 @@ MakeRelay = Callable[..., Awaitable[Relay]]
 
 @pytest.fixture
 def make_relay(aiohttp_client: AiohttpClient, config: Config, faurya: FakeFaurya) -> MakeRelay:
-    async def make(**admin: Any) -> Relay:
+    async def make(polar: FakePolar | None = None, **admin: Any) -> Relay:
         relay_config = dataclasses.replace(config, admin=dataclasses.replace(config.admin, **admin))
+        if polar is not None:
+            relay_config = with_polar_api(relay_config, polar)
         main = await aiohttp_client(create_app(relay_config, poll_interval_s=0.05))
         relay = Relay(main, await aiohttp_client(create_admin_app(main.app)), faurya)
 
@@ -569,6 +574,80 @@ async def test_a_read_only_service_call_on_the_guarded_api(make_relay: MakeRelay
     await relay.post("/api/v1/destinations/faurya/pause")
     [entry] = (await relay.get("/api/v1/audit"))["items"]
     assert entry["actor"] == "admin"
+
+
+# ---------------------------------------------------------------- the ledger
+
+
+async def test_ledger_answers_polar_against_faurya_per_day_with_each_difference(
+    make_relay: MakeRelay, aiohttp_server: AiohttpServer
+) -> None:
+    """GET /api/v1/ledger is the ledger as `relay ledger --format json` prints it: per day and
+    currency Polar's net and the relay's, the signed difference, and each difference with
+    its message id and fix; `currency` and `timezone` filter and cut the days."""
+    polar = await serve_polar(aiohttp_server)
+    relay = await make_relay(token=None, read_token=None, polar=polar)
+    seed = await seed_ledger(relay.main, polar, relay.refused)
+    data = await relay.get("/api/v1/ledger")
+    assert polar.token not in json.dumps(data)
+    assert data["polar"]["available"] is True
+    assert data["timezone"] == "UTC"
+    days = {d["currency"]: d for d in data["days"]}
+    assert days["USD"]["polar"]["net_minor"] == 3734
+    assert days["USD"]["delivered"]["net_minor"] == 1234 + 4410
+    assert days["USD"]["dead"]["net_minor"] == 2500
+    assert days["USD"]["difference_minor"] == 2500 - 4410
+    assert (days["EUR"]["difference_minor"], days["EUR"]["exponent"]) == (500, 2)
+    shape = {
+        (d["kind"], d["why"], d["currency"], d["amount_minor"], d["message_id"])
+        for d in data["differences"]
+    }
+    assert shape == {
+        ("missing", "dead", "USD", 2500, seed.dead_message),
+        ("missing", "never_received", "EUR", 500, None),
+        ("unknown_to_polar", "not_found", "USD", -4410, seed.forged_message),
+    }
+    dead = next(d for d in data["differences"] if d["why"] == "dead")
+    assert dead["polar_id"] == seed.dead_order
+    assert dead["fix"].endswith(f"relay outbox retry {seed.dead_message}")
+
+    euro = await relay.get("/api/v1/ledger?currency=eur&timezone=Asia/Tokyo&since=2d")
+    assert euro["timezone"] == "Asia/Tokyo"
+    assert [d["currency"] for d in euro["days"]] == ["EUR"]
+    assert [d["polar_id"] for d in euro["differences"]] == [seed.lost_order]
+
+
+async def test_ledger_without_a_polar_token_shows_the_relays_side(relay: Relay) -> None:
+    """Without polar_api.token the ledger says Polar's side needs it (and which scopes) and
+    still counts what the relay delivered and what is dead."""
+    await seed(relay)
+    data = await relay.get("/api/v1/ledger")
+    assert data["polar"]["available"] is False
+    for words in ("polar_api.token", "orders:read", "refunds:read"):
+        assert words in data["polar"]["note"]
+    [day] = data["days"]
+    assert day["polar"] is None
+    assert (day["delivered"]["purchases"], day["dead"]["purchases"]) == (1, 1)
+    assert data["differences"] == []
+
+
+@pytest.mark.parametrize(
+    ("query", "error"),
+    [
+        ("timezone=Mars/Olympus", "timezone: unknown time zone 'Mars/Olympus'"),
+        ("timezone=../../etc/passwd", "unknown time zone"),
+        ("since=yesterday", "cannot read time 'yesterday'"),
+        ("until=2026-13-40", "cannot read time"),
+        ("since=99999999999999d", "out of range"),
+        ("since=0001-01-01T00:00:00", "out of range"),
+        ("since=2026-12-02&until=2026-12-01", "until must be after since"),
+        ("currency=US%24", "currency must be a currency code"),
+    ],
+)
+async def test_ledger_refuses_bad_parameters(relay: Relay, query: str, error: str) -> None:
+    """A time zone, date or currency the ledger cannot read is a 400 saying which."""
+    data = await relay.get(f"/api/v1/ledger?{query}", status=400)
+    assert error in data["error"]
 
 
 # ---------------------------------------------------------------- both backends

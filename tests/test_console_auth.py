@@ -70,6 +70,7 @@ async def error_of(resp: Any) -> str:
         ("GET", "/api/v1/messages/1"),
         ("GET", "/api/v1/audit"),
         ("GET", "/api/v1/rejected"),
+        ("GET", "/api/v1/ledger"),
         ("POST", "/api/v1/messages/1/retry"),
         ("POST", "/api/v1/messages/1/replay"),
         ("POST", "/api/v1/messages/1/discard"),
@@ -114,7 +115,13 @@ async def test_read_token_cannot_act(admin: Client, path: str) -> None:
 
 async def test_read_token_reads_and_may_dry_run(admin: Client) -> None:
     """The read token lists, reads the summary and runs a dry run (which writes nothing)."""
-    for path in ("/api/v1/summary", "/api/v1/messages", "/api/v1/audit", "/api/v1/rejected"):
+    for path in (
+        "/api/v1/summary",
+        "/api/v1/messages",
+        "/api/v1/audit",
+        "/api/v1/rejected",
+        "/api/v1/ledger",
+    ):
         resp = await admin.get(path, headers=bearer(READ_TOKEN))
         assert resp.status == 200, path
     resp = await admin.post(
@@ -149,7 +156,7 @@ async def test_a_foreign_host_is_refused(admin: Client, host: str) -> None:
     assert admin.port is not None
     host = host.format(port=admin.port)
     with structlog.testing.capture_logs() as logs:
-        for path in ("/api/v1/summary", "/", "/login"):
+        for path in ("/api/v1/summary", "/api/v1/ledger", "/", "/ledger", "/login"):
             resp = await admin.get(path, headers={"Host": host, **bearer(ADMIN_TOKEN)})
             assert resp.status == 421, path
             assert "admin.hosts" in await error_of(resp)

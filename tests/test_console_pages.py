@@ -10,6 +10,7 @@ from __future__ import annotations
 import asyncio
 import dataclasses
 import re
+import time
 import xml.etree.ElementTree as ET
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
@@ -19,30 +20,36 @@ import pytest
 import structlog
 from aiohttp import web
 from aiohttp.test_utils import TestClient
-from pytest_aiohttp import AiohttpClient
+from pytest_aiohttp import AiohttpClient, AiohttpServer
 
-from relay.app import create_admin_app, create_app
+from relay.app import CONFIG, POLAR_API, STORE, create_admin_app, create_app
 from relay.config import Config, Secret
 from relay.console.auth import COOKIE, SERVICE
-from relay.console.chart import nice_ceiling, throughput_svg
+from relay.console.chart import ledger_svg, nice_ceiling, throughput_svg
 from relay.console.formatting import (
     describe_condition,
     duration,
     minor_to_text,
+    polar_money,
     target_links,
 )
 from relay.console.service import ListFilters, MessageItem
 from relay.mapping.conditions import compile_condition
 from relay.models import MessageStatus
+from relay.reconcile import Reconciler
 from tests.conftest import store_of
 from tests.helpers import (
     LEGACY_SECRET,
     WRITE_KEY,
+    FakeClock,
     FakeFaurya,
     order_paid,
     sign_headers,
     wait_until,
 )
+from tests.polar_fake import FakePolar, with_polar_api
+from tests.polar_fake import serve as serve_polar
+from tests.polar_world import PolarWorld
 
 SVG = "{http://www.w3.org/2000/svg}"
 
@@ -118,8 +125,10 @@ async def make_console(
     """Start a relay with the given admin settings; Faurya answers 422 (permanent: dead at
     once) to the Polar order ids in `console.refused`, 200 to the rest."""
 
-    async def make(db: str | None = None, **admin: Any) -> Console:
+    async def make(db: str | None = None, polar: FakePolar | None = None, **admin: Any) -> Console:
         relay_config = dataclasses.replace(config, admin=dataclasses.replace(config.admin, **admin))
+        if polar is not None:
+            relay_config = with_polar_api(relay_config, polar)
         main = await aiohttp_client(create_app(relay_config, db_path=db, poll_interval_s=0.05))
         console_admin = await aiohttp_client(create_admin_app(main.app))
         console = Console(main, console_admin, faurya)
@@ -164,6 +173,53 @@ async def seed(console: Console) -> tuple[MessageItem, MessageItem]:
     )
 
 
+IDS = {"faVisitorId": "v_5f2c9e1ab7d34c0e", "faSessionId": "s_8d1a7c3e92f0b6d4"}
+
+
+@dataclass(frozen=True)
+class LedgerSeed:
+    """What `seed_ledger` made: the Polar ids, and the ids of the dead and forged messages."""
+
+    dead_order: str
+    lost_order: str
+    dead_message: int
+    forged_message: int
+
+
+async def seed_ledger(main: Client, polar: FakePolar, refused: set[str]) -> LedgerSeed:
+    """Polar has three paid orders: one delivered (12.34 USD), one Faurya refuses (dead, 25.00
+    USD) and one whose webhooks never came (5.00 EUR); the relay also delivered a purchase
+    Polar never had (a forged webhook, 44.10 USD). Then a dry-run reconciliation stores
+    Polar's side, as `relay serve` does every interval (the dry run enqueues nothing)."""
+    world = PolarWorld(polar)
+    world.purchase({"orderId": "ord_ok", **IDS}, net=1234, currency="usd")
+    dead = world.purchase({"orderId": "ord_dead", **IDS}, net=2500, currency="usd")
+    lost = world.purchase({"orderId": "ord_lost", **IDS}, net=500, currency="eur", lost=True)
+    refused.add(dead["id"])
+    bodies = [h.body() for h in world.webhooks if not h.lost]
+    bodies.append(order_paid("pol-forged", orderId="ord_forged"))
+    for body in bodies:
+        resp = await main.post("/webhooks/polar", data=body, headers=sign_headers(body))
+        assert resp.status == 202, await resp.text()
+    store = main.app[STORE]
+
+    async def settled() -> bool:
+        counts = (await store.stats("faurya")).counts
+        return (counts[MessageStatus.DELIVERED], counts[MessageStatus.DEAD]) == (2, 1)
+
+    await wait_until(settled)
+    config = main.app[CONFIG]
+    api = main.app[POLAR_API]
+    await Reconciler(store, config, api, FakeClock(time.time()), dry_run=True).run(None, None)
+    messages = await store.list_messages()
+    return LedgerSeed(
+        dead_order=dead["id"],
+        lost_order=lost["id"],
+        dead_message=next(m.id for m in messages if m.status is MessageStatus.DEAD),
+        forged_message=next(m.id for m in messages if b"pol-forged" in m.body),
+    )
+
+
 PAGES = (
     "/",
     "/messages",
@@ -173,6 +229,8 @@ PAGES = (
     "/routes",
     "/audit",
     "/dead/replay?status=dead",
+    "/ledger",
+    "/ledger?since=7d&currency=usd&timezone=Europe/Berlin",
 )
 
 
@@ -648,6 +706,121 @@ async def test_rejected_page_lists_a_bad_signature_without_its_body(console: Con
     assert "ord_forged_secret_body" not in html
 
 
+# ---------------------------------------------------------------- the revenue ledger
+
+
+@pytest.fixture
+async def polar(aiohttp_server: AiohttpServer) -> FakePolar:
+    return await serve_polar(aiohttp_server)
+
+
+async def test_ledger_page_shows_polar_against_faurya_and_each_difference(
+    make_console: MakeConsole, polar: FakePolar
+) -> None:
+    """With Polar's side stored, the ledger page has a row per day and currency in major
+    units (Polar, delivered, dead, the signed difference), a chart per currency, and each
+    difference with its fix; the dead one links its message and has a CSRF-protected retry
+    that, once Faurya accepts it, leaves only the differences a retry cannot fix."""
+    console = await make_console(token=None, read_token=None, polar=polar)
+    seed = await seed_ledger(console.main, polar, console.refused)
+    status, html = await console.page("/ledger")
+    assert status == 200, html
+    assert 'href="/ledger" aria-current="page"' in html
+    day = re.search(r"<td>(\d{4}-\d{2}-\d{2})</td>\s*<td>USD</td>(.*?)</tr>", html, re.S)
+    assert day is not None, html
+    cells = re.findall(r'<td class="num[^"]*">(.*?)</td>', day.group(2), re.S)
+    text = [re.sub(r"\s+\(\d+\)", "", re.sub(r"<[^>]+>", "", c)).strip() for c in cells]
+    assert text == [
+        "37.34 USD",  # Polar: 12.34 + 25.00
+        "56.44 USD",  # delivered: 12.34 + the forged 44.10
+        "0.00 USD",
+        "25.00 USD",  # dead
+        "0.00 USD",
+        "-19.10 USD",  # +25.00 never delivered, -44.10 Polar does not know
+    ]
+    assert ">+5.00 EUR<" in html
+    assert html.count('<svg class="chart ledger-chart"') == 2
+    assert "Differences (3)" in html
+    assert f'<a href="/messages/{seed.dead_message}">' in html
+    assert f'<a href="/messages/{seed.forged_message}">' in html
+    assert seed.lost_order in html
+    assert f"relay outbox retry {seed.dead_message}" in html
+    assert f'action="/messages/{seed.dead_message}/retry"' in html
+    assert f'action="/messages/{seed.forged_message}/' not in html
+    assert "needs a token" not in html
+    for secret in (polar.token, WRITE_KEY, LEGACY_SECRET):
+        assert secret not in html
+
+    console.refused.clear()
+    csrf = CSRF_RE.findall(html)[0]
+    status, _, location = await console.post(f"/messages/{seed.dead_message}/retry", {"csrf": csrf})
+    assert (status, location) == (303, f"/messages/{seed.dead_message}?done=retry")
+    await console.settled("ord_dead", MessageStatus.DELIVERED)
+    _, html = await console.page("/ledger?currency=usd")
+    assert "Differences (1)" in html
+    assert f'<a href="/messages/{seed.forged_message}">' in html
+    assert ">+5.00 EUR<" not in html
+
+
+async def test_a_read_session_gets_the_ledger_with_links_but_no_retry_button(
+    make_console: MakeConsole, polar: FakePolar
+) -> None:
+    """A read session sees the same differences; where the fix is a retry it gets a link to
+    the message, not a form it could not use."""
+    console = await make_console(
+        token=Secret(ADMIN_TOKEN), read_token=Secret(READ_TOKEN), polar=polar
+    )
+    seed = await seed_ledger(console.main, polar, console.refused)
+    await sign_in(console, READ_TOKEN)
+    status, html = await console.page("/ledger")
+    assert status == 200, html
+    assert "Differences (3)" in html
+    assert "/retry" not in html
+    assert f'<a href="/messages/{seed.dead_message}">open the message to retry it</a>' in html
+    for secret in (polar.token, ADMIN_TOKEN, READ_TOKEN, WRITE_KEY):
+        assert secret not in html
+
+
+async def test_ledger_page_without_a_polar_token_says_what_it_needs(console: Console) -> None:
+    """No polar_api.token: the page says plainly that Polar's side needs it and its scopes,
+    and still shows the relay's side (delivered, dead) per day, with no differences."""
+    await seed(console)
+    status, html = await console.page("/ledger")
+    assert status == 200, html
+    assert "Polar's side needs a token." in html
+    for words in ("polar_api.token", "orders:read", "refunds:read", "disputes:read"):
+        assert words in html
+    assert "the relay's own side only" in html
+    assert "44.10 USD" in html
+    assert "unknown</span>" in html
+    assert "Differences (0)" in html
+
+
+@pytest.mark.parametrize(
+    ("query", "error"),
+    [
+        ("timezone=Mars/Olympus", "unknown time zone"),
+        ("since=yesterday", "cannot read time"),
+        ("since=2026-12-02&until=2026-12-01", "until must be after since"),
+        ("currency=US%24", "currency must be a currency code"),
+    ],
+)
+async def test_ledger_page_refuses_bad_filters_and_keeps_them(
+    console: Console, query: str, error: str
+) -> None:
+    """A filter the ledger cannot read is a 400 page that says why and keeps the form."""
+    status, html = await console.page(f"/ledger?{query}")
+    assert status == 400, html
+    assert error in html
+    assert 'action="/ledger"' in html
+
+
+async def test_overview_links_the_ledger(console: Console) -> None:
+    """The overview and the navigation link the ledger page."""
+    _, html = await console.page("/")
+    assert html.count('href="/ledger"') == 2
+
+
 # ---------------------------------------------------------------- the chart
 
 
@@ -689,6 +862,61 @@ def test_chart_escapes_its_title() -> None:
     svg = throughput_svg([Minute(0.0, 1, 0)], title="<script>alert(1)</script>")
     assert "<script>" not in svg
     _svg(svg)
+
+
+@dataclass(frozen=True)
+class LedgerDay:
+    label: str
+    polar: int | None
+    faurya: int
+
+
+def test_ledger_chart_pairs_polar_and_faurya_per_day_and_goes_below_zero() -> None:
+    """The ledger chart is well-formed SVG with a Polar bar and a Faurya bar per day (none
+    for a zero or unknown side), an axis in major units, a negative net below the zero line,
+    and its title escaped."""
+    days = [
+        LedgerDay("12-01", 3734, 5644),
+        LedgerDay("12-02", None, 1000),
+        LedgerDay("12-03", -500, 0),
+    ]
+    svg = ledger_svg(days, currency="USD", unit=100, title="<b>USD</b>")
+    root = _svg(svg)
+    assert "<b>" not in svg
+    polar = root.findall(f".//{SVG}rect[@class='polar']")
+    faurya = root.findall(f".//{SVG}rect[@class='faurya']")
+    assert (len(polar), len(faurya)) == (2, 2)
+    labels = [t.text for t in root.findall(f".//{SVG}text")]
+    assert {"100", "0", "-5", "12-01", "12-03"} <= set(labels)
+    zero = next(
+        float(line.get("y1", "0"))
+        for line, text in zip(
+            root.findall(f".//{SVG}line"), root.findall(f".//{SVG}text"), strict=False
+        )
+        if text.text == "0"
+    )
+    assert float(polar[1].get("y", "0")) == pytest.approx(zero)  # the refund hangs down
+    assert root.findtext(f"{SVG}desc") == "3 days in USD: Polar 32.34, Faurya 66.44"
+
+
+@pytest.mark.parametrize(
+    ("amount", "currency", "signed", "text"),
+    [
+        (4410, "USD", False, "44.10 USD"),
+        (4410, "USD", True, "+44.10 USD"),
+        (-1910, "USD", True, "-19.10 USD"),
+        (0, "USD", True, "0.00 USD"),
+        (4410, "JPY", False, "4,410 JPY"),
+        (500, "ISK", False, "5.00 ISK"),  # ISO has no decimals; Polar has two
+        (1234, "KWD", False, "12.34 KWD"),  # ISO three, Polar two
+        (None, "USD", False, "\u2013"),
+    ],
+)
+def test_ledger_money_uses_polars_exponents(
+    amount: int | None, currency: str, signed: bool, text: str
+) -> None:
+    """The ledger's amounts read in major units by Polar's exponent, not ISO's."""
+    assert polar_money(amount, currency, signed=signed) == text
 
 
 @pytest.mark.parametrize(

@@ -26,6 +26,7 @@ from relay.console.service import (
     plain,
 )
 from relay.errors import StorageUnavailable
+from relay.ledger_report import to_json
 from relay.logs import get_logger
 
 log = get_logger("relay.console.api")
@@ -52,6 +53,7 @@ def add_api(app: web.Application) -> None:
     r.add_post(f"{PREFIX}/destinations/{{name}}/resume", _json(resume))
     r.add_post(f"{PREFIX}/dry-run", _json(dry_run))
     r.add_get(f"{PREFIX}/audit", _json(audit))
+    r.add_get(f"{PREFIX}/ledger", _json(ledger))
     r.add_get(f"{PREFIX}/rejected", _json(rejected))
     r.add_get(f"{PREFIX}/jobs", _json(jobs))
     r.add_get(f"{PREFIX}/jobs/{{id}}", _json(job))
@@ -176,6 +178,11 @@ async def rejected(request: web.Request) -> Any:
         "kept": service.rejected_log.capacity,
         "note": "this relay process only, in memory; a refused request's body is never kept",
     }
+
+
+async def ledger(request: web.Request) -> Any:
+    """The revenue ledger, as `relay ledger --format json` prints it (docs/ledger.md)."""
+    return to_json((await _service(request).ledger(request.query)).ledger)
 
 
 async def jobs(request: web.Request) -> Any:

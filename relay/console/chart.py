@@ -119,3 +119,98 @@ def _minute_label(ago: int) -> str:
 
 def _count(value: float) -> str:
     return str(int(value)) if value == int(value) else f"{value:.1f}"
+
+
+# ---------------------------------------------------------------- the ledger's chart
+
+LEDGER_HEIGHT = 180
+MAX_BAR_W = 24.0
+
+
+class LedgerDay(Protocol):
+    """One day of one currency in the ledger chart: Polar's net and what Faurya got (minor
+    units); `polar` None when Polar's side is unknown for the day."""
+
+    @property
+    def label(self) -> str: ...
+
+    @property
+    def polar(self) -> int | None: ...
+
+    @property
+    def faurya(self) -> int: ...
+
+
+def ledger_svg(days: Sequence[LedgerDay], *, currency: str, unit: int, title: str) -> str:
+    """Paired bars per day, oldest on the left: Polar's net revenue, then the net Faurya got
+    (delivered). `unit` is 10**exponent, so the axis reads in major units; a negative net
+    (more refunded than sold) goes below the zero line."""
+    n = max(len(days), 1)
+    height = LEDGER_HEIGHT
+    plot_w = WIDTH - PAD_LEFT - PAD_RIGHT
+    plot_h = height - PAD_TOP - PAD_BOTTOM
+    values = [v for d in days for v in (d.polar, d.faurya) if v is not None]
+    hi = nice_ceiling(math.ceil(max([0, *values]) / unit)) * unit
+    lo = -nice_ceiling(math.ceil(-min([0, *values]) / unit)) * unit if min([0, *values]) else 0
+    span = hi - lo
+
+    def y_of(value: float) -> float:
+        return PAD_TOP + plot_h * (hi - value) / span
+
+    polar_total = sum(d.polar for d in days if d.polar is not None)
+    faurya_total = sum(d.faurya for d in days)
+    desc = (
+        f"{len(days)} days in {currency}: Polar {_major(polar_total, unit)}, "
+        f"Faurya {_major(faurya_total, unit)}"
+    )
+    out = [
+        f'<svg class="chart ledger-chart" viewBox="0 0 {WIDTH} {height}" role="img" '
+        f'xmlns="http://www.w3.org/2000/svg" aria-label="{escape(title)}">',
+        f"<title>{escape(title)}</title><desc>{escape(desc)}</desc>",
+    ]
+    for value in sorted({lo, 0, hi}):
+        y = y_of(value)
+        out.append(
+            f'<line class="grid" x1="{PAD_LEFT}" x2="{WIDTH - PAD_RIGHT}" '
+            f'y1="{y:.1f}" y2="{y:.1f}"/>'
+            f'<text class="axis" x="{PAD_LEFT - 6}" y="{y + 4:.1f}" '
+            f'text-anchor="end">{escape(_major(value, unit, short=True))}</text>'
+        )
+    slot = plot_w / n
+    # A few days must not make slabs across the card: bars stay narrow, centred in their day.
+    bar_w = min(max((slot - 4.0) / 2, 1.0), MAX_BAR_W)
+    zero = y_of(0)
+    for i, d in enumerate(days):
+        x = PAD_LEFT + i * slot + (slot - 2 * bar_w) / 2
+        polar = "unknown" if d.polar is None else _major(d.polar, unit)
+        tip = f"{d.label} {currency}: Polar {polar}, Faurya {_major(d.faurya, unit)}"
+        out.append(f"<g><title>{escape(tip)}</title>")
+        bars: tuple[tuple[float, int | None, str], ...] = (
+            (0.0, d.polar, "polar"),
+            (bar_w, d.faurya, "faurya"),
+        )
+        for offset, amount, cls in bars:
+            if not amount:
+                continue
+            top = min(y_of(amount), zero)
+            out.append(
+                f'<rect class="{cls}" x="{x + offset:.1f}" y="{top:.1f}" '
+                f'width="{bar_w:.1f}" height="{abs(y_of(amount) - zero):.1f}"/>'
+            )
+        out.append("</g>")
+    step = max(len(days) // 6, 1)
+    for i in range(0, len(days), step):
+        x = PAD_LEFT + i * slot + slot / 2
+        out.append(
+            f'<text class="axis" x="{x:.1f}" y="{height - 8}" '
+            f'text-anchor="middle">{escape(days[i].label)}</text>'
+        )
+    out.append("</svg>")
+    return "".join(out)
+
+
+def _major(minor: float, unit: int, *, short: bool = False) -> str:
+    value = minor / unit
+    if short or unit == 1:
+        return f"{value:,.0f}" if value == int(value) else f"{value:,.1f}"
+    return f"{value:,.2f}"

@@ -13,7 +13,7 @@ from urllib.parse import quote
 
 import jinja2
 
-from relay.currency import exponent
+from relay.currency import exponent, polar_exponent
 from relay.mapping.conditions import Condition
 
 NONE = "\u2013"  # an en dash: "no value", lighter than "None" or "n/a"
@@ -118,6 +118,18 @@ def minor_to_text(amount: int | None, currency: str | None) -> str:
     return f"{sign}{whole:,}.{frac:0{digits}d} {currency}"
 
 
+def polar_money(amount: int | None, currency: str | None, *, signed: bool = False) -> str:
+    """A Polar amount (minor units by Polar's exponent, relay/currency.py) in major units:
+    `4410, "JPY"` -> `4,410 JPY`, `-1299, "EUR"` -> `-12.99 EUR`; `signed` adds a `+`."""
+    if amount is None or not currency:
+        return NONE
+    digits = polar_exponent(currency) or 0
+    sign = "-" if amount < 0 else ("+" if signed and amount > 0 else "")
+    whole, frac = divmod(abs(amount), 10**digits)
+    number = f"{whole:,}.{frac:0{digits}d}" if digits else f"{whole:,}"
+    return f"{sign}{number} {currency}"
+
+
 def target_links(target: str) -> list[dict[str, str | None]]:
     """An audit target as links: message ids to their pages, a filter to the list it selects,
     anything else (a destination, a job) as text."""
@@ -154,6 +166,7 @@ FILTERS: dict[str, Callable[..., Any]] = {
     "size": _size,
     "pct": _pct,
     "minor": minor_to_text,
+    "polar_money": polar_money,
     "target_links": target_links,
     "urlencode": _urlencode,
 }

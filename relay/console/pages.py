@@ -24,7 +24,7 @@ from markupsafe import Markup
 
 from relay import __version__
 from relay.console import auth
-from relay.console.chart import throughput_svg
+from relay.console.chart import ledger_svg, throughput_svg
 from relay.console.formatting import FILTERS, describe_condition
 from relay.console.rejected import DEFAULT_CAPACITY
 from relay.console.service import (
@@ -37,6 +37,9 @@ from relay.console.service import (
     StatusClass,
     Summary,
 )
+from relay.currency import polar_exponent
+from relay.ledger import POLAR_SCOPES, Ledger
+from relay.ledger_differences import Why
 from relay.models import MessageStatus
 
 HERE = Path(__file__).parent
@@ -111,6 +114,7 @@ def add_pages(admin: web.Application) -> None:
     r.add_get("/routes", _page(routes))
     r.add_post("/routes", _page(routes))
     r.add_get("/audit", _page(audit))
+    r.add_get("/ledger", _page(ledger))
     r.add_get("/login", login_form)
     r.add_post("/login", login)
     r.add_post("/logout", logout)
@@ -503,6 +507,75 @@ async def audit(request: web.Request, caller: Caller) -> web.StreamResponse:
         },
         nav="audit",
     )
+
+
+# ---------------------------------------------------------------- the revenue ledger
+
+LEDGER_PARAMS = ("since", "until", "currency", "timezone")
+# Differences whose fix is a console action on their message: it is dead or being retried,
+# and "Retry now" sends it (the message page has it too).
+RETRYABLE = (Why.DEAD, Why.PENDING)
+
+
+@dataclasses.dataclass(frozen=True, slots=True)
+class _ChartDay:
+    label: str
+    polar: int | None
+    faurya: int
+
+
+async def ledger(request: web.Request, caller: Caller) -> web.StreamResponse:
+    """Polar's revenue against what Faurya got, per day and currency, with the differences
+    (relay/ledger.py); filters in the URL as for `relay ledger`."""
+    service = _service(request)
+    form = {k: request.query.get(k, "") for k in LEDGER_PARAMS}
+    error = None
+    view = None
+    try:
+        view = await service.ledger(request.query)
+    except ConsoleError as exc:
+        if exc.http_status >= 500:
+            raise
+        error = exc.message
+    return _render(
+        request,
+        caller,
+        "ledger.html",
+        {
+            "title": "Revenue ledger",
+            "form": form,
+            "error": error,
+            "view": view,
+            "ledger": None if view is None else view.ledger,
+            "charts": [] if view is None else _ledger_charts(view.ledger),
+            "scopes": POLAR_SCOPES,
+            "retryable": RETRYABLE,
+            "default_timezone": service.config.ledger.timezone,
+        },
+        status=400 if error else 200,
+        nav="ledger",
+    )
+
+
+def _ledger_charts(found: Ledger) -> list[tuple[str, Markup]]:
+    """One chart per currency (amounts in two currencies share no axis): Polar's net per day
+    against the net Faurya got."""
+    by_currency: dict[str, list[_ChartDay]] = {}
+    for row in found.rows:
+        by_currency.setdefault(row.currency, []).append(
+            _ChartDay(
+                row.day.strftime("%m-%d"),
+                None if row.polar is None else row.polar.net_minor,
+                row.delivered.net_minor,
+            )
+        )
+    charts = []
+    for code, days in sorted(by_currency.items()):
+        unit = 10 ** (polar_exponent(code) or 0)
+        title = f"Polar vs Faurya per day, {code}"
+        svg = ledger_svg(days, currency=code, unit=unit, title=title)
+        charts.append((code, Markup(svg)))  # noqa: S704 - built escaped
+    return charts
 
 
 # ---------------------------------------------------------------- routes and the dry run

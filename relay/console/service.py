@@ -27,6 +27,7 @@ if TYPE_CHECKING:
     from relay.config import Config
     from relay.console.jobs import Jobs
     from relay.console.rejected import RejectedLog
+    from relay.ledger import Ledger
     from relay.store import Store
 
 log = get_logger("relay.console")
@@ -545,6 +546,18 @@ def plain(value: Any) -> Any:
     return value
 
 
+MAX_LEDGER_PARAM = 64  # a time, a date, a zone name or a code is never longer
+MAX_LEDGER_TIME = 253_402_300_800.0  # 10000-01-01: datetime's end
+
+
+@dataclass(frozen=True, slots=True)
+class LedgerView:
+    """The ledger as the console shows it, and whether this relay has a Polar token now."""
+
+    ledger: Ledger
+    has_token: bool
+
+
 class ConsoleService:
     """The console's reads and actions, over the store of the running relay.
 
@@ -616,6 +629,13 @@ class ConsoleService:
 
     async def dry_run(self, event: Any, source: str | None = None) -> DryRun:
         return await self._dry_run(event, source)
+
+    async def ledger(self, query: Mapping[str, str] | Any) -> LedgerView:
+        """The revenue ledger (relay/ledger.py) for the filters in `query`: `since` and `until`
+        (a bare date is a day in the ledger's time zone, `until` through its end; else ISO or an
+        age such as 7d), `currency` and `timezone` (default `ledger.timezone`). Reads the
+        store only, never Polar's API."""
+        return await self._ledger(query)
 
     async def list_jobs(self, limit: int = 20) -> list[Job]:
         return await self.store.console_jobs(limit)
@@ -867,6 +887,55 @@ class ConsoleService:
             mapped.reason,
             tuple(out),
         )
+
+    async def _ledger(self, query: Mapping[str, str] | Any) -> LedgerView:
+        from relay.errors import ConfigError
+        from relay.ledger_report import parse_bound, zone
+        from relay.ledger_source import read_ledger
+        from relay.outbox_commands import BadTime
+
+        def text(name: str) -> str | None:
+            value = str(query.get(name, "")).strip()
+            return value[:MAX_LEDGER_PARAM] if value else None
+
+        now = self.clock.now()
+        timezone = text("timezone") or self.config.ledger.timezone
+        currency = text("currency")
+        if currency is not None and not currency.isalpha():
+            raise ConsoleError(f"currency must be a currency code such as USD, not {currency!r}")
+        try:
+            tz = zone(timezone)
+        except ConfigError as exc:
+            # The CLI's wording names its flag: the console's parameter has no dashes.
+            raise ConsoleError(str(exc).removeprefix("--")) from None
+
+        def bound(name: str, *, end: bool) -> float | None:
+            value = text(name)
+            try:
+                at = parse_bound(value, tz, now, end=end)
+            except BadTime as exc:
+                raise ConsoleError(f"{name}: {exc}") from None
+            except ValueError as exc:  # a date-shaped text that is no day (2026-13-40)
+                raise ConsoleError(f"{name}: cannot read time {value!r}: {exc}") from None
+            # An age of a million years is no time the ledger (or a datetime) can show.
+            if at is not None and not 0 <= at < MAX_LEDGER_TIME:
+                raise ConsoleError(f"{name}: {value!r} is out of range")
+            return at
+
+        since = bound("since", end=False)
+        until = bound("until", end=True)
+        if since is not None and until is not None and until <= since:
+            raise ConsoleError("until must be after since")
+        ledger = await read_ledger(
+            self.store,
+            self.config,
+            now=now,
+            since=since,
+            until=until,
+            timezone=timezone,
+            currency=currency,
+        )
+        return LedgerView(ledger, self.config.polar_api.token is not None)
 
     async def _one(self, message_id: int) -> MessageItem:
         item = await self.store.console_message(message_id)
