@@ -839,3 +839,56 @@ async def test_console_audit_jobs_and_retention_on_both_backends(store_location:
         assert len(await store.console_attempts(two)) == 1
     finally:
         await store.close()
+
+
+def test_migration_backfill_counts_attribution_as_the_relay_does(tmp_path: Path) -> None:
+    """The backfilled `attributed` of an old message is what the mapping extracts at ingest
+    (relay/models.py BodyFacts): an empty id (what a checkout sends for a missing one) is not
+    attribution."""
+    from relay.models import BodyFacts
+
+    path = tmp_path / "old.db"
+    db = sqlite3.connect(path)
+    for version, sql in migrations():
+        if version > 5:
+            break
+        db.executescript(sql)
+        db.execute(f"PRAGMA user_version = {version}")
+    db.execute(
+        "INSERT INTO inbound_events (id, source, webhook_id, event_type, received_at, "
+        "headers_json, body, status) VALUES (1, 'polar', 'w1', 'order.paid', 0, '{}', NULL, "
+        "'routed')"
+    )
+    attributions: list[object] = [
+        {"faSessionId": "s"},
+        {"faAttributionToken": "t"},
+        {"faSessionId": "", "faAttributionToken": ""},
+        {"faSessionId": ""},
+        {"faSessionId": None},
+        {},
+        "s",
+    ]
+    for n, attribution in enumerate(attributions):
+        body = {"event": "purchase", "amount": 1, "currency": "usd", "attribution": attribution}
+        db.execute(
+            "INSERT INTO outbound_messages (event_id, route, destination, idempotency_key, "
+            "body, status, created_at, retry_from_at, next_attempt_at, updated_at) "
+            "VALUES (1, 'r', 'faurya', ?, ?, 'delivered', 0, 0, 0, 0)",
+            (f"k{n}", json.dumps(body).encode()),
+        )
+    db.commit()
+    db.close()
+
+    async def reopen() -> None:
+        store = await Store.open(str(path))  # migrates
+        await store.close()
+
+    asyncio.run(reopen())
+    with contextlib.closing(sqlite3.connect(path)) as db:
+        rows = db.execute("SELECT body, attributed FROM outbound_messages ORDER BY id").fetchall()
+    expected = []
+    for body, _ in rows:
+        facts = BodyFacts.of(json.loads(body))
+        assert facts is not None
+        expected.append(int(bool(facts.attributed)))
+    assert [attributed for _, attributed in rows] == expected

@@ -18,8 +18,14 @@ UPDATE outbound_messages SET
     amount_minor = CASE WHEN json_type(CAST(body AS TEXT), '$.amount') = 'integer'
         THEN json_extract(CAST(body AS TEXT), '$.amount') END,
     currency = upper(json_extract(CAST(body AS TEXT), '$.currency')),
-    attributed = CASE WHEN json_extract(CAST(body AS TEXT), '$.attribution.faSessionId') IS NOT NULL
-        OR json_extract(CAST(body AS TEXT), '$.attribution.faAttributionToken') IS NOT NULL THEN 1 ELSE 0 END
+    -- As the mapping decides (relay/models.py BodyFacts): an empty id ("" is what a checkout
+    -- sends for a missing one), false or 0 is no attribution.
+    attributed = CASE
+        WHEN coalesce(json_extract(CAST(body AS TEXT), '$.attribution.faSessionId'), '')
+            NOT IN ('', 0)
+        OR coalesce(json_extract(CAST(body AS TEXT), '$.attribution.faAttributionToken'), '')
+            NOT IN ('', 0)
+        THEN 1 ELSE 0 END
 WHERE json_valid(CAST(body AS TEXT)) AND json_type(CAST(body AS TEXT)) = 'object';
 
 -- Search: each id the search box takes, found by index.
