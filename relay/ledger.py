@@ -25,7 +25,7 @@ from __future__ import annotations
 from collections import defaultdict
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field, replace
-from datetime import date, datetime, time
+from datetime import date, datetime, time, timedelta
 from zoneinfo import ZoneInfo
 
 from relay.ledger_differences import (
@@ -218,8 +218,9 @@ def build(
     for (day, code), tallies in sorted(days.items()):
         if only is not None and code != only:
             continue
-        start = day_start(day, tz)
-        known = coverage is not None and start < coverage.end and coverage.since < start + 86400
+        # A day in the ledger's zone is 23 or 25 hours when its clocks change, not 86400 s.
+        start, end = day_start(day, tz), day_start(day + timedelta(days=1), tz)
+        known = coverage is not None and start < coverage.end and coverage.since < end
         rows.append(
             DayRow(
                 day=day,

@@ -74,9 +74,11 @@ def compared_fields(route: Route) -> list[str]:
 def compare(route: Route, body: bytes, order: dict[str, Any]) -> list[Mismatch]:
     """Every field of the stored `body` that differs from the same field built by `route` from
     Polar's `order`. Compared: the fields read only from `data` (constants, lookups and the
-    envelope are not the order's), and of those, the ones Polar's order has at least one path
-    of. A route whose `verify_order` is not `{data.id}` (its `data` is not the order, say a
-    refund) compares nothing: the check then confirms only that the order exists and is paid.
+    envelope are not the order's), and of those, the ones Polar's order has the top-level key
+    of at least one path of (`metadata` for `data.metadata.faSessionId`: a key missing inside
+    it is compared as null, else a forger could add an attribution id the order lacks). A
+    route whose `verify_order` is not `{data.id}` (its `data` is not the order, say a refund)
+    compares nothing: the check then confirms only that the order exists and is paid.
     """
     if not _verifies_own_order(route):
         return []
@@ -88,7 +90,7 @@ def compare(route: Route, body: bytes, order: dict[str, Any]) -> list[Mismatch]:
     found = []
     for name, rule in _fields(route.body, ""):
         paths = _order_paths(rule)
-        if not paths or all(lookup(event, p) is MISSING for p in paths):
+        if not paths or all(lookup(event, p[:2]) is MISSING for p in paths):
             continue  # a constant, not the order's, or Polar's order has no such field
         sent = _value_at(sent_body, name)
         try:

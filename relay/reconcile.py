@@ -104,14 +104,18 @@ def _created_at(item: dict[str, Any]) -> float | None:
     return (when if when.tzinfo else when.replace(tzinfo=UTC)).timestamp()
 
 
-def _webhook_id(event_type: str, data: dict[str, Any]) -> str:
+def _webhook_id(event_type: str, data: dict[str, Any], mapped: EventStatus) -> str:
     """Unique per event, stable across runs; never a real webhook-id. A refund that succeeded
     and was later undone is two events (two states), so a status other than `succeeded` is part
-    of its id: else the reversal would be taken for the refund already recorded."""
+    of its id: else the reversal would be taken for the refund already recorded. An unmappable
+    event has an id of its own too: else, once the object maps, its enqueue would be a
+    duplicate of that earlier event and the payment never sent."""
     ident = f"reconcile:{event_type}:{data.get('id')}"
     status = data.get("status")
     if event_type == "refund.updated" and status != "succeeded":
         ident += f":{status}"
+    if mapped is EventStatus.UNMAPPABLE:
+        ident += ":unmappable"
     return ident
 
 
@@ -311,7 +315,7 @@ class Reconciler:
             return
         draft = InboundDraft(
             source=self._source,
-            webhook_id=_webhook_id(event_type, data),
+            webhook_id=_webhook_id(event_type, data, mapped.status),
             event_type=event_type,
             received_at=self._clock.now(),
             headers={"x-relay-origin": "reconcile"},

@@ -581,3 +581,28 @@ async def test_the_snapshot_keeps_only_what_the_routes_read_and_notices_a_route_
     assert registry.get_sample_value("relay_ledger_differences", {"currency": "USD"}) is None
     await Reconciler(store, changed, relay.app[POLAR_API], clock, dry_run=True).run(None, None)
     assert not (await read_ledger(store, changed, now=clock.now())).stale
+
+
+def test_polars_side_of_a_25_hour_day_counts_its_last_hour() -> None:
+    """On the day Berlin's clocks go back (25 hours), a snapshot that starts in the day's last
+    hour still covers that day: Polar's side is shown, not left unknown."""
+    since = datetime(2026, 10, 25, 22, 30, tzinfo=UTC).timestamp()  # 23:30 CET, Oct 25
+    at = since + 900
+    entries = [order_entry("o1", at, 4410, "USD")]
+    body = {"event": "purchase", "amount": 4410, "currency": "USD", "orderId": "x"}
+    messages = [message(1, "polar:order:o1", body, at + 2, MessageStatus.DELIVERED)]
+    ledger = build(
+        entries=entries,
+        messages=messages,
+        coverage=SnapshotCoverage(since, None, since + 3600, tuple(PolarKind)),
+        destinations={"faurya"},
+        tz=TZ_BERLIN,
+        since=since,
+        until=since + 3600,
+        now=since + 7200,
+        settle_s=HOUR_S,
+    )
+    [row] = ledger.rows
+    assert row.day == date(2026, 10, 25)
+    assert row.polar is not None
+    assert (row.polar.net_minor, row.delivered.net_minor, row.difference_minor) == (4410, 4410, 0)

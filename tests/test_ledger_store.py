@@ -82,3 +82,18 @@ async def test_a_window_apart_from_the_stored_one_replaces_it(store: Store) -> N
     await store.finish_polar_snapshot(old)
     assert await store.snapshot_coverage() == old
     assert [r.polar_id for r in await store.polar_snapshot()] == ["o9"]
+
+
+async def test_a_run_inside_the_stored_window_does_not_claim_what_nobody_read(
+    store: Store,
+) -> None:
+    """A run by hand over an older part of the stored window (with --until) keeps the
+    coverage ending where the last full run ended: the time since was read by no run."""
+    await store.save_polar_records([record("o1", T0 - DAY_S)])
+    await store.finish_polar_snapshot(SnapshotCoverage(T0 - 10 * DAY_S, None, T0, ALL))
+    later = T0 + DAY_S
+    await store.finish_polar_snapshot(SnapshotCoverage(T0 - 5 * DAY_S, T0 - 3 * DAY_S, later, ALL))
+    coverage = await store.snapshot_coverage()
+    assert coverage is not None
+    assert (coverage.since, coverage.end) == (T0 - 10 * DAY_S, T0)
+    assert [r.polar_id for r in await store.polar_snapshot()] == ["o1"]

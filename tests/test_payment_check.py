@@ -391,3 +391,24 @@ def test_the_check_compares_the_fields_built_from_the_order_only(
     ]
     assert order_check.compared_fields(refund_route) == []
     assert order_check.compare(refund_route, b'{"amount": 1}', {"amount": 2}) == []
+
+
+def test_a_field_the_order_leaves_out_is_compared_when_its_parent_is_there(
+    faurya: FakeFaurya, db_path: Path, polar: FakePolar
+) -> None:
+    """A forger's attribution id that Polar's order has no key for (its metadata holds none)
+    is a difference: only a field whose top-level data key Polar's order lacks is skipped."""
+    raw = raw_config(faurya, db_path, polar, polar.token)
+    order_route = parse(raw, env(FAURYA_URL=faurya.url)).routes[0]
+    order = polar.add_order()
+    order["metadata"] = {}
+    forged = {**order, "metadata": {"faSessionId": "s_forged"}}
+    body = json.dumps(order_route.body.evaluate({"data": forged}, "body")).encode()
+
+    mismatches = order_check.compare(order_route, body, order)
+
+    assert [m.field for m in mismatches] == ["attribution.faSessionId"]
+    assert mismatches[0].polar is None
+    # A field Polar's order has no top-level key for at all is still not compared.
+    del order["metadata"]
+    assert order_check.compare(order_route, body, order) == []

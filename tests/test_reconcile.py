@@ -612,3 +612,26 @@ async def test_a_refund_undone_after_it_was_recorded_is_reversed(
     assert reversal["orderId"] == f"ord_7Hq2kP9xL3:refund-reversed:{refund['id']}"
     assert reversal["reversedRefundId"] == refund["id"]
     assert f"polar:refund-reversed:{never['id']}" not in messages
+
+
+async def test_an_order_unmappable_in_one_run_is_enqueued_by_a_later_one(
+    store: Store, config: Config, api: PolarApi, clock: FakeClock, polar: FakePolar
+) -> None:
+    """A paid order the routes cannot map is stored as unmappable; once it maps (the route or
+    the data fixed), the next run enqueues it instead of taking its own earlier unmappable
+    event for a recording of the payment."""
+    order = polar.add_order()
+    order["currency"] = "xyz"  # not ISO 4217: the route's iso4217 transform refuses it
+    first = await reconcile(store, config, api, clock)
+    assert (first.unmappable, first.enqueued) == (1, 0)
+    assert await by_key(store) == {}
+
+    order["currency"] = "usd"
+    second = await reconcile(store, config, api, clock)
+    third = await reconcile(store, config, api, clock)
+
+    assert (second.already_recorded, second.enqueued) == (0, 1)
+    assert (third.already_recorded, third.enqueued) == (1, 0)
+    [message] = (await by_key(store)).values()
+    assert message.idempotency_key == f"polar:order:{order['id']}"
+    assert json.loads(message.body)["amount"] == 4410

@@ -46,7 +46,10 @@ class SnapshotQueries:
             and previous.since <= coverage.end
             and coverage.since <= previous.end
         ):
-            merged = replace(coverage, since=min(previous.since, coverage.since), until=None)
+            # A run with an `until` (by hand, over an older part) read nothing after it: the
+            # union ends where the later of the two ended, not at this run's fetched_at.
+            until = None if coverage.until is None else max(previous.end, coverage.end)
+            merged = replace(coverage, since=min(previous.since, coverage.since), until=until)
         await self._writer.run(lambda db: _finish(db, coverage, merged))
 
     async def snapshot_coverage(self) -> SnapshotCoverage | None:
