@@ -466,7 +466,7 @@ async def test_listen_is_re_established_after_a_postgresql_restart(
 
         async with opened(url, FakeClock(time.time()), serve=False) as other:
             await other.enqueue_now([draft("wh_after_restart", "after-restart")])
-        [call] = await faurya.wait_for(1, timeout_s=0.5)
+        [call] = await faurya.wait_for(1, timeout_s=5)
         assert call.body == purchase("after-restart")
 
 
