@@ -36,6 +36,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
+from relay import runtime
 from relay.config import DestinationConfig
 from relay.delivery import AttemptResult, Redactor, Sender, client_session
 from relay.errors import RelayError
@@ -396,6 +397,7 @@ async def _serve(fd: int, parent_pid: int | None = None) -> None:
     async with client_session(limit) as session:
         senders = {d.name: Sender(session, d, redact) for d in setup.destinations}
         writer.write(_frame(_READY))
+        runtime.settle()
 
         async def attempt(seq: int, destination: str, key: str, body: bytes) -> None:
             if not _parent_alive(parent_pid):
@@ -447,7 +449,7 @@ def main(argv: Sequence[str]) -> int:
     parent_pid = int(argv[1]) if len(argv) == 2 else None
     if parent_pid is not None and not _die_with_parent(parent_pid):
         return 1  # the relay died while this child started: nothing to do
-    asyncio.run(_serve(int(argv[0]), parent_pid))
+    runtime.run(_serve(int(argv[0]), parent_pid))
     return 0
 
 

@@ -16,7 +16,7 @@ from typing import Any
 
 from aiohttp import web, web_response
 
-from relay import __version__
+from relay import __version__, runtime
 from relay.app import SERVER_HEADER, create_admin_app, create_app
 from relay.config import Config
 from relay.errors import ConfigError
@@ -27,7 +27,7 @@ log = get_logger("relay.serve")
 
 def run(config: Config) -> None:
     """Serve `config` until SIGTERM or SIGINT, then stop gracefully (`relay serve`)."""
-    asyncio.run(serve(config))
+    runtime.run(serve(config))
 
 
 async def serve(config: Config) -> None:
@@ -86,10 +86,12 @@ async def serve(config: Config) -> None:
             port=port,
             tls=ssl_context is not None,
             version=__version__,
+            event_loop=runtime.loop_name(),
             sources={s.name: s.path for s in config.sources.values()},
             destinations=list(config.destinations),
             **fields,
         )
+        runtime.settle()
         await stop.wait()
         log.info("relay_stopping", grace_s=server.shutdown_grace_s)
     finally:
