@@ -36,7 +36,10 @@ from relay.models import (
     IngestOutcome,
     MessageStatus,
     OutboundDraft,
+    PolarKind,
+    PolarRecord,
     RetryLater,
+    SnapshotCoverage,
 )
 from relay.store import Store, open_store
 from relay.store import migrations as sqlite_migrations
@@ -493,6 +496,13 @@ class SqliteOutbox:
     pending: set[str]  # keys still to deliver once moved (inflight ones included)
 
 
+ALL_KINDS = tuple(PolarKind)
+SNAPSHOT = [
+    PolarRecord(PolarKind.ORDER, "o1", T0 - 60, "paid", b'{"id": "o1"}', T0),
+    PolarRecord(PolarKind.REFUND, "r1", T0 - 30, "succeeded", b'{"id": "r1"}', T0),
+]
+
+
 async def build_sqlite_outbox(path: Path) -> SqliteOutbox:
     clock = FakeClock(T0)
     async with opened(str(path), clock, serve=True) as store:
@@ -507,6 +517,8 @@ async def build_sqlite_outbox(path: Path) -> SqliteOutbox:
         assert await store.mark_delivered(delivered, 200)
         assert await store.mark_dead(dead, Dead("client_error", 422), "HTTP 422")
         await store.set_paused("faurya-eu", True)
+        await store.save_polar_records(SNAPSHOT)
+        await store.finish_polar_snapshot(SnapshotCoverage(T0 - 86_400, None, T0, ALL_KINDS))
         assert inflight.idempotency_key == "polar:order:inflight"
     # Closed with the inflight claim unsettled: its relay was killed.
     return SqliteOutbox(path, {f"polar:order:{k}" for k in ("new", "retrying", "inflight")})
@@ -520,14 +532,18 @@ async def test_migrate_from_sqlite_copies_everything_and_a_postgres_relay_delive
     aiohttp_client: AiohttpClient,
 ) -> None:
     """`relay migrate --from-sqlite` copies every event and message with its id, key and body
-    bytes (inflight back to pending, attempt not counted) and the pause states; then a relay
-    on PostgreSQL delivers exactly the messages still pending, and new ids follow the old."""
+    bytes (inflight back to pending, attempt not counted), the pause states, each
+    destination's last success and error and the ledger's Polar snapshot with its coverage;
+    then a relay on PostgreSQL delivers exactly the messages still pending, and new ids
+    follow the old."""
     outbox = await build_sqlite_outbox(tmp_path / "old.db")
     clock = FakeClock(T0)
     async with opened(str(outbox.path), clock, serve=False) as sqlite_store:
         events = await sqlite_store.list_events(EventFilter())
         messages = await sqlite_store.list_messages(limit=100)
         paused = await sqlite_store.paused_overrides()
+        activity = await sqlite_store.console_activity()
+        coverage = await sqlite_store.snapshot_coverage()
 
     done = await relay_cli(
         "migrate", "--from-sqlite", str(outbox.path), "--db", pg_url, cwd=tmp_path
@@ -549,6 +565,11 @@ async def test_migrate_from_sqlite_copies_everything_and_a_postgres_relay_delive
         assert await pg_store.list_events(EventFilter()) == events
         assert await pg_store.list_messages(limit=100) == expected
         assert await pg_store.paused_overrides() == paused == {"faurya-eu": True}
+        assert await pg_store.console_activity() == activity
+        assert set(activity) == {DEST}
+        assert await pg_store.polar_snapshot() == SNAPSHOT
+        assert await pg_store.snapshot_coverage() == coverage
+        assert coverage is not None
         assert {
             m.idempotency_key for m in await pg_store.list_messages(status=MessageStatus.PENDING)
         } == outbox.pending

@@ -1,10 +1,12 @@
 """Moving an installation from SQLite to PostgreSQL without losing a message.
 
-`copy_sqlite_to_postgres` copies every event, message and pause state, ids included, into an
-empty PostgreSQL outbox in one transaction (all or nothing), turns inflight messages back into
-pending ones (their process is gone), and moves the id sequences past the copied ids. It refuses
-while a relay serves the SQLite file (its serve lock is held) and when the target already holds
-events, so it can neither race a live relay nor merge two histories.
+`copy_sqlite_to_postgres` copies every event, message and pause state, ids included, the
+console's history (attempts, audit, each destination's last success and error) and the
+ledger's snapshot of Polar with its coverage, into an empty PostgreSQL outbox in one
+transaction (all or nothing), turns inflight messages back into pending ones (their process is
+gone), and moves the id sequences past the copied ids. It refuses while a relay serves the
+SQLite file (its serve lock is held) and when the target already holds events, so it can
+neither race a live relay nor merge two histories.
 """
 
 from __future__ import annotations
@@ -75,7 +77,14 @@ _TABLES = {
         "response_snippet",
     ),
     "console_audit": ("id", "at", "actor", "action", "target", "detail", "count"),
+    "destination_activity": ("destination", "last_success_at", "last_error", "last_error_at"),
+    # The ledger's copy of Polar: without it the ledger would show no Polar side until the
+    # next reconcile run.
+    "polar_snapshot": ("kind", "polar_id", "created_at", "status", "data", "fetched_at"),
 }
+# relay_meta rows that describe copied data (the snapshot's coverage); the others (the
+# readiness probe's) belong to the relay that wrote them.
+_META_KEYS = ("polar_snapshot",)
 _SEQUENCED = ("inbound_events", "outbound_messages", "message_attempts", "console_audit")
 _BATCH_ROWS = 1000
 
@@ -114,6 +123,7 @@ async def copy_sqlite_to_postgres(sqlite_path: str, url: str) -> TransferResult:
         async with target.transaction():
             for table, columns in _TABLES.items():
                 await _copy_table(source, target, table, columns)
+            await _copy_meta(source, target)
             # The process that held these leases is gone: hand them back, attempt not counted.
             await target.execute(
                 "UPDATE outbound_messages SET status = 'pending', lease_until = NULL, "
@@ -135,6 +145,24 @@ async def copy_sqlite_to_postgres(sqlite_path: str, url: str) -> TransferResult:
         await target.close()
         source.close()
         lock.release()
+
+
+async def _copy_meta(source: sqlite3.Connection, target: asyncpg.Connection) -> None:
+    if not source.execute(
+        "SELECT 1 FROM sqlite_master WHERE type = 'table' AND name = 'relay_meta'"
+    ).fetchone():
+        return  # a file from before relay_meta
+    marks = ", ".join("?" for _ in _META_KEYS)
+    rows = source.execute(
+        f"SELECT key, value FROM relay_meta WHERE key IN ({marks}) ORDER BY key", _META_KEYS
+    ).fetchall()
+    for key, value in rows:
+        await target.execute(
+            "INSERT INTO relay_meta (key, value) VALUES ($1, $2) "
+            "ON CONFLICT (key) DO UPDATE SET value = excluded.value",
+            key,
+            value,
+        )
 
 
 async def _copy_table(
