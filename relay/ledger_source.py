@@ -15,13 +15,17 @@ from typing import Any
 from zoneinfo import ZoneInfo
 
 from relay.config import Config
-from relay.ingest import resolve_lookups
 from relay.ledger import NO_SNAPSHOT_NOTE, NO_TOKEN_NOTE, Ledger, build
 from relay.ledger_differences import Expected, PolarEntry
-from relay.mapping import MapResult, format_path, map_event
+from relay.mapping import format_path
 from relay.models import EventFilter, EventStatus, MessageFilter, PolarKind, PolarRecord
-from relay.polar_api import is_paid
-from relay.reconcile import DISPUTE_EVENT, REFUND_STATUSES, snapshot_paths
+from relay.reconcile import (
+    DISPUTE_EVENT,
+    map_polar,
+    polar_event,
+    polar_event_type,
+    snapshot_paths,
+)
 from relay.revenue import facts
 from relay.store import Store
 
@@ -134,14 +138,6 @@ async def _unmappable_events(store: Store, config: Config, since: float) -> dict
     return found
 
 
-def _event_type(record: PolarRecord, data: dict[str, Any]) -> str | None:
-    if record.kind is PolarKind.ORDER:
-        return "order.paid" if is_paid(data) else None
-    if record.kind is PolarKind.REFUND:
-        return "refund.updated" if record.status in REFUND_STATUSES else None
-    return DISPUTE_EVENT if record.status == "lost" else None
-
-
 def _polar_amount(record: PolarRecord, data: dict[str, Any]) -> tuple[int, str]:
     """Polar's own signed amount of the object (net of tax) and its currency."""
     field = "net_amount" if record.kind is PolarKind.ORDER else "amount"
@@ -167,14 +163,15 @@ async def _entry(
         currency=currency,
         unmappable_event_id=unmappable.get(record.polar_id),
     )
-    event_type = _event_type(record, data)
+    event_type = polar_event_type(record.kind, data)
     if event_type is None:
         return base
-    mapped = await _map(store, config, event_type, data)
+    mapped = await map_polar(store, config, polar_event(event_type, data, record.fetched_at))
     expected = list(mapped.messages)
     if record.kind is PolarKind.REFUND and record.status != "succeeded":
         # Undone: the refund itself is expected too when it was sent (its reversal cancels it).
-        was = await _map(store, config, event_type, {**data, "status": "succeeded"})
+        undone = {**data, "status": "succeeded"}
+        was = await map_polar(store, config, polar_event(event_type, undone, record.fetched_at))
         keys = [(m.destination, m.idempotency_key) for m in was.messages]
         sent = await store.find_bodies(keys)
         expected += [m for m in was.messages if (m.destination, m.idempotency_key) in sent]
@@ -190,10 +187,3 @@ async def _entry(
         currency=currency,
         unmappable_event_id=base.unmappable_event_id,
     )
-
-
-async def _map(store: Store, config: Config, event_type: str, data: dict[str, Any]) -> MapResult:
-    event = {"type": event_type, "data": data}
-    source = config.reconcile.source
-    found = await resolve_lookups(store, config.routes, source, event)
-    return map_event(config.routes, source, event, found)

@@ -34,7 +34,7 @@ from typing import Any
 
 from relay.config import Config
 from relay.ingest import resolve_lookups
-from relay.mapping import Path, encode, format_path, map_event, parse_path, redact
+from relay.mapping import MapResult, Path, encode, format_path, map_event, parse_path, redact
 from relay.models import (
     Clock,
     EventStatus,
@@ -86,11 +86,41 @@ LEDGER_FIELDS = (
     "data.amount",
     "data.order_id",
 )
-_KINDS = {
-    "order.paid": PolarKind.ORDER,
-    "refund.updated": PolarKind.REFUND,
-    DISPUTE_EVENT: PolarKind.DISPUTE,
+_EVENT_TYPES = {
+    PolarKind.ORDER: "order.paid",
+    PolarKind.REFUND: "refund.updated",
+    PolarKind.DISPUTE: DISPUTE_EVENT,
 }
+
+
+def polar_event_type(kind: PolarKind, data: dict[str, Any]) -> str | None:
+    """The event a Polar object of this kind is read as (see the module docstring), or None
+    when it is not revenue (yet). Reconciliation and the ledger (relay/ledger_source.py) both
+    read Polar's objects through this and `map_polar`, so the two can never disagree."""
+    status = data.get("status")
+    if kind is PolarKind.ORDER:
+        wanted = is_paid(data)
+    elif kind is PolarKind.REFUND:
+        wanted = status in REFUND_STATUSES
+    else:
+        wanted = status == "lost"
+    return _EVENT_TYPES[kind] if wanted else None
+
+
+def polar_event(event_type: str, data: dict[str, Any], at: float) -> dict[str, Any]:
+    """The webhook Polar would have sent for `data`, stamped `at` (epoch seconds)."""
+    return {
+        "type": event_type,
+        "timestamp": datetime.fromtimestamp(at, tz=UTC).isoformat(),
+        "data": data,
+    }
+
+
+async def map_polar(store: Store, config: Config, event: dict[str, Any]) -> MapResult:
+    """`event` through the routes of the reconcile source, their lookups read from the store."""
+    routes, source = config.routes, config.reconcile.source
+    found = await resolve_lookups(store, routes, source, event)
+    return map_event(routes, source, event, found)
 
 
 def _created_at(item: dict[str, Any]) -> float | None:
@@ -186,22 +216,13 @@ class Reconciler:
         self._first_at = None
         self._started_at = self._clock.now()
         kinds = [PolarKind.ORDER, PolarKind.REFUND, PolarKind.DISPUTE]
-        await self._walk("/v1/orders/", {}, "order.paid", is_paid, since, until, summary)
-        await self._walk(
-            "/v1/refunds/",
-            {},
-            "refund.updated",
-            lambda refund: refund.get("status") in REFUND_STATUSES,
-            since,
-            until,
-            summary,
-        )
+        await self._walk("/v1/orders/", {}, PolarKind.ORDER, since, until, summary)
+        await self._walk("/v1/refunds/", {}, PolarKind.REFUND, since, until, summary)
         try:
             await self._walk(
                 "/v1/disputes/",
                 {"status": "lost"},
-                DISPUTE_EVENT,
-                lambda dispute: dispute.get("status") == "lost",
+                PolarKind.DISPUTE,
                 since,
                 until,
                 summary,
@@ -228,7 +249,7 @@ class Reconciler:
         await self._store.finish_polar_snapshot(coverage)
         return summary
 
-    def _keep(self, event_type: str, item: dict[str, Any], created: float | None) -> None:
+    def _keep(self, kind: PolarKind, item: dict[str, Any], created: float | None) -> None:
         """Remember one object of this page for the snapshot: the fields the ledger needs,
         customer PII redacted as in stored webhook bodies."""
         ident = item.get("id")
@@ -238,7 +259,7 @@ class Reconciler:
         data = redact({"data": project(item, self._paths)}, self._config.log.redact)["data"]
         self._page.append(
             PolarRecord(
-                kind=_KINDS[event_type],
+                kind=kind,
                 polar_id=ident,
                 created_at=created,
                 status=str(item.get("status")),
@@ -251,8 +272,7 @@ class Reconciler:
         self,
         path: str,
         params: dict[str, Any],
-        event_type: str,
-        wanted: Callable[[dict[str, Any]], bool],
+        kind: PolarKind,
         since: float | None,
         until: float | None,
         summary: Summary,
@@ -270,8 +290,9 @@ class Reconciler:
                     # Newest first: everything after this is older still.
                     past_cutoff = True
                     break
-                self._keep(event_type, item, created)
-                if wanted(item):
+                self._keep(kind, item, created)
+                event_type = polar_event_type(kind, item)
+                if event_type is not None:
                     summary.seen += 1
                     await self._one(event_type, item, summary)
             # Page by page: a 30-day window of a large shop never sits in memory whole.
@@ -283,14 +304,8 @@ class Reconciler:
                 return
 
     async def _one(self, event_type: str, data: dict[str, Any], summary: Summary) -> None:
-        event = {
-            "type": event_type,
-            "timestamp": datetime.fromtimestamp(self._clock.now(), tz=UTC).isoformat(),
-            "data": data,
-        }
-        routes = self._config.routes
-        found = await resolve_lookups(self._store, routes, self._source, event)
-        mapped = map_event(routes, self._source, event, found)
+        event = polar_event(event_type, data, self._clock.now())
+        mapped = await map_polar(self._store, self._config, event)
         ident = f"{event_type} {data.get('id')}"
         if mapped.status is EventStatus.IGNORED:
             summary.ignored += 1
