@@ -6,10 +6,8 @@ use; writes go through its single writer like every other write.
 from __future__ import annotations
 
 from collections.abc import Iterable, Sequence
-from typing import Any
 
 from relay.models import (
-    Clock,
     DestinationStats,
     EnqueueResult,
     EventFilter,
@@ -23,22 +21,13 @@ from relay.models import (
     StoredEvent,
 )
 from relay.store import rows, sql
-from relay.store.batching import Writer
-from relay.store.connection import Connection, Row
+from relay.store.connection import Connection
+from relay.store.queries import Queries
 from relay.store.writes import insert_messages
 
 
-class AdminQueries:
-    """Needs, from the class it is mixed into, the members declared here."""
-
-    _clock: Clock
-    _writer: Writer
-
-    async def _fetch(self, statement: str, params: Sequence[Any] = ()) -> list[Row]:
-        raise NotImplementedError
-
-    async def _exec(self, statement: str, params: Sequence[Any] = ()) -> int:
-        raise NotImplementedError
+class AdminQueries(Queries):
+    """Needs, from the class it is mixed into, the members declared here and in `Queries`."""
 
     def _notify(self, destinations: set[str]) -> None:
         raise NotImplementedError

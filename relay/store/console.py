@@ -16,10 +16,10 @@ import json
 from collections.abc import Sequence
 from typing import TYPE_CHECKING, Any
 
-from relay.models import Clock, MessageStatus
+from relay.models import MessageStatus
 from relay.store import sql
-from relay.store.batching import Writer
 from relay.store.connection import Connection, Row
+from relay.store.queries import Queries
 
 if TYPE_CHECKING:
     from relay.console.service import (
@@ -41,18 +41,8 @@ MAX_ROW_ID = 2**63 - 1
 CLOCK_SLACK_S = 300.0
 
 
-class ConsoleQueries:
-    """Needs, from the class it is mixed into, the members declared here."""
-
-    _clock: Clock
-    _writer: Writer
-    _dialect: sql.Dialect
-
-    async def _fetch(self, statement: str, params: Sequence[Any] = ()) -> list[Row]:
-        raise NotImplementedError
-
-    async def _exec(self, statement: str, params: Sequence[Any] = ()) -> int:
-        raise NotImplementedError
+class ConsoleQueries(Queries):
+    """The console's queries; `Outbox` provides what `Queries` declares."""
 
     async def console_messages(
         self, filters: ListFilters, cursor: Cursor | None, limit: int

@@ -14,25 +14,19 @@ from __future__ import annotations
 import json
 from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import replace
-from typing import Any
 
 from relay.models import PolarKind, PolarRecord, SnapshotCoverage
 from relay.store import sql
-from relay.store.batching import Writer
-from relay.store.connection import Connection, Row
+from relay.store.connection import Connection
+from relay.store.queries import Queries
 
 # Rows per write job: each shares a group commit with webhooks, which must not wait long.
 SNAPSHOT_CHUNK = 200
 _COVERAGE_KEY = "polar_snapshot"
 
 
-class SnapshotQueries:
-    """Needs, from the class it is mixed into, the members declared here."""
-
-    _writer: Writer
-
-    async def _fetch(self, statement: str, params: Sequence[Any] = ()) -> list[Row]:
-        raise NotImplementedError
+class SnapshotQueries(Queries):
+    """The Polar snapshot's queries; `Outbox` provides what `Queries` declares."""
 
     async def save_polar_records(self, records: Sequence[PolarRecord]) -> None:
         for start in range(0, len(records), SNAPSHOT_CHUNK):
