@@ -1,6 +1,6 @@
 """Operator commands on the outbox: list, show, retry, discard, stats, events, replay,
-reprocess, pause, resume, prune. (Named for what it holds: `relay/operator.py` shadowed the
-standard library's `operator`.)
+reprocess, pause, resume, prune, backfill. (Named for what it holds: `relay/operator.py`
+shadowed the standard library's `operator`.)
 
 Owns what these commands select and print; relay/cli/outbox.py parses their arguments and
 opens the store for them (`run`). They open the store without the serve lock, so they
@@ -346,4 +346,14 @@ async def prune(store: Store, args: argparse.Namespace, ctx: Context) -> int:
         bodies_before=now - retention.bodies_s, rows_before=now - retention.rows_s
     )
     print(", ".join(f"{k.replace('_', ' ')}: {v}" for k, v in dataclasses.asdict(result).items()))
+    return 0
+
+
+async def backfill(store: Store, args: argparse.Namespace, ctx: Context) -> int:
+    filled = await store.backfill_facts()
+    print(
+        f"filled the search and revenue columns of {filled} messages"
+        if filled
+        else "no message left to fill"
+    )
     return 0

@@ -812,3 +812,45 @@ async def test_a_commit_after_the_connection_died_fails_and_commits_nothing(
 
     assert await pg_rows(pg_url, "SELECT count(*) FROM relay_meta WHERE key = 'lost'") == [(0,)]
     await db.close()
+
+
+async def test_backfill_fills_the_console_columns_of_messages_from_before_them(
+    pg_url: str, tmp_path: Path
+) -> None:
+    """`relay backfill` gives messages stored before PostgreSQL's console migration (their
+    search and revenue columns empty) the columns the mapping would have written, in
+    batches; a body that is not a JSON object keeps them empty, and a second run finds
+    nothing left to fill."""
+    attributed = (
+        b'{"event":"purchase","amount":990,"currency":"eur","orderId":"o-2",'
+        b'"providerPaymentId":"p-2","attribution":{"faSessionId":"s-1"}}'
+    )
+    async with opened(pg_url, FakeClock(T0), serve=False) as store:
+        # Messages without facts, as the relay wrote them before the console's columns.
+        bodies = {"k1": purchase("o-1"), "k2": attributed, "k3": b"not json"}
+        await store.enqueue_now(
+            [
+                dataclasses.replace(
+                    draft(f"wh_{key}"),
+                    messages=(OutboundDraft("polar-order-paid", DEST, key, body),),
+                )
+                for key, body in bodies.items()
+            ]
+        )
+    columns = (
+        "SELECT idempotency_key, order_id, payment_ref, event_kind, amount_minor, currency, "
+        "attributed FROM outbound_messages ORDER BY id"
+    )
+    assert [row[1:] for row in await pg_rows(pg_url, columns)] == [(None,) * 6] * 3
+
+    done = await relay_cli("backfill", "--db", pg_url, cwd=tmp_path)
+
+    assert (done.code, done.err) == (0, "")
+    assert done.out == "filled the search and revenue columns of 2 messages\n"
+    assert await pg_rows(pg_url, columns) == [
+        ("k1", "o-1", "o-1", "purchase", 4410, "USD", 0),
+        ("k2", "o-2", "p-2", "purchase", 990, "EUR", 1),
+        ("k3", None, None, None, None, None, None),
+    ]
+    again = await relay_cli("backfill", "--db", pg_url, cwd=tmp_path)
+    assert (again.code, again.out) == (0, "no message left to fill\n")

@@ -20,6 +20,7 @@ from pathlib import Path
 
 import pytest
 
+from relay.console.service import ListFilters
 from relay.errors import StorageUnavailable
 from relay.models import (
     Dead,
@@ -960,3 +961,23 @@ async def test_a_killed_process_loses_nothing_it_committed(store_location: Locat
         ]
     finally:
         await store.close()
+
+
+async def test_backfill_fills_search_columns_in_batches_and_search_then_finds_them(
+    store: Store,
+) -> None:
+    """Messages stored without their search columns (as before the console) are not found by
+    the console's search; `backfill_facts` fills them `batch` rows per transaction, returns
+    how many, and the search then finds each by its orderId."""
+    ids: list[int] = []
+    for n in (1, 2, 3):  # message() with a body of our own has no facts
+        body = f'{{"orderId": "order-{n}"}}'.encode()
+        result = await store.enqueue(draft(f"wh_{n}", message(f"k{n}", body=body)))
+        ids.extend(result.message_ids)
+    assert await store.console_messages(ListFilters(q="order-2"), None, 10) == []
+
+    assert await store.backfill_facts(batch=2) == 3
+
+    [found] = await store.console_messages(ListFilters(q="order-2"), None, 10)
+    assert found.id == ids[1]
+    assert await store.backfill_facts(batch=2) == 0

@@ -11,8 +11,9 @@ Commands, by group (each group's parser and functions in its module):
   `outbox list`, `outbox show`, `outbox retry`, `outbox discard`, `outbox stats` and
   `outbox events` inspect and change messages and inbound events; `replay` sends messages
   again; `reprocess` runs the mapping again on stored events; `pause` and `resume` a
-  destination; `prune` applies retention now; `migrate` creates or upgrades the schema, or
-  copies a SQLite outbox into PostgreSQL.
+  destination; `prune` applies retention now; `backfill` fills the console's search and
+  revenue columns of messages stored before they existed; `migrate` creates or upgrades the
+  schema, or copies a SQLite outbox into PostgreSQL.
 - Polar's API (relay/cli/reconcile.py): `reconcile` enqueues what Polar has and the relay
   has no record of.
 - the revenue ledger (relay/cli/ledger.py, with relay/ledger_report.py): `ledger` puts

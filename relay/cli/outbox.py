@@ -1,5 +1,5 @@
 """The operator commands: `relay outbox list|show|retry|discard|stats|events`, `replay`,
-`reprocess`, `pause`, `resume`, `prune` and `migrate`.
+`reprocess`, `pause`, `resume`, `prune`, `backfill` and `migrate`.
 
 Owns their arguments and what each opens: the commands that only need the database open it
 without the config's secrets; `reprocess`, which runs the mapping again, loads the whole
@@ -149,6 +149,14 @@ def add_outbox_parsers(subparsers: Subparsers) -> None:
         help="apply retention now (relay serve also does it periodically)",
     )
     p.set_defaults(func=on_store(commands.prune, retention=True))
+
+    p = subparsers.add_parser(
+        "backfill",
+        parents=[common(), with_db()],
+        help="fill the console's search and revenue columns of messages stored before they "
+        "existed (PostgreSQL outboxes from before the console; safe while relays serve)",
+    )
+    p.set_defaults(func=on_store(commands.backfill))
 
     p = subparsers.add_parser(
         "migrate",

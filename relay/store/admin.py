@@ -5,9 +5,12 @@ use; writes go through its single writer like every other write.
 
 from __future__ import annotations
 
+import functools
+import json
 from collections.abc import Iterable, Sequence
 
 from relay.models import (
+    BodyFacts,
     DestinationStats,
     EnqueueResult,
     EventFilter,
@@ -23,7 +26,7 @@ from relay.models import (
 from relay.store import rows, sql
 from relay.store.connection import Connection
 from relay.store.queries import Queries
-from relay.store.writes import insert_messages
+from relay.store.writes import fill_facts, insert_messages
 
 
 class AdminQueries(Queries):
@@ -143,6 +146,29 @@ class AdminQueries(Queries):
                 if count < batch:
                     break
         return PruneResult(*totals)
+
+    async def backfill_facts(self, batch: int = 1000) -> int:
+        """Fill the search and revenue columns (relay/models.py BodyFacts) of messages stored
+        before those columns existed, `batch` rows per transaction so that ingest never waits
+        long; returns how many messages were filled. A body that is not a JSON object keeps
+        them empty, as at ingest."""
+        filled_total, after = 0, 0
+        while True:
+            rows = await self._fetch(sql.SELECT_FACTLESS, (after, batch))
+            if not rows:
+                return filled_total
+            after = int(rows[-1][0])
+            filled = []
+            for row in rows:
+                try:
+                    facts = BodyFacts.of(json.loads(bytes(row[1])))
+                except (ValueError, RecursionError):
+                    facts = None
+                if facts is not None:
+                    filled.append((int(row[0]), facts))
+            if filled:
+                await self._writer.run(functools.partial(fill_facts, filled=filled))
+            filled_total += len(filled)
 
     async def _prune_messages(self, select_ids: str, before: float, batch: int) -> int:
         """One batch of delivered messages past retention, with their recorded attempts, in

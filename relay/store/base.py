@@ -211,6 +211,9 @@ class Store(Protocol):
     ) -> PruneResult:
         """Retention in short transactions (relay/store/admin.py says what goes when)."""
 
+    async def backfill_facts(self, batch: int = 1000) -> int:
+        """Fill the search and revenue columns of messages stored before they existed."""
+
     async def list_events(
         self, selection: EventFilter, limit: int = 10_000, *, newest_first: bool = False
     ) -> list[StoredEvent]:

@@ -174,6 +174,15 @@ NEXT_DUE_AT = (
     "SELECT MIN(next_attempt_at) FROM outbound_messages "  # the next pending one's due time
     "WHERE destination = ? AND status = 'pending'"
 )
+# Messages stored before the search and revenue columns existed (PostgreSQL's migration adds
+# them empty): `attributed` is set for every JSON-object body the relay has written since.
+SELECT_FACTLESS = (
+    "SELECT id, body FROM outbound_messages WHERE id > ? AND attributed IS NULL ORDER BY id LIMIT ?"
+)
+UPDATE_FACTS = (
+    "UPDATE outbound_messages SET order_id = ?, payment_ref = ?, refund_id = ?, "
+    "event_kind = ?, amount_minor = ?, currency = ?, attributed = ? WHERE id = ?"
+)
 FIND_BODY = "SELECT body FROM outbound_messages WHERE destination = ? AND idempotency_key = ?"
 PROBE = (
     "INSERT INTO relay_meta (key, value) VALUES ('probe', ?) "

@@ -131,6 +131,13 @@ async def insert_messages(
     return new_messages
 
 
+async def fill_facts(db: Connection, filled: Sequence[tuple[int, BodyFacts]]) -> None:
+    """Write the search and revenue columns of existing messages (`relay backfill`)."""
+    for message_id, facts in filled:
+        cursor = await db.execute(sql.UPDATE_FACTS, (*_facts(facts), message_id))
+        await cursor.close()
+
+
 def _facts(facts: BodyFacts | None) -> tuple[Any, ...]:
     """A message's search columns (relay/models.py BodyFacts), in insert_messages' order."""
     if facts is None:
