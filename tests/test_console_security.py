@@ -272,6 +272,22 @@ async def test_a_cross_site_page_post_is_refused_even_with_the_csrf_token(
     assert await audit_actions(admin, **bearer(ADMIN_TOKEN)) == ["pause"]
 
 
+async def test_an_origin_named_in_admin_hosts_is_the_console_itself(make_admin: MakeAdmin) -> None:
+    """Behind a proxy that rewrites `Host`, the browser's `Origin` is one of admin.hosts: its
+    posts are same-site; another origin is still refused."""
+    admin = await make_admin(token=Secret(ADMIN_TOKEN), hosts=("relay.example.com",))
+    await sign_in(admin)
+    csrf = await csrf_of(admin)
+    for origin, status in (("https://evil.example", 403), ("https://relay.example.com", 303)):
+        resp = await admin.post(
+            "/destinations/faurya/pause",
+            data={"csrf": csrf},
+            headers={"Origin": origin},
+            allow_redirects=False,
+        )
+        assert resp.status == status, origin
+
+
 async def test_a_cross_site_page_cannot_lock_the_operator_out(admin: Client) -> None:
     """Cross-site sign-in posts (a page guessing tokens in visitors' browsers) are refused
     before they count: the operator's own sign-in from the same address still works."""
@@ -389,7 +405,7 @@ async def test_odd_bytes_in_headers_and_cookies_are_refused_plainly(admin: Clien
             b"GET /metrics HTTP/1.1\r\n" + host + b"Authorization: Bearer \xff\xfe\r\n",
         )
         assert status == 401
-        for cookie in (b"a.act.1.\xc3\xa9", b"a.act.1.\xff"):
+        for cookie in (b"a.act.1.\xc3\xa9", b"a.act.1.\xff", b"\xff.\xff.\xff.\xff"):
             status, _ = await raw_request(
                 admin.port,
                 b"GET / HTTP/1.1\r\n" + host + b"Cookie: " + COOKIE.encode() + b"=" + cookie,

@@ -117,7 +117,7 @@ class ConsoleAuth:
             # Literal loopback names cannot be rebound to another address by a DNS answer.
             names |= {"localhost", "127.0.0.1", "::1"}
         self._names = names
-        self._extra_hosts = set(admin.hosts)
+        self.extra_hosts = frozenset(h.lower() for h in admin.hosts)
         self._key = secrets.token_bytes(32)
         self._failures: dict[str, deque[float]] = {}
         # Signed-out session ids, until their cookie would expire anyway.
@@ -133,7 +133,7 @@ class ConsoleAuth:
         host = (request.headers.get("Host") or "").strip().lower()
         if not host:
             return False
-        if host in self._extra_hosts:
+        if host in self.extra_hosts:
             return True
         sockname = request.transport.get_extra_info("sockname") if request.transport else None
         port = int(sockname[1]) if sockname else None
@@ -177,8 +177,8 @@ class ConsoleAuth:
         return f"{payload}.{self._mac(payload)}", Session(sid, role, float(expires))
 
     def session(self, cookie: str | None) -> Session | None:
-        if not cookie or len(cookie) > 200:
-            return None
+        if not cookie or len(cookie) > 200 or not cookie.isascii():
+            return None  # ours are ASCII: anything else (even undecodable bytes) is not one
         parts = cookie.split(".")
         if len(parts) != 4:
             return None
@@ -312,10 +312,11 @@ def _error(status: int, message: str, **headers: str) -> web.Response:
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 
 
-def cross_site(request: web.Request) -> bool:
+def cross_site(request: web.Request, hosts: frozenset[str] = frozenset()) -> bool:
     """Whether the browser says this request comes from another site: `Sec-Fetch-Site`
-    other than same-origin or none (typed in), or an `Origin` whose host is not the `Host`.
-    Scripts send neither header, and pass."""
+    other than same-origin or none (typed in), or an `Origin` whose host is neither the `Host`
+    nor one of `hosts` (admin.hosts: a proxy may rewrite `Host`). Scripts send neither
+    header, and pass."""
     site = request.headers.get("Sec-Fetch-Site")
     if site is not None and site.strip().lower() not in ("same-origin", "none"):
         return True
@@ -327,7 +328,7 @@ def cross_site(request: web.Request) -> bool:
     except ValueError:
         return True
     host = (request.headers.get("Host") or "").strip().lower()
-    return not netloc or netloc != host
+    return not netloc or (netloc != host and netloc not in hosts)
 
 
 @web.middleware
@@ -398,7 +399,7 @@ async def _api(request: web.Request, handler: Handler, auth: ConsoleAuth) -> web
                 # Open mode has no token: a cross-site form could post here, but it cannot
                 # send a JSON content type without a preflight, which we never grant.
                 return _error(415, "send Content-Type: application/json")
-            if cross_site(request):
+            if cross_site(request, auth.extra_hosts):
                 return _cross_site_refused(request)
     if request.method not in _SAFE_METHODS and path_needs_act(request.path) and not caller.can_act:
         return _error(403, "this token can only read; actions need admin.token")
@@ -428,7 +429,7 @@ async def _page(request: web.Request, handler: Handler, auth: ConsoleAuth) -> we
         request[CALLER] = caller
     if request.method in _SAFE_METHODS:
         return await handler(request)
-    if cross_site(request):
+    if cross_site(request, auth.extra_hosts):
         return _cross_site_refused(request)
     if request.path == "/login":
         return await handler(request)
