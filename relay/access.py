@@ -117,4 +117,7 @@ def bearer_ok(authorization: str | None, token: str) -> bool:
     scheme, _, offered = (authorization or "").partition(" ")
     if scheme.lower() != "bearer" or not offered:
         return False
-    return hmac.compare_digest(offered.encode(), token.encode())
+    # surrogateescape: aiohttp hands a header's undecodable bytes over as surrogates.
+    return hmac.compare_digest(
+        offered.encode("utf-8", "surrogateescape"), token.encode("utf-8", "surrogateescape")
+    )

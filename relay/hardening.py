@@ -15,6 +15,9 @@ from relay.access import is_loopback_host
 from relay.config import Config
 
 _OPEN_NETWORKS = ("0.0.0.0/0", "::/0")
+# Below this a token can be guessed: the console's rate limit (5 wrong a minute per client)
+# slows one client, not many. `openssl rand -hex 32` gives 64 characters.
+MIN_TOKEN_CHARS = 20
 
 
 def postgres_verifies_server(url: str) -> bool:
@@ -56,6 +59,12 @@ def warnings(config: Config) -> list[str]:
             "the admin token travels in clear text; keep the port on a private network or "
             "behind a TLS proxy"
         )
+    for key, token in (("token", admin.token), ("read_token", admin.read_token)):
+        if token is not None and len(token.value) < MIN_TOKEN_CHARS:
+            found.append(
+                f"admin.{key}: {len(token.value)} characters can be guessed; use at least "
+                f"{MIN_TOKEN_CHARS} random ones (openssl rand -hex 32)"
+            )
     for network in config.server.trusted_proxies:
         if str(network) in _OPEN_NETWORKS:
             found.append(

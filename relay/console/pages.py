@@ -12,10 +12,11 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import re
 from collections.abc import Awaitable, Callable, Mapping
 from pathlib import Path
 from typing import Any
-from urllib.parse import urlencode
+from urllib.parse import quote, urlencode
 
 import aiohttp_jinja2
 import jinja2
@@ -61,6 +62,18 @@ PAGE_HEADERS = {
         "frame-ancestors 'none'; base-uri 'none'"
     ),
 }
+# Every other answer of the admin listener (the API's JSON, its errors, /metrics, a 404) gets
+# these unless it set its own: nothing there is to be cached, framed or sniffed as HTML.
+DEFAULT_HEADERS = {
+    "Cache-Control": "no-store",
+    "X-Frame-Options": "DENY",
+    "X-Content-Type-Options": "nosniff",
+    "Referrer-Policy": "same-origin",
+    "Content-Security-Policy": "default-src 'none'; frame-ancestors 'none'",
+}
+# A path on this console: one slash, then no backslash and no control character (a browser
+# drops tabs and newlines from a URL, so "/<tab>/evil.example" would become "//evil.example").
+_LOCAL_PATH = re.compile(r"/(?![/\\])[^\x00-\x1f\x7f\\]*")
 # After an action the browser is redirected (post/redirect/get) with one of these keys; the
 # text shown is ours, never taken from the URL.
 NOTICES = {
@@ -89,6 +102,7 @@ def add_pages(admin: web.Application) -> None:
     )
     env.filters.update(FILTERS)
     stylesheet = STYLESHEET.read_bytes()
+    admin.on_response_prepare.append(_default_headers)
 
     async def css(request: web.Request) -> web.Response:
         return web.Response(
@@ -153,6 +167,11 @@ def _page(handler: PageHandler) -> Handler:
     return wrapped
 
 
+async def _default_headers(request: web.Request, response: web.StreamResponse) -> None:
+    for name, value in DEFAULT_HEADERS.items():
+        response.headers.setdefault(name, value)
+
+
 def _service(request: web.Request) -> ConsoleService:
     return request.app[auth.SERVICE]
 
@@ -209,9 +228,16 @@ def _redirect(location: str) -> web.Response:
 def _local_path(target: str | None) -> str:
     """`target` if it is a path on this console, else "/": a login link must not send the
     browser elsewhere (an open redirect)."""
-    if not target or not target.startswith("/") or target.startswith("//") or "\\" in target:
+    if not target or not _LOCAL_PATH.fullmatch(target):
         return "/"
-    return target
+    # Anything beyond printable ASCII goes as %XX: a Location header carries bytes as they are.
+    return quote(target, safe="/?&=%:;@!$'()*+,~#[]")
+
+
+def _number(text: str, max_digits: int) -> bool:
+    """`text` is a plain decimal number of at most `max_digits` digits (str.isdigit alone
+    also takes "²", which int() refuses)."""
+    return text.isascii() and text.isdigit() and len(text) <= max_digits
 
 
 def _path_id(request: web.Request) -> int:
@@ -264,7 +290,7 @@ async def messages(request: web.Request, caller: Caller) -> web.StreamResponse:
     try:
         filters = ListFilters.from_query(query, service.clock.now())
         limit_text = query.get("limit", "")
-        limit = int(limit_text) if limit_text.isdigit() else PAGE_SIZE
+        limit = int(limit_text) if _number(limit_text, 6) else PAGE_SIZE
         page = await service.list_messages(filters, Cursor.decode(cursor_text), limit)
     except ConsoleError as exc:
         if exc.http_status >= 500:
@@ -493,7 +519,7 @@ async def rejected(request: web.Request, caller: Caller) -> web.StreamResponse:
 async def audit(request: web.Request, caller: Caller) -> web.StreamResponse:
     service = _service(request)
     before_text = request.query.get("before", "")
-    if before_text and not (before_text.isdigit() and len(before_text) <= 18):
+    if before_text and not _number(before_text, 18):
         raise ConsoleError("before must be an audit entry id")
     entries = await service.audit(AUDIT_PAGE, int(before_text) if before_text else None)
     return _render(
@@ -598,6 +624,8 @@ async def routes(request: web.Request, caller: Caller) -> web.StreamResponse:
             event = json.loads(event_text)
         except ValueError as exc:
             error = f"not JSON: {exc}"
+        except RecursionError:
+            error = "not JSON this relay reads: nested too deeply"
         else:
             try:
                 result = await service.dry_run(event, source)
@@ -672,5 +700,5 @@ async def login(request: web.Request) -> web.StreamResponse:
 
 async def logout(request: web.Request) -> web.StreamResponse:
     response = _redirect("/login")
-    auth.end_session(response)
+    auth.end_session(response, request)
     return response

@@ -547,7 +547,7 @@ def _search_sql(q: str, limit: int | None = None) -> tuple[str, list[Any]]:
         "(SELECT id FROM inbound_events WHERE webhook_id = ?)",
     ]
     params: list[Any] = [q] * len(terms)
-    if q.isdigit() and len(q) < 19:
+    if q.isascii() and q.isdigit() and len(q) < 19:  # not "²", which int() refuses
         terms.append("SELECT id FROM outbound_messages WHERE id = ?")
         params.append(int(q))
     if limit is None:
