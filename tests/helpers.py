@@ -145,8 +145,9 @@ class FakeFaurya:
         app.router.add_post("/api/revenue", self._handle)
         return app
 
-    async def wait_for(self, count: int, timeout_s: float = 10.0) -> list[Received]:
-        """Await until `count` calls arrived (a condition with a deadline, not a sleep)."""
+    async def wait_for(self, count: int, timeout_s: float = 30.0) -> list[Received]:
+        """Await until `count` calls arrived (a condition with a deadline, not a sleep; the
+        deadline only bounds how long a failing test hangs, so it is generous)."""
         async with asyncio.timeout(timeout_s):
             while len(self.received) < count:
                 self._event.clear()
@@ -177,8 +178,10 @@ def env(**overrides: str) -> dict[str, str]:
     return base
 
 
-async def wait_until(predicate: Callable[[], Awaitable[bool]], timeout_s: float = 10.0) -> None:
-    """Poll an async condition until it holds, or fail at the deadline."""
+async def wait_until(predicate: Callable[[], Awaitable[bool]], timeout_s: float = 30.0) -> None:
+    """Poll an async condition until it holds, or fail at the deadline. The deadline only
+    bounds how long a failing test hangs (a passing one never waits for it), so it is generous:
+    a loaded 2-core CI machine may be slow to start a process or run a worker."""
     async with asyncio.timeout(timeout_s):
         # A deadline-bound poll of an async predicate (a DB query): there is no event to await.
         while not await predicate():  # noqa: ASYNC110
@@ -210,11 +213,12 @@ async def raw_connection(
 
 async def status_line_after(port: int, sent: bytes, timeout_s: float) -> tuple[bytes, float]:
     """Send `sent` on a raw connection and read the answer's status line: the line, and the
-    seconds the server took to send it."""
+    seconds from before connecting to the status line (the server's timers start no earlier
+    than the connection, so this is never shorter than what the server waited)."""
+    started = time.monotonic()
     async with raw_connection(port) as (reader, writer):
         writer.write(sent)
         await writer.drain()
-        started = time.monotonic()
         async with asyncio.timeout(timeout_s):
             status_line = await reader.readline()
         return status_line, time.monotonic() - started
@@ -309,7 +313,7 @@ class RelayProcess:
         )
         self._reader = asyncio.create_task(self._read_stderr())
 
-    async def start(self, timeout_s: float = 10.0) -> RelayProcess:
+    async def start(self, timeout_s: float = 30.0) -> RelayProcess:
         """Start the relay and return once it logged `relay_listening` (with its port)."""
         await self.launch()
         listening = await self.wait_log("relay_listening", timeout_s)
@@ -335,7 +339,7 @@ class RelayProcess:
     def logged(self, event: str) -> list[dict[str, Any]]:
         return [e for e in self.events if e.get("event") == event]
 
-    async def wait_log(self, event: str, timeout_s: float = 10.0) -> dict[str, Any]:
+    async def wait_log(self, event: str, timeout_s: float = 30.0) -> dict[str, Any]:
         """Await the first log line with this event name; fail at the deadline, or at once if
         the relay exits without writing it."""
         try:
@@ -490,7 +494,7 @@ async def settled(
             and relay.app[WORKERS].idle
         )
 
-    await wait_until(done, timeout_s=5)
+    await wait_until(done)
     assert record is not None
     return record
 

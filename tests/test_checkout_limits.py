@@ -85,10 +85,12 @@ async def test_a_body_that_never_comes_gets_408_after_body_timeout(
     port = relay.server.port
     assert port is not None
 
-    status_line, waited = await status_line_after(port, head(port, 60), timeout_s=5)
+    status_line, waited = await status_line_after(port, head(port, 60), timeout_s=9)
 
     assert status_line.startswith(b"HTTP/1.1 408 "), status_line
-    assert 0.5 < waited < 3
+    # After body_timeout_s (1 s), well before the default 10 s; the bound is wide because a
+    # loaded machine may run the timer late.
+    assert 0.5 < waited < 8
     assert polar.checkouts == []
     assert checkouts(relay, "invalid") == 1
 
@@ -110,7 +112,7 @@ async def test_a_body_in_two_segments_is_read_whole(
         await asyncio.sleep(0.2)
         writer.write(body[10:])
         await writer.drain()
-        async with asyncio.timeout(5):
+        async with asyncio.timeout(15):
             status_line = await reader.readline()
 
     assert status_line.startswith(b"HTTP/1.1 200 "), status_line
@@ -149,14 +151,18 @@ async def test_a_checkout_flood_gets_503_and_payment_checks_do_not_wait(
     flood = [asyncio.create_task(post_from(relay, f"203.0.113.{i}")) for i in range(1, 51)]
     # Let the flood take its slots before the check asks.
     await wait_for_calls(polar, 1)
+    payments_api = relay.app[POLAR_API]
     started = time.monotonic()
-    checked = await relay.app[POLAR_API].get_order(order["id"])
+    checked = await payments_api.get_order(order["id"])
     check_s = time.monotonic() - started
     answers = await asyncio.gather(*flood)
 
     assert checked is not None
     assert checked["id"] == order["id"]
-    assert check_s < 0.5
+    # It never waited for a slot (on the checkout's budget it would have queued behind the
+    # flood: about 2 s), and so came back well inside that queue even on a loaded machine.
+    assert payments_api.waited_s == 0.0
+    assert check_s < 1.5
     statuses = sorted(r.status for r in answers)
     created, busy = statuses.count(200), statuses.count(503)
     assert created + busy == 50
@@ -171,7 +177,7 @@ async def test_a_checkout_flood_gets_503_and_payment_checks_do_not_wait(
 
 
 async def wait_for_calls(polar: FakePolar, count: int) -> None:
-    async with asyncio.timeout(5):
+    async with asyncio.timeout(30):
         while len(polar.calls) < count:  # noqa: ASYNC110 - a deadline-bound poll of a list
             await asyncio.sleep(0.005)
 

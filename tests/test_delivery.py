@@ -455,7 +455,8 @@ async def test_operator_retry_resends_a_dead_message(
     assert (await settled(relay, message.id)).status is MessageStatus.DEAD
 
     assert await relay.app[STORE].retry_messages(all_dead=True) == 1
-    await faurya.wait_for(2, timeout_s=2)  # the retry wakes the workers; no poll needed
+    # The retry wakes the workers: well before their 30 s poll.
+    await faurya.wait_for(2, timeout_s=10)
     record = await settled(relay, message.id)
 
     assert record.status is MessageStatus.DELIVERED
@@ -488,10 +489,10 @@ async def test_new_message_is_sent_without_waiting_for_a_poll(
     relay = await start(real_clock=True, poll_interval_s=30)
     # Post only once the worker sleeps: a commit landing during its first look at the outbox
     # would be found without any wake-up, and the test could not fail.
-    await wait_until(worker_asleep(relay), timeout_s=2)
+    await wait_until(worker_asleep(relay), timeout_s=10)
 
     message = await post_order(relay)
-    [call] = await faurya.wait_for(1, timeout_s=2)
+    [call] = await faurya.wait_for(1, timeout_s=10)  # the poll would take 30 s
 
     assert call.body == message.body
 
@@ -546,9 +547,9 @@ async def test_stop_lets_an_attempt_finish_within_the_grace_period(
         return not workers.running
 
     closing = asyncio.create_task(relay.close())
-    await wait_until(stopping, timeout_s=5)
+    await wait_until(stopping)
     gate.set()
-    await asyncio.wait_for(closing, timeout=5)
+    await asyncio.wait_for(closing, timeout=30)
 
     row = row_in_file(db_path, message.id)
     assert (row["status"], row["attempts"], row["last_status"]) == ("delivered", 1, 200)

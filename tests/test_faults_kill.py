@@ -456,11 +456,12 @@ async def test_sigterm_under_load_keeps_every_acked_webhook_and_leaves_nothing_i
     await wait_until(loaded, timeout_s=10)  # every delivery slot busy, webhooks still coming
     in_flight = faurya.open_keys()
     stopping_at = time.monotonic()
-    assert await relay.signal(signal.SIGTERM, timeout_s=grace_s + 5) == 0
+    assert await relay.signal(signal.SIGTERM, timeout_s=grace_s + 10) == 0
     stopped_in_s = time.monotonic() - stopping_at
     await polar.finish()
 
-    assert stopped_in_s < grace_s + 1.5
+    # Within the grace period, plus time for a loaded machine to release, close and exit.
+    assert stopped_in_s < grace_s + 2.5
     assert relay.logged("relay_stopping")
     assert relay.logged("relay_stopped")
     assert not relay.logged("delivery_cancelled_at_shutdown")

@@ -141,7 +141,7 @@ async def drain(relay: Client) -> None:
     async def none_inflight() -> bool:
         return (await store.stats("faurya")).counts[MessageStatus.INFLIGHT] == 0
 
-    await wait_until(none_inflight, timeout_s=5)
+    await wait_until(none_inflight)
 
 
 async def scraped(relay: Client, name: str, **labels: str) -> float:

@@ -331,7 +331,7 @@ async def test_a_webhook_after_reconciliation_is_a_duplicate(
         record = await store.get_message(message.id)
         return record is not None and record.status is MessageStatus.DELIVERED
 
-    await wait_until(delivered, timeout_s=5)
+    await wait_until(delivered)
     assert message.webhook_id == f"reconcile:order.paid:{order['id']}"
     assert len(faurya.received) == 1
 
@@ -364,7 +364,7 @@ async def test_the_relay_reconciles_periodically(
         async def ran() -> bool:
             return reconcile_metric(relay, "relay_reconcile_runs_total", outcome="ok") >= 1
 
-        await wait_until(ran, timeout_s=5)
+        await wait_until(ran)
         received = await faurya.wait_for(2)
 
     assert reconcile_metric(relay, "relay_reconcile_enqueued_total") == 2
@@ -390,7 +390,7 @@ async def test_a_failed_periodic_run_is_counted_and_changes_nothing(
         async def failed() -> bool:
             return reconcile_metric(relay, "relay_reconcile_runs_total", outcome="failed") >= 1
 
-        await wait_until(failed, timeout_s=5)
+        await wait_until(failed)
 
     [failure, *_] = [e for e in logs if e["event"] == "reconcile_failed"]
     assert "503" in failure["error"]

@@ -952,7 +952,7 @@ async def test_a_killed_process_loses_nothing_it_committed(store_location: Locat
             await store.requeue_inflight(expired_only=not store.exclusive)
             return (await store.stats(DEST)).counts[MessageStatus.INFLIGHT] == 0
 
-        await wait_until(lease_back, timeout_s=5)
+        await wait_until(lease_back)
         rows = reversed(await store.list_messages())
         assert [(r.idempotency_key, r.body, r.status, r.attempts) for r in rows] == [
             ("order-1", b'{"n": 1}', MessageStatus.PENDING, 1),
