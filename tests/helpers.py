@@ -437,7 +437,7 @@ class Run:
 async def run_command(
     *argv: str,
     environ: dict[str, str] | None = None,
-    timeout_s: float = 20,
+    timeout_s: float = 60,
     cwd: Path | None = None,
 ) -> Run:
     """Run a command to completion; without `environ`, no relay variable is set at all."""
@@ -461,7 +461,7 @@ async def run_command(
 
 
 async def run_relay(
-    *args: str, environ: dict[str, str] | None = None, timeout_s: float = 20
+    *args: str, environ: dict[str, str] | None = None, timeout_s: float = 60
 ) -> Run:
     """Run `relay ARGS` to completion; without `environ`, no relay variable is set at all."""
     return await run_command(relay_command(), *args, environ=environ, timeout_s=timeout_s)

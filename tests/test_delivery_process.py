@@ -634,13 +634,13 @@ async def test_closing_while_a_child_starts_leaves_no_child_behind(
     async def spawned() -> bool:
         return bool(starting_children())
 
-    await wait_until(spawned, timeout_s=10)
+    await wait_until(spawned)
     await pool.close(timeout_s=1.0)
 
     async def none_left() -> bool:
         return not starting_children() and not zombie_children()
 
-    await wait_until(none_left, timeout_s=10)  # killed and reaped: no zombie left behind
+    await wait_until(none_left)  # killed and reaped: no zombie left behind
 
 
 async def test_close_does_not_wait_for_a_held_request(
@@ -812,7 +812,7 @@ async def test_metrics_show_each_childs_cpu_and_memory(
                     samples[sample.name] = sample.value
         return len(samples) == 2
 
-    await wait_until(child_measured, timeout_s=10)
+    await wait_until(child_measured)
     assert samples["relay_delivery_process_resident_memory_bytes"] > 5 * 1024 * 1024
     assert samples["relay_delivery_process_cpu_seconds_total"] > 0
 

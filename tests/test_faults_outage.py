@@ -210,7 +210,7 @@ async def test_an_outage_longer_than_polars_retry_window_loses_nothing(
     async def drained() -> bool:
         return (await store.stats("faurya")).counts[MessageStatus.DELIVERED] == len(orders)
 
-    await wait_until(drained, timeout_s=10)
+    await wait_until(drained)
 
     assert await backlog(relay) == (0, 0)
     assert board.delivered() == {key_of(o): 1 for o in orders}

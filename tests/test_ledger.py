@@ -110,7 +110,7 @@ async def drain(relay: Client) -> None:
         counts = (await store.stats("faurya")).counts
         return not counts[MessageStatus.PENDING] and not counts[MessageStatus.INFLIGHT]
 
-    await wait_until(idle, timeout_s=20)
+    await wait_until(idle)
 
 
 def shape(ledger: Ledger) -> set[tuple[str, str, str, int, str | None]]:

@@ -441,7 +441,7 @@ async def test_listen_is_re_established_after_a_postgresql_restart(
 
         assert fallback() == 0
         await asyncio.to_thread(own_cluster.run, "pg_ctl", "-D", data, "-m", "fast", "-w", "stop")
-        await wait_until(lost, timeout_s=10)
+        await wait_until(lost)
         assert fallback() == 1
         [lost_line] = [e for e in captured if e["event"] == "notify_listen_lost"]
         assert lost_line["fallback_poll_s"] == 30
@@ -461,7 +461,7 @@ async def test_listen_is_re_established_after_a_postgresql_restart(
             "start",
         )
         assert started.returncode == 0, started.stderr
-        await wait_until(restored, timeout_s=15)
+        await wait_until(restored)
         assert fallback() == 0
 
         async with opened(url, FakeClock(time.time()), serve=False) as other:

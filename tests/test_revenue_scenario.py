@@ -93,7 +93,7 @@ async def drain(relay: Client) -> None:
         counts = (await store.stats("faurya")).counts
         return not counts[MessageStatus.PENDING] and not counts[MessageStatus.INFLIGHT]
 
-    await wait_until(idle, timeout_s=20)
+    await wait_until(idle)
 
 
 @pytest.fixture
