@@ -52,6 +52,13 @@ pytestmark = pytest.mark.usefixtures("logs")  # every test captures its log even
 
 
 @pytest.fixture
+def config(shipped_delivery_config: Config) -> Config:
+    """The shipped relay.toml as it is: these tests pin what each answer does through the
+    delivery child the shipped config starts."""
+    return shipped_delivery_config
+
+
+@pytest.fixture
 def log_secrets() -> tuple[str, ...]:
     """No log event of a test here may hold one of these."""
     return SECRETS

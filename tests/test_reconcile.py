@@ -53,8 +53,9 @@ polar = conftest.polar
 
 @pytest.fixture
 def config(faurya: FakeFaurya, db_path: Path, polar: FakePolar) -> Config:
-    """The shipped config, delivering to the fake Faurya, reading the fake Polar API."""
-    return with_polar_api(shipped_config(faurya.url, db_path), polar)
+    """The shipped config, delivering to the fake Faurya (in-process: see conftest's
+    `config`), reading the fake Polar API."""
+    return with_polar_api(conftest.in_process_delivery(shipped_config(faurya.url, db_path)), polar)
 
 
 @pytest.fixture
