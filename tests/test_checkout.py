@@ -45,11 +45,15 @@ def log_secrets() -> tuple[str, ...]:
 
 
 def with_checkout(config: Config, polar: FakePolar, **changes: Any) -> Config:
+    """The config with the checkout on; its Polar budget is 6000 a minute unless a test sets
+    it (the default 60 a minute paces each Polar request a second apart: a test retrying five
+    times waited four seconds for nothing it checks)."""
     checkout = CheckoutConfig(
         enabled=True,
         plans=(("pro", PRODUCT),),
         allow_origins=(SHOP,),
         success_url=SUCCESS_URL,
+        global_rate_limit_per_min=6000,
     )
     return dataclasses.replace(
         with_polar_api(config, polar), checkout=dataclasses.replace(checkout, **changes)

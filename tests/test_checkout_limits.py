@@ -37,8 +37,14 @@ SHOP = "http://shop.example"
 
 def with_checkout(config: Config, polar: FakePolar, **changes: Any) -> Config:
     """Checkout on, behind a trusted proxy at 127.0.0.1 (so tests name clients by
-    X-Forwarded-For), with `changes` to [checkout]."""
-    checkout = CheckoutConfig(enabled=True, plans=(("pro", PRODUCT),), allow_origins=(SHOP,))
+    X-Forwarded-For), with `changes` to [checkout]; the Polar budget is 6000 a minute unless
+    a test sets it (at the default 60 every Polar request waits a second for its slot)."""
+    checkout = CheckoutConfig(
+        enabled=True,
+        plans=(("pro", PRODUCT),),
+        allow_origins=(SHOP,),
+        global_rate_limit_per_min=6000,
+    )
     return dataclasses.replace(
         with_polar_api(config, polar),
         checkout=dataclasses.replace(checkout, **changes),
