@@ -499,6 +499,21 @@ async def settled(
     return record
 
 
+async def drained(relay: TestClient[web.Request, web.Application]) -> None:
+    """Deliver until nothing is pending or in flight: the workers run every due attempt, again
+    until the outbox has nothing left for them."""
+    from relay.app import STORE, WORKERS
+
+    store = relay.app[STORE]
+
+    async def idle() -> bool:
+        await relay.app[WORKERS].run_until_idle()
+        counts = (await store.stats("faurya")).counts
+        return not counts[MessageStatus.PENDING] and not counts[MessageStatus.INFLIGHT]
+
+    await wait_until(idle)
+
+
 @dataclass(frozen=True)
 class Scrape:
     status: int

@@ -16,12 +16,8 @@ from pytest_aiohttp import AiohttpClient
 from relay.app import METRICS, create_app
 from relay.config import CheckoutConfig, Config, parse
 from relay.errors import ConfigError
-from tests import conftest
 from tests.helpers import REPO, Client, FakeFaurya, LogList, env, shipped_config
 from tests.polar_fake import TOKEN, FakePolar, with_polar_api
-
-# Fixtures that moved to tests/conftest.py, still importable from here by name.
-logs, polar = conftest.logs, conftest.polar
 
 pytestmark = pytest.mark.usefixtures("logs")  # every test captures its log events
 

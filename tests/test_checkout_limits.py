@@ -21,12 +21,8 @@ from relay.access import parse_networks
 from relay.app import METRICS, POLAR_API, create_app
 from relay.checkout import RateLimiter, client_key
 from relay.config import CheckoutConfig, Config
-from tests import conftest
 from tests.helpers import Client, LogList, raw_connection, status_line_after
 from tests.polar_fake import FakePolar, with_polar_api
-
-# Fixtures that moved to tests/conftest.py, still importable from here by name.
-logs, polar = conftest.logs, conftest.polar
 
 pytestmark = pytest.mark.usefixtures("logs")  # every test captures its log events
 

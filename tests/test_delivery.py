@@ -27,7 +27,6 @@ from relay.app import METRICS, STORE, WORKERS
 from relay.config import Config
 from relay.models import MessageRecord, MessageStatus
 from relay.workers import RECEIVING_WINDOW_S
-from tests import conftest
 from tests.helpers import (
     SECRETS,
     SITE_ID,
@@ -44,9 +43,6 @@ from tests.helpers import (
     sign_headers,
     wait_until,
 )
-
-# Fixtures that moved to tests/conftest.py, still importable from here by name.
-clock, logs, start = conftest.clock, conftest.logs, conftest.start
 
 pytestmark = pytest.mark.usefixtures("logs")  # every test captures its log events
 

@@ -35,7 +35,7 @@ from relay.delivery import AttemptResult, Redactor, Sender
 from relay.delivery_process import NICENESS, ProcessSenders
 from relay.metrics import Metrics, status_class
 from relay.models import ClaimedMessage, ErrorKind
-from tests import conftest, test_e2e
+from tests import test_e2e
 from tests.helpers import (
     SECRETS,
     SITE_ID,
@@ -55,9 +55,6 @@ from tests.helpers import (
 from tests.test_config import problems, shipped_raw
 from tests.test_delivery import closed_port
 from tests.test_e2e import MakeRelay, Switchboard
-
-# Fixtures that moved to tests/conftest.py, still importable from here by name.
-logs = conftest.logs
 
 # test_e2e's fixtures, made this module's by name (an import of them would read as unused).
 http = test_e2e.http

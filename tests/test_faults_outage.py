@@ -32,7 +32,6 @@ from relay.models import (
     MessageStatus,
     SystemClock,
 )
-from tests import conftest
 from tests.helpers import (
     REPO,
     Client,
@@ -49,9 +48,6 @@ from tests.helpers import (
     sign_headers,
     wait_until,
 )
-
-# Fixtures that moved to tests/conftest.py, still importable from here by name.
-clock, logs, start = conftest.clock, conftest.logs, conftest.start
 
 
 class Board:

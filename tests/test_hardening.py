@@ -21,7 +21,7 @@ import ssl
 import stat
 import time
 import tomllib
-from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator, MutableMapping
 from pathlib import Path
 from typing import Any
 
@@ -40,7 +40,6 @@ from relay.mapping import REDACTED, parse_path
 from relay.readiness import Readiness
 from relay.store import open_store
 from relay.store.postgres import _safe
-from tests import conftest
 from tests.helpers import (
     REPO,
     SITE_ID,
@@ -62,9 +61,6 @@ from tests.helpers import (
     status_line_after,
     wait_until,
 )
-
-# Fixtures that moved to tests/conftest.py, still importable from here by name.
-logs = conftest.logs
 
 pytestmark = pytest.mark.usefixtures("logs")  # every test captures its log events
 
@@ -421,6 +417,17 @@ async def test_redacted_fields_are_not_stored_but_mapped(
     assert all(EMAIL not in repr(entry) for entry in logs)
 
 
+async def delivery_succeeded(logs: LogList) -> MutableMapping[str, Any]:
+    """Await the one delivery_succeeded log event; the event."""
+
+    async def delivered() -> bool:
+        return bool(logged(logs, "delivery_succeeded"))
+
+    await wait_until(delivered)
+    [entry] = logged(logs, "delivery_succeeded")
+    return entry
+
+
 @pytest.mark.parametrize(
     ("sent", "expected"),
     [
@@ -444,13 +451,7 @@ async def test_request_id_follows_the_event_into_delivery(
     status, _ = await post_order(client, {"x-request-id": sent})
 
     assert status == 202
-    await faurya.wait_for(1)
-
-    async def delivered() -> bool:
-        return bool(logged(logs, "delivery_succeeded"))
-
-    await wait_until(delivered, 5.0)
-    [entry] = logged(logs, "delivery_succeeded")
+    entry = await delivery_succeeded(logs)
     assert entry["request_id"] == expected
     with contextlib.closing(sqlite3.connect(db_path)) as db:
         assert db.execute("SELECT request_id FROM inbound_events").fetchall() == [(expected,)]
@@ -466,13 +467,7 @@ async def test_request_id_is_made_when_none_is_sent(
     status, _ = await post_order(client)
 
     assert status == 202
-    await faurya.wait_for(1)
-
-    async def delivered() -> bool:
-        return bool(logged(logs, "delivery_succeeded"))
-
-    await wait_until(delivered, 5.0)
-    [entry] = logged(logs, "delivery_succeeded")
+    entry = await delivery_succeeded(logs)
     made = entry["request_id"]
     assert isinstance(made, str)
     assert len(made) == 16

@@ -29,7 +29,7 @@ from aiohttp.test_utils import TestClient
 from pytest_aiohttp import AiohttpClient, AiohttpServer
 
 from relay import ledger_report
-from relay.app import LEDGER_GAUGE, METRICS, POLAR_API, STORE, WORKERS, create_app
+from relay.app import LEDGER_GAUGE, METRICS, POLAR_API, STORE, create_app
 from relay.config import Config, LedgerConfig, parse
 from relay.ledger import NO_TOKEN_NOTE, Ledger, build
 from relay.ledger_differences import Expected, Kind, PolarEntry, Why
@@ -51,13 +51,13 @@ from tests.helpers import (
     REPO,
     FakeClock,
     admin_get,
+    drained,
     env,
     order_paid,
     process_env,
     relay_command,
     run_command,
     sign_headers,
-    wait_until,
 )
 from tests.polar_fake import FakePolar, serve, with_polar_api
 from tests.polar_world import FauryaBook, PolarWorld, Webhook
@@ -100,17 +100,6 @@ async def post_webhooks(relay: Client, hooks: list[Webhook]) -> None:
     for hook in hooks:
         if not hook.lost:
             await post(relay, hook.body())
-
-
-async def drain(relay: Client) -> None:
-    store = relay.app[STORE]
-
-    async def idle() -> bool:
-        await relay.app[WORKERS].run_until_idle()
-        counts = (await store.stats("faurya")).counts
-        return not counts[MessageStatus.PENDING] and not counts[MessageStatus.INFLIGHT]
-
-    await wait_until(idle)
 
 
 def shape(ledger: Ledger) -> set[tuple[str, str, str, int, str | None]]:
@@ -168,7 +157,7 @@ async def test_ledger_shows_exactly_the_differences_and_what_fixes_them(
     usd_order = polar.orders[0]
     refund = polar.add_refund(usd_order, amount=1000, status="pending")
     await post(relay, Webhook("refund.created", copy.deepcopy(refund)).body())
-    await drain(relay)
+    await drained(relay)
     forged_msg = next(m for m in await store.list_messages() if forged_id in m.body.decode())
     big_msg = next(m for m in await store.list_messages() if big["id"] in m.body.decode())
 
@@ -214,7 +203,7 @@ async def test_ledger_shows_exactly_the_differences_and_what_fixes_them(
     await post(relay, Webhook("refund.updated", copy.deepcopy(refund)).body())
     summary = await Reconciler(store, config, api, clock).run(since, None)
     assert summary.enqueued == 2
-    await drain(relay)
+    await drained(relay)
     ledger = await read_ledger(store, config, now=clock.now())
     assert shape(ledger) == {
         ("unknown_to_polar", "not_found", "USD", -4410, str(forged_msg.id)),
@@ -267,7 +256,7 @@ async def test_a_dead_or_discarded_purchase_names_its_message_and_fix(
     world = PolarWorld(polar)
     order = world.purchase({"orderId": "ord_dead", **IDS}, net=1234, currency="usd")
     await post_webhooks(relay, world.webhooks)
-    await drain(relay)
+    await drained(relay)
     [message] = await store.list_messages(status=MessageStatus.DEAD)
     await Reconciler(store, config, relay.app[POLAR_API], FakeClock(time.time())).run(None, None)
     ledger = await read_ledger(store, config, now=time.time())
@@ -299,7 +288,7 @@ async def test_without_a_token_the_ledger_shows_the_relays_side_and_says_why(
     assert config.polar_api.token is None
     relay = await aiohttp_client(create_app(config, poll_interval_s=0.05))
     await post(relay, order_paid())
-    await drain(relay)
+    await drained(relay)
     ledger = await read_ledger(relay.app[STORE], config, now=time.time())
     assert ledger.note == NO_TOKEN_NOTE
     assert "orders:read" in NO_TOKEN_NOTE
@@ -493,7 +482,7 @@ async def test_relay_ledger_command_prints_json_and_csv_that_parse_back(
     world.purchase({"orderId": "ord_a", **IDS}, net=4410, currency="usd")
     world.purchase({"orderId": "ord_b", **IDS}, net=700, currency="jpy", lost=True)
     await post_webhooks(relay, world.webhooks)
-    await drain(relay)
+    await drained(relay)
     store = relay.app[STORE]
     await Reconciler(store, config, relay.app[POLAR_API], FakeClock(time.time()), dry_run=True).run(
         None, None
@@ -552,7 +541,7 @@ async def test_the_snapshot_keeps_only_what_the_routes_read_and_notices_a_route_
     order = world.purchase({"orderId": "ord_kept", **IDS}, net=4410, currency="usd")
     assert order["customer"]["email"]
     await post_webhooks(relay, world.webhooks)
-    await drain(relay)
+    await drained(relay)
     clock = FakeClock(time.time() + 1)
     await Reconciler(store, config, relay.app[POLAR_API], clock, dry_run=True).run(None, None)
     [kept] = await store.polar_snapshot()

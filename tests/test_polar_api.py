@@ -14,11 +14,7 @@ import aiohttp
 import pytest
 
 from relay.polar_api import PolarApi, PolarApiError, is_paid
-from tests import conftest
 from tests.polar_fake import TOKEN, FakePolar
-
-# Fixtures that moved to tests/conftest.py, still importable from here by name.
-polar = conftest.polar
 
 MakeApi = Callable[..., PolarApi]
 

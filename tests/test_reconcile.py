@@ -47,9 +47,6 @@ from tests.helpers import (
 )
 from tests.polar_fake import FakePolar, with_polar_api
 
-# Fixtures that moved to tests/conftest.py, still importable from here by name.
-polar = conftest.polar
-
 
 @pytest.fixture
 def config(faurya: FakeFaurya, db_path: Path, polar: FakePolar) -> Config:
