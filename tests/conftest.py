@@ -27,6 +27,7 @@ from tests.helpers import (
     shipped_config,
 )
 from tests.polar_fake import FakePolar, serve
+from tests.polar_world import FauryaBook
 
 
 @pytest.fixture(autouse=True)
@@ -68,6 +69,15 @@ async def faurya(aiohttp_server: AiohttpServer) -> FakeFaurya:
 async def polar(aiohttp_server: AiohttpServer) -> FakePolar:
     """A fake Polar API on loopback (tests/polar_fake.py)."""
     return await serve(aiohttp_server)
+
+
+@pytest.fixture
+async def book(aiohttp_server: AiohttpServer) -> FauryaBook:
+    """A fake Faurya that keeps the books (tests/polar_world.py), on loopback."""
+    book = FauryaBook()
+    server = await aiohttp_server(book.app())
+    book.url = str(server.make_url("")).rstrip("/")
+    return book
 
 
 @pytest.fixture

@@ -22,6 +22,7 @@ from prometheus_client.parser import text_string_to_metric_families
 from standardwebhooks.webhooks import Webhook
 
 from relay.config import Config, parse
+from relay.mapping import Route
 from relay.models import MessageRecord, MessageStatus
 
 FIXTURES = Path(__file__).parent / "fixtures" / "polar"
@@ -423,6 +424,11 @@ def stored_form(body: bytes, config: Config) -> bytes:
 def shipped_redaction() -> Config:
     """The shipped relay.toml parsed with test env vars (for its log.redact)."""
     return parse(tomllib.loads((REPO / "relay.toml").read_text()), env())
+
+
+def shipped_routes() -> tuple[Route, ...]:
+    """The routes of the shipped relay.toml, parsed with test env vars."""
+    return shipped_redaction().routes
 
 
 @dataclass(frozen=True)

@@ -72,14 +72,6 @@ HOUR_S = 3600.0
 
 
 @pytest.fixture
-async def book(aiohttp_server: AiohttpServer) -> FauryaBook:
-    book = FauryaBook()
-    server = await aiohttp_server(book.app())
-    book.url = str(server.make_url("")).rstrip("/")
-    return book
-
-
-@pytest.fixture
 async def polar(aiohttp_server: AiohttpServer) -> FakePolar:
     return await serve(aiohttp_server)
 
@@ -369,18 +361,20 @@ def late_evening() -> tuple[float, list[PolarEntry], list[MessageRecord]]:
     return at, entries, messages
 
 
-def ledger_in(tz: ZoneInfo) -> Ledger:
+def ledger_in(tz: ZoneInfo, *, polar_known: bool = True) -> Ledger:
+    """The late-evening ledger in `tz`, built a day after its window; without `polar_known`,
+    built at once and as without a snapshot: Polar's side unknown."""
     at, entries, messages = late_evening()
     coverage = SnapshotCoverage(at - 86400, None, at + 2 * 86400, tuple(PolarKind))
     return build(
-        entries=entries,
+        entries=entries if polar_known else [],
         messages=messages,
-        coverage=coverage,
+        coverage=coverage if polar_known else None,
         destinations={"faurya"},
         tz=tz,
         since=at - 86400,
         until=at + 2 * 86400,
-        now=at + 3 * 86400,
+        now=at + 3 * 86400 if polar_known else at,
         settle_s=HOUR_S,
     )
 
@@ -449,18 +443,7 @@ def test_json_and_csv_parse_back_to_the_same_ledger() -> None:
         for x in data["differences"]
     ]
     # Polar's side unknown (no snapshot): empty cells in CSV, null in JSON.
-    at, _entries, messages = late_evening()
-    blind = build(
-        entries=[],
-        messages=messages,
-        coverage=None,
-        destinations={"faurya"},
-        tz=TZ_BERLIN,
-        since=at - 86400,
-        until=at + 2 * 86400,
-        now=at,
-        settle_s=HOUR_S,
-    )
+    blind = ledger_in(TZ_BERLIN, polar_known=False)
     blind_rows = {
         r["currency"]: r for r in csv.DictReader(io.StringIO(ledger_report.render(blind, "csv")))
     }

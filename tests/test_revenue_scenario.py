@@ -20,7 +20,7 @@ from typing import Any
 
 import pytest
 from prometheus_client import CollectorRegistry
-from pytest_aiohttp import AiohttpClient, AiohttpServer
+from pytest_aiohttp import AiohttpClient
 
 from relay import currency
 from relay.app import METRICS, POLAR_API, STORE, create_app
@@ -45,14 +45,6 @@ SHIPPED = [
     ("config/relay.minimal.toml", "net"),
     ("config/relay.total-amount.toml", "total"),
 ]
-
-
-@pytest.fixture
-async def book(aiohttp_server: AiohttpServer) -> FauryaBook:
-    book = FauryaBook()
-    server = await aiohttp_server(book.app())
-    book.url = str(server.make_url("")).rstrip("/")
-    return book
 
 
 def load_shipped(name: str, book: FauryaBook, polar: FakePolar, db_path: Path) -> Config:
