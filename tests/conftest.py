@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import time
 from collections.abc import AsyncIterator, Callable, Iterator
 from pathlib import Path
@@ -26,6 +27,7 @@ from tests.helpers import (
     shipped_config,
 )
 from tests.polar_fake import FakePolar, serve
+from tests.polar_world import FauryaBook
 
 
 @pytest.fixture(autouse=True)
@@ -70,13 +72,40 @@ async def polar(aiohttp_server: AiohttpServer) -> FakePolar:
 
 
 @pytest.fixture
+async def book(aiohttp_server: AiohttpServer) -> FauryaBook:
+    """A fake Faurya that keeps the books (tests/polar_world.py), on loopback."""
+    book = FauryaBook()
+    server = await aiohttp_server(book.app())
+    book.url = str(server.make_url("")).rstrip("/")
+    return book
+
+
+@pytest.fixture
 def db_path(tmp_path: Path) -> Path:
     return tmp_path / "relay.db"
 
 
 @pytest.fixture
 def config(faurya: FakeFaurya, db_path: Path) -> Config:
+    """The shipped relay.toml pointed at the fake Faurya, delivering in-process: an app test
+    would otherwise start a delivery child (a Python process, ~0.25 s of CPU) for behaviour
+    that does not depend on where the HTTP call is made. The child is tested where it is the
+    subject: test_delivery.py (which asks for `shipped_delivery_config`), test_delivery_process.py,
+    and every test that runs `relay serve` on the shipped relay.toml."""
+    return in_process_delivery(shipped_config(faurya.url, db_path))
+
+
+@pytest.fixture
+def shipped_delivery_config(faurya: FakeFaurya, db_path: Path) -> Config:
+    """The shipped relay.toml as it is, its delivery child included."""
     return shipped_config(faurya.url, db_path)
+
+
+def in_process_delivery(config: Config) -> Config:
+    """`config` with its HTTP calls made by the relay process itself (no delivery child)."""
+    return dataclasses.replace(
+        config, server=dataclasses.replace(config.server, delivery_processes=0)
+    )
 
 
 @pytest.fixture

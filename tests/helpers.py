@@ -22,6 +22,7 @@ from prometheus_client.parser import text_string_to_metric_families
 from standardwebhooks.webhooks import Webhook
 
 from relay.config import Config, parse
+from relay.mapping import Route
 from relay.models import MessageRecord, MessageStatus
 
 FIXTURES = Path(__file__).parent / "fixtures" / "polar"
@@ -145,8 +146,9 @@ class FakeFaurya:
         app.router.add_post("/api/revenue", self._handle)
         return app
 
-    async def wait_for(self, count: int, timeout_s: float = 10.0) -> list[Received]:
-        """Await until `count` calls arrived (a condition with a deadline, not a sleep)."""
+    async def wait_for(self, count: int, timeout_s: float = 30.0) -> list[Received]:
+        """Await until `count` calls arrived (a condition with a deadline, not a sleep; the
+        deadline only bounds how long a failing test hangs, so it is generous)."""
         async with asyncio.timeout(timeout_s):
             while len(self.received) < count:
                 self._event.clear()
@@ -177,8 +179,10 @@ def env(**overrides: str) -> dict[str, str]:
     return base
 
 
-async def wait_until(predicate: Callable[[], Awaitable[bool]], timeout_s: float = 10.0) -> None:
-    """Poll an async condition until it holds, or fail at the deadline."""
+async def wait_until(predicate: Callable[[], Awaitable[bool]], timeout_s: float = 30.0) -> None:
+    """Poll an async condition until it holds, or fail at the deadline. The deadline only
+    bounds how long a failing test hangs (a passing one never waits for it), so it is generous:
+    a loaded 2-core CI machine may be slow to start a process or run a worker."""
     async with asyncio.timeout(timeout_s):
         # A deadline-bound poll of an async predicate (a DB query): there is no event to await.
         while not await predicate():  # noqa: ASYNC110
@@ -210,11 +214,12 @@ async def raw_connection(
 
 async def status_line_after(port: int, sent: bytes, timeout_s: float) -> tuple[bytes, float]:
     """Send `sent` on a raw connection and read the answer's status line: the line, and the
-    seconds the server took to send it."""
+    seconds from before connecting to the status line (the server's timers start no earlier
+    than the connection, so this is never shorter than what the server waited)."""
+    started = time.monotonic()
     async with raw_connection(port) as (reader, writer):
         writer.write(sent)
         await writer.drain()
-        started = time.monotonic()
         async with asyncio.timeout(timeout_s):
             status_line = await reader.readline()
         return status_line, time.monotonic() - started
@@ -311,7 +316,7 @@ class RelayProcess:
         )
         self._reader = asyncio.create_task(self._read_stderr())
 
-    async def start(self, timeout_s: float = 10.0) -> RelayProcess:
+    async def start(self, timeout_s: float = 30.0) -> RelayProcess:
         """Start the relay and return once it logged `relay_listening` (with its port)."""
         await self.launch()
         listening = await self.wait_log("relay_listening", timeout_s)
@@ -337,7 +342,7 @@ class RelayProcess:
     def logged(self, event: str) -> list[dict[str, Any]]:
         return [e for e in self.events if e.get("event") == event]
 
-    async def wait_log(self, event: str, timeout_s: float = 10.0) -> dict[str, Any]:
+    async def wait_log(self, event: str, timeout_s: float = 30.0) -> dict[str, Any]:
         """Await the first log line with this event name; fail at the deadline, or at once if
         the relay exits without writing it."""
         try:
@@ -423,6 +428,11 @@ def shipped_redaction() -> Config:
     return parse(tomllib.loads((REPO / "relay.toml").read_text()), env())
 
 
+def shipped_routes() -> tuple[Route, ...]:
+    """The routes of the shipped relay.toml, parsed with test env vars."""
+    return shipped_redaction().routes
+
+
 @dataclass(frozen=True)
 class Run:
     """A finished command: exit code and decoded output."""
@@ -435,7 +445,7 @@ class Run:
 async def run_command(
     *argv: str,
     environ: dict[str, str] | None = None,
-    timeout_s: float = 20,
+    timeout_s: float = 60,
     cwd: Path | None = None,
 ) -> Run:
     """Run a command to completion; without `environ`, no relay variable is set at all."""
@@ -459,7 +469,7 @@ async def run_command(
 
 
 async def run_relay(
-    *args: str, environ: dict[str, str] | None = None, timeout_s: float = 20
+    *args: str, environ: dict[str, str] | None = None, timeout_s: float = 60
 ) -> Run:
     """Run `relay ARGS` to completion; without `environ`, no relay variable is set at all."""
     return await run_command(relay_command(), *args, environ=environ, timeout_s=timeout_s)
@@ -492,9 +502,24 @@ async def settled(
             and relay.app[WORKERS].idle
         )
 
-    await wait_until(done, timeout_s=5)
+    await wait_until(done)
     assert record is not None
     return record
+
+
+async def drained(relay: TestClient[web.Request, web.Application]) -> None:
+    """Deliver until nothing is pending or in flight: the workers run every due attempt, again
+    until the outbox has nothing left for them."""
+    from relay.app import STORE, WORKERS
+
+    store = relay.app[STORE]
+
+    async def idle() -> bool:
+        await relay.app[WORKERS].run_until_idle()
+        counts = (await store.stats("faurya")).counts
+        return not counts[MessageStatus.PENDING] and not counts[MessageStatus.INFLIGHT]
+
+    await wait_until(idle)
 
 
 @dataclass(frozen=True)

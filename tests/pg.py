@@ -163,7 +163,10 @@ async def create_database(server_url: str) -> str:
     name = f"relay_test_{uuid.uuid4().hex}"
     admin = await asyncpg.connect(server_url)
     try:
-        await admin.execute(f'CREATE DATABASE "{name}"')
+        # FILE_COPY (PostgreSQL 15+; the only way before) copies the small template's files:
+        # ~15 ms a database against ~70 ms for the default WAL_LOG, which logs every block.
+        strategy = " STRATEGY FILE_COPY" if admin.get_server_version().major >= 15 else ""
+        await admin.execute(f'CREATE DATABASE "{name}"{strategy}')
     finally:
         await admin.close()
     return with_database(server_url, name)

@@ -161,7 +161,14 @@ async def start(
     server = await aiohttp_server(shop.app())
     shop.url = str(server.make_url("/"))
     origin = allow or shop.url.rstrip("/")
-    checkout = CheckoutConfig(enabled=True, plans=(("pro", PRODUCT),), allow_origins=(origin,))
+    # A budget of 6000 Polar requests a minute: at the default 60 each retry of a failing
+    # checkout waits a second for its slot.
+    checkout = CheckoutConfig(
+        enabled=True,
+        plans=(("pro", PRODUCT),),
+        allow_origins=(origin,),
+        global_rate_limit_per_min=6000,
+    )
     relay = await aiohttp_client(
         create_app(
             dataclasses.replace(with_polar_api(config, polar), checkout=checkout),

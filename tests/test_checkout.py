@@ -16,12 +16,8 @@ from pytest_aiohttp import AiohttpClient
 from relay.app import METRICS, create_app
 from relay.config import CheckoutConfig, Config, parse
 from relay.errors import ConfigError
-from tests import conftest
 from tests.helpers import REPO, Client, FakeFaurya, LogList, env, shipped_config
 from tests.polar_fake import TOKEN, FakePolar, with_polar_api
-
-# Fixtures that moved to tests/conftest.py, still importable from here by name.
-logs, polar = conftest.logs, conftest.polar
 
 pytestmark = pytest.mark.usefixtures("logs")  # every test captures its log events
 
@@ -45,11 +41,15 @@ def log_secrets() -> tuple[str, ...]:
 
 
 def with_checkout(config: Config, polar: FakePolar, **changes: Any) -> Config:
+    """The config with the checkout on; its Polar budget is 6000 a minute unless a test sets
+    it (the default 60 a minute paces each Polar request a second apart: a test retrying five
+    times waited four seconds for nothing it checks)."""
     checkout = CheckoutConfig(
         enabled=True,
         plans=(("pro", PRODUCT),),
         allow_origins=(SHOP,),
         success_url=SUCCESS_URL,
+        global_rate_limit_per_min=6000,
     )
     return dataclasses.replace(
         with_polar_api(config, polar), checkout=dataclasses.replace(checkout, **changes)

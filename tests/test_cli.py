@@ -49,7 +49,7 @@ pytestmark = pytest.mark.e2e
 CONFIG = REPO / "relay.toml"
 
 
-async def run(*argv: str, environ: dict[str, str] | None = None, timeout_s: float = 20) -> Run:
+async def run(*argv: str, environ: dict[str, str] | None = None, timeout_s: float = 60) -> Run:
     return await run_command(*argv, environ=environ, timeout_s=timeout_s)
 
 

@@ -27,7 +27,6 @@ from relay.app import METRICS, STORE, WORKERS
 from relay.config import Config
 from relay.models import MessageRecord, MessageStatus
 from relay.workers import RECEIVING_WINDOW_S
-from tests import conftest
 from tests.helpers import (
     SECRETS,
     SITE_ID,
@@ -45,10 +44,14 @@ from tests.helpers import (
     wait_until,
 )
 
-# Fixtures that moved to tests/conftest.py, still importable from here by name.
-clock, logs, start = conftest.clock, conftest.logs, conftest.start
-
 pytestmark = pytest.mark.usefixtures("logs")  # every test captures its log events
+
+
+@pytest.fixture
+def config(shipped_delivery_config: Config) -> Config:
+    """The shipped relay.toml as it is: these tests pin what each answer does through the
+    delivery child the shipped config starts."""
+    return shipped_delivery_config
 
 
 @pytest.fixture
@@ -455,7 +458,8 @@ async def test_operator_retry_resends_a_dead_message(
     assert (await settled(relay, message.id)).status is MessageStatus.DEAD
 
     assert await relay.app[STORE].retry_messages(all_dead=True) == 1
-    await faurya.wait_for(2, timeout_s=2)  # the retry wakes the workers; no poll needed
+    # The retry wakes the workers: well before their 30 s poll.
+    await faurya.wait_for(2, timeout_s=10)
     record = await settled(relay, message.id)
 
     assert record.status is MessageStatus.DELIVERED
@@ -488,10 +492,10 @@ async def test_new_message_is_sent_without_waiting_for_a_poll(
     relay = await start(real_clock=True, poll_interval_s=30)
     # Post only once the worker sleeps: a commit landing during its first look at the outbox
     # would be found without any wake-up, and the test could not fail.
-    await wait_until(worker_asleep(relay), timeout_s=2)
+    await wait_until(worker_asleep(relay), timeout_s=10)
 
     message = await post_order(relay)
-    [call] = await faurya.wait_for(1, timeout_s=2)
+    [call] = await faurya.wait_for(1, timeout_s=10)  # the poll would take 30 s
 
     assert call.body == message.body
 
@@ -546,9 +550,9 @@ async def test_stop_lets_an_attempt_finish_within_the_grace_period(
         return not workers.running
 
     closing = asyncio.create_task(relay.close())
-    await wait_until(stopping, timeout_s=5)
+    await wait_until(stopping)
     gate.set()
-    await asyncio.wait_for(closing, timeout=5)
+    await asyncio.wait_for(closing, timeout=30)
 
     row = row_in_file(db_path, message.id)
     assert (row["status"], row["attempts"], row["last_status"]) == ("delivered", 1, 200)

@@ -35,7 +35,7 @@ from relay.delivery import AttemptResult, Redactor, Sender
 from relay.delivery_process import NICENESS, ProcessSenders
 from relay.metrics import Metrics, status_class
 from relay.models import ClaimedMessage, ErrorKind
-from tests import conftest, test_e2e
+from tests import test_e2e
 from tests.helpers import (
     SECRETS,
     SITE_ID,
@@ -55,9 +55,6 @@ from tests.helpers import (
 from tests.test_config import problems, shipped_raw
 from tests.test_delivery import closed_port
 from tests.test_e2e import MakeRelay, Switchboard
-
-# Fixtures that moved to tests/conftest.py, still importable from here by name.
-logs = conftest.logs
 
 # test_e2e's fixtures, made this module's by name (an import of them would read as unused).
 http = test_e2e.http
@@ -129,7 +126,7 @@ def state(pid: int) -> str:
         return ""
 
 
-async def gone(pid: int, timeout_s: float = 5.0) -> None:
+async def gone(pid: int, timeout_s: float = 30.0) -> None:
     async def exited() -> bool:
         return not running(pid)
 
@@ -298,7 +295,7 @@ async def test_a_child_that_cannot_even_be_spawned_is_logged_and_close_still_wor
     async def logged_failure() -> bool:
         return bool(logged(logs, "delivery_process_start_failed"))
 
-    await wait_until(logged_failure, timeout_s=5)
+    await wait_until(logged_failure)
     assert logged(logs, "delivery_process_start_failed")[0]["error"] == "No such file or directory"
     result = await pool.sender(destination("http://127.0.0.1:9/api/revenue")).send(claimed())
     assert (result.status, result.error) == (None, "child_gone: the delivery process exited")
@@ -476,9 +473,9 @@ async def test_a_killed_child_fails_its_attempt_and_is_replaced(
     sender = pool.sender(dest)
 
     pending = asyncio.create_task(sender.send(claimed("held")))
-    await faurya.wait_for(1, timeout_s=5)
+    await faurya.wait_for(1)
     os.kill(pid, signal.SIGKILL)
-    async with asyncio.timeout(5):  # not Faurya's answer: it holds the request until teardown
+    async with asyncio.timeout(15):  # not Faurya's answer: it holds the request until teardown
         result = await pending
 
     assert (result.status, result.error, result.retry_after, result.snippet) == (
@@ -517,7 +514,7 @@ async def test_a_stopped_child_times_out_is_killed_and_replaced(
     async def stopped() -> bool:
         return state(pid) == "T"
 
-    await wait_until(stopped, timeout_s=5)
+    await wait_until(stopped)
     started = time.perf_counter()
     result = await sender.send(claimed("stuck"))
     took = time.perf_counter() - started
@@ -525,8 +522,10 @@ async def test_a_stopped_child_times_out_is_killed_and_replaced(
     assert (result.status, result.error, result.snippet) == (None, NO_ANSWER, "")
     # A timeout like any other: the metric says so (it said "error").
     assert (result.kind, status_class(result.status, result.kind)) == (ErrorKind.TIMEOUT, "timeout")
-    assert TIMEOUT_S + GRACE_S <= took < TIMEOUT_S + GRACE_S + 1.0
-    assert TIMEOUT_S + GRACE_S <= result.duration_s < TIMEOUT_S + GRACE_S + 1.0
+    # Not before the deadline; the upper bound leaves a loaded machine time to fire the timer
+    # and kill the child, and still fails a deadline counted twice or a wait for the child.
+    assert TIMEOUT_S + GRACE_S <= took < TIMEOUT_S + GRACE_S + 2.0
+    assert TIMEOUT_S + GRACE_S <= result.duration_s < TIMEOUT_S + GRACE_S + 2.0
     assert faurya.received == []  # the stopped child never sent it
     await gone(pid)
 
@@ -578,7 +577,7 @@ async def test_close_ends_the_children_and_later_sends_fail(
     assert all(running(pid) for pid in pids)
     assert (await pool.sender(dest).send(claimed())).status == 200
 
-    async with asyncio.timeout(5):
+    async with asyncio.timeout(15):
         await pool.close()
 
     assert exit_codes(pool) == [0, 0]
@@ -632,13 +631,13 @@ async def test_closing_while_a_child_starts_leaves_no_child_behind(
     async def spawned() -> bool:
         return bool(starting_children())
 
-    await wait_until(spawned, timeout_s=10)
+    await wait_until(spawned)
     await pool.close(timeout_s=1.0)
 
     async def none_left() -> bool:
         return not starting_children() and not zombie_children()
 
-    await wait_until(none_left, timeout_s=10)  # killed and reaped: no zombie left behind
+    await wait_until(none_left)  # killed and reaped: no zombie left behind
 
 
 async def test_close_does_not_wait_for_a_held_request(
@@ -651,9 +650,9 @@ async def test_close_does_not_wait_for_a_held_request(
     pool = make_pool(dest)
     pid = await child_pid(pool, logs)
     pending = asyncio.create_task(pool.sender(dest).send(claimed("held")))
-    await faurya.wait_for(1, timeout_s=5)
+    await faurya.wait_for(1)
 
-    async with asyncio.timeout(3):
+    async with asyncio.timeout(15):  # Faurya holds the request until teardown
         await pool.close()
         result = await pending
 
@@ -684,7 +683,7 @@ async def test_a_child_ignores_sigint_and_sigterm(
     assert pool.started == 1
     assert started_metric(metrics) == 1
     assert logged(logs, "delivery_process_exited") == []
-    async with asyncio.timeout(5):
+    async with asyncio.timeout(15):
         await pool.close()
     assert exit_codes(pool) == [0]
     await gone(pid)
@@ -810,7 +809,7 @@ async def test_metrics_show_each_childs_cpu_and_memory(
                     samples[sample.name] = sample.value
         return len(samples) == 2
 
-    await wait_until(child_measured, timeout_s=10)
+    await wait_until(child_measured)
     assert samples["relay_delivery_process_resident_memory_bytes"] > 5 * 1024 * 1024
     assert samples["relay_delivery_process_cpu_seconds_total"] > 0
 
@@ -893,7 +892,7 @@ async def test_a_child_dies_with_its_killed_relay_and_sends_nothing_after(
         # Still stopped: only the kernel can end it now, and it must, at once.
         died_with_relay = True
         try:
-            await gone(pid, timeout_s=2.0)
+            await gone(pid, timeout_s=10.0)
         except TimeoutError:
             died_with_relay = False
     finally:
@@ -906,7 +905,7 @@ async def test_a_child_dies_with_its_killed_relay_and_sends_nothing_after(
         # The child's connections closed and everything it wrote was read: nothing in flight.
         return not server.runner.server.connections  # type: ignore[union-attr]
 
-    await wait_until(disconnected, timeout_s=5.0)
+    await wait_until(disconnected)
     assert len(before) == 16
     assert calls == before
     assert died_with_relay

@@ -453,14 +453,15 @@ async def test_sigterm_under_load_keeps_every_acked_webhook_and_leaves_nothing_i
     async def loaded() -> bool:
         return len(faurya.open_keys()) == CONCURRENCY and len(polar.acked) >= 30
 
-    await wait_until(loaded, timeout_s=10)  # every delivery slot busy, webhooks still coming
+    await wait_until(loaded)  # every delivery slot busy, webhooks still coming
     in_flight = faurya.open_keys()
     stopping_at = time.monotonic()
-    assert await relay.signal(signal.SIGTERM, timeout_s=grace_s + 5) == 0
+    assert await relay.signal(signal.SIGTERM, timeout_s=grace_s + 10) == 0
     stopped_in_s = time.monotonic() - stopping_at
     await polar.finish()
 
-    assert stopped_in_s < grace_s + 1.5
+    # Within the grace period, plus time for a loaded machine to release, close and exit.
+    assert stopped_in_s < grace_s + 2.5
     assert relay.logged("relay_stopping")
     assert relay.logged("relay_stopped")
     assert not relay.logged("delivery_cancelled_at_shutdown")
@@ -480,7 +481,7 @@ async def test_sigterm_under_load_keeps_every_acked_webhook_and_leaves_nothing_i
     async def all_delivered() -> bool:
         return keys_by_status(db_path) == {"delivered": every_key}
 
-    await wait_until(all_delivered, timeout_s=20)
+    await wait_until(all_delivered, timeout_s=60)
     assert await restarted.signal(signal.SIGTERM, timeout_s=grace_s + 5) == 0
 
     print(
@@ -545,7 +546,7 @@ async def test_a_hanging_faurya_never_gets_one_key_twice_at_once(
     async def all_delivered() -> bool:
         return keys_by_status(db_path) == {"delivered": keys}
 
-    await wait_until(all_delivered, timeout_s=20)
+    await wait_until(all_delivered, timeout_s=60)
     assert await relay.signal(signal.SIGTERM, timeout_s=10) == 0
 
     hangs = [call for call in faurya.calls if call.behaviour == "hang"]

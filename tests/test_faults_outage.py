@@ -32,7 +32,6 @@ from relay.models import (
     MessageStatus,
     SystemClock,
 )
-from tests import conftest
 from tests.helpers import (
     REPO,
     Client,
@@ -49,9 +48,6 @@ from tests.helpers import (
     sign_headers,
     wait_until,
 )
-
-# Fixtures that moved to tests/conftest.py, still importable from here by name.
-clock, logs, start = conftest.clock, conftest.logs, conftest.start
 
 
 class Board:
@@ -141,7 +137,7 @@ async def drain(relay: Client) -> None:
     async def none_inflight() -> bool:
         return (await store.stats("faurya")).counts[MessageStatus.INFLIGHT] == 0
 
-    await wait_until(none_inflight, timeout_s=5)
+    await wait_until(none_inflight)
 
 
 async def scraped(relay: Client, name: str, **labels: str) -> float:
@@ -210,7 +206,7 @@ async def test_an_outage_longer_than_polars_retry_window_loses_nothing(
     async def drained() -> bool:
         return (await store.stats("faurya")).counts[MessageStatus.DELIVERED] == len(orders)
 
-    await wait_until(drained, timeout_s=10)
+    await wait_until(drained)
 
     assert await backlog(relay) == (0, 0)
     assert board.delivered() == {key_of(o): 1 for o in orders}

@@ -34,7 +34,6 @@ from pytest_aiohttp import AiohttpClient
 from relay.app import METRICS, create_app
 from relay.config import Config, parse
 from relay.errors import StorageError
-from tests import conftest
 from tests.helpers import (
     REPO,
     Client,
@@ -52,9 +51,6 @@ from tests.helpers import (
     stored_form,
 )
 from tests.test_config import problems, shipped_raw
-
-# Fixtures that moved to tests/conftest.py, still importable from here by name.
-logs = conftest.logs
 
 Mount = Callable[[str], Path]
 

@@ -21,7 +21,7 @@ import ssl
 import stat
 import time
 import tomllib
-from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator, MutableMapping
 from pathlib import Path
 from typing import Any
 
@@ -40,7 +40,6 @@ from relay.mapping import REDACTED, parse_path
 from relay.readiness import Readiness
 from relay.store import open_store
 from relay.store.postgres import _safe
-from tests import conftest
 from tests.helpers import (
     REPO,
     SITE_ID,
@@ -62,9 +61,6 @@ from tests.helpers import (
     status_line_after,
     wait_until,
 )
-
-# Fixtures that moved to tests/conftest.py, still importable from here by name.
-logs = conftest.logs
 
 pytestmark = pytest.mark.usefixtures("logs")  # every test captures its log events
 
@@ -421,6 +417,17 @@ async def test_redacted_fields_are_not_stored_but_mapped(
     assert all(EMAIL not in repr(entry) for entry in logs)
 
 
+async def delivery_succeeded(logs: LogList) -> MutableMapping[str, Any]:
+    """Await the one delivery_succeeded log event; the event."""
+
+    async def delivered() -> bool:
+        return bool(logged(logs, "delivery_succeeded"))
+
+    await wait_until(delivered)
+    [entry] = logged(logs, "delivery_succeeded")
+    return entry
+
+
 @pytest.mark.parametrize(
     ("sent", "expected"),
     [
@@ -444,13 +451,7 @@ async def test_request_id_follows_the_event_into_delivery(
     status, _ = await post_order(client, {"x-request-id": sent})
 
     assert status == 202
-    await faurya.wait_for(1)
-
-    async def delivered() -> bool:
-        return bool(logged(logs, "delivery_succeeded"))
-
-    await wait_until(delivered, 5.0)
-    [entry] = logged(logs, "delivery_succeeded")
+    entry = await delivery_succeeded(logs)
     assert entry["request_id"] == expected
     with contextlib.closing(sqlite3.connect(db_path)) as db:
         assert db.execute("SELECT request_id FROM inbound_events").fetchall() == [(expected,)]
@@ -466,13 +467,7 @@ async def test_request_id_is_made_when_none_is_sent(
     status, _ = await post_order(client)
 
     assert status == 202
-    await faurya.wait_for(1)
-
-    async def delivered() -> bool:
-        return bool(logged(logs, "delivery_succeeded"))
-
-    await wait_until(delivered, 5.0)
-    [entry] = logged(logs, "delivery_succeeded")
+    entry = await delivery_succeeded(logs)
     made = entry["request_id"]
     assert isinstance(made, str)
     assert len(made) == 16
@@ -724,7 +719,7 @@ async def test_serves_https_with_the_configured_certificate(
     assert rows(db_path) == (1, 1)
 
     with pytest.raises(aiohttp.ClientError):
-        async with asyncio.timeout(5):
+        async with asyncio.timeout(15):
             await http.get(f"{relay.url}/healthz")
     # A client that does not trust the certificate refuses the connection.
     with pytest.raises(aiohttp.ClientConnectorCertificateError):
@@ -840,16 +835,18 @@ async def test_a_client_that_never_finishes_its_headers_is_disconnected(
     relay after keepalive_timeout_s (1 s here), without an answer."""
     relay = await start_relay(config_copy(tmp_path, server=SLOW))
 
+    # From before connecting: the relay's timer starts no earlier than the connection.
+    started = time.monotonic()
     async with raw_connection(relay.port) as (reader, writer):
         writer.write(f"POST {PATH} HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Len".encode())
         await writer.drain()
-        started = time.monotonic()
-        async with asyncio.timeout(3.5):
+        async with asyncio.timeout(9):
             answer = await reader.read()
         waited = time.monotonic() - started
 
     assert answer == b""
-    assert 0.5 < waited < 3.5
+    # After keepalive_timeout_s (1 s), well before the default 15 s; wide for a loaded machine.
+    assert 0.5 < waited < 8
     assert rows(db_path) == (0, 0)
 
 
@@ -869,11 +866,12 @@ async def test_a_slow_body_gets_408_and_nothing_is_stored(
     body = order_paid()
 
     sent = request_head(relay.port, body) + body[: int(len(body) * sent_fraction)]
-    status_line, waited = await status_line_after(relay.port, sent, timeout_s=3.5)
+    status_line, waited = await status_line_after(relay.port, sent, timeout_s=9)
 
     assert status_line.startswith(b"HTTP/1.1 408 "), status_line
-    assert 0.5 < waited < 3.5
-    entry = await relay.wait_log("webhook_body_timeout", 5)
+    # After body_timeout_s (1 s), well before the default 10 s; wide for a loaded machine.
+    assert 0.5 < waited < 8
+    entry = await relay.wait_log("webhook_body_timeout")
     assert entry["timeout_s"] == 1
     assert rows(db_path) == (0, 0)
     text = await scrape(http, relay.admin_url)
@@ -903,7 +901,7 @@ async def test_oversized_headers_are_refused_and_the_relay_stays_healthy(
     body = order_paid()
 
     sent = request_head(relay.port, body, extra) + body
-    status_line, _ = await status_line_after(relay.port, sent, timeout_s=3.5)
+    status_line, _ = await status_line_after(relay.port, sent, timeout_s=15)
 
     status = int(status_line.split()[1])
     assert 400 <= status < 500, status_line
@@ -933,7 +931,7 @@ async def test_the_running_relay_names_no_version_even_in_protocol_errors(
             async with raw_connection(port) as (reader, writer):
                 writer.write(request)
                 await writer.drain()
-                async with asyncio.timeout(5):
+                async with asyncio.timeout(15):
                     head = await reader.readuntil(b"\r\n\r\n")
             assert b"\r\nServer: faurya-relay\r\n" in head, head
             assert b"aiohttp" not in head.lower()

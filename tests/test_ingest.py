@@ -22,7 +22,7 @@ from pytest_aiohttp import AiohttpClient
 from relay.app import METRICS, STORE, WORKERS, create_app
 from relay.config import Config
 from relay.models import MessageStatus
-from tests import conftest, helpers
+from tests import helpers
 from tests.helpers import (
     LEGACY_SECRET,
     STANDARD_SECRET,
@@ -39,9 +39,6 @@ from tests.helpers import (
     stored_form,
     wait_until,
 )
-
-# Fixtures that moved to tests/conftest.py, still importable from here by name.
-logs = conftest.logs
 
 MakeRelay = Callable[[Config], Awaitable[Client]]
 

@@ -29,7 +29,7 @@ from aiohttp.test_utils import TestClient
 from pytest_aiohttp import AiohttpClient, AiohttpServer
 
 from relay import ledger_report
-from relay.app import LEDGER_GAUGE, METRICS, POLAR_API, STORE, WORKERS, create_app
+from relay.app import LEDGER_GAUGE, METRICS, POLAR_API, STORE, create_app
 from relay.config import Config, LedgerConfig, parse
 from relay.ledger import NO_TOKEN_NOTE, Ledger, build
 from relay.ledger_differences import Expected, Kind, PolarEntry, Why
@@ -51,13 +51,13 @@ from tests.helpers import (
     REPO,
     FakeClock,
     admin_get,
+    drained,
     env,
     order_paid,
     process_env,
     relay_command,
     run_command,
     sign_headers,
-    wait_until,
 )
 from tests.polar_fake import FakePolar, serve, with_polar_api
 from tests.polar_world import FauryaBook, PolarWorld, Webhook
@@ -69,14 +69,6 @@ IDS = {
     "faAttributionToken": "fat_Qm9vdEF0dHJpYnV0aW9u",
 }
 HOUR_S = 3600.0
-
-
-@pytest.fixture
-async def book(aiohttp_server: AiohttpServer) -> FauryaBook:
-    book = FauryaBook()
-    server = await aiohttp_server(book.app())
-    book.url = str(server.make_url("")).rstrip("/")
-    return book
 
 
 @pytest.fixture
@@ -100,17 +92,6 @@ async def post_webhooks(relay: Client, hooks: list[Webhook]) -> None:
     for hook in hooks:
         if not hook.lost:
             await post(relay, hook.body())
-
-
-async def drain(relay: Client) -> None:
-    store = relay.app[STORE]
-
-    async def idle() -> bool:
-        await relay.app[WORKERS].run_until_idle()
-        counts = (await store.stats("faurya")).counts
-        return not counts[MessageStatus.PENDING] and not counts[MessageStatus.INFLIGHT]
-
-    await wait_until(idle, timeout_s=20)
 
 
 def shape(ledger: Ledger) -> set[tuple[str, str, str, int, str | None]]:
@@ -168,7 +149,7 @@ async def test_ledger_shows_exactly_the_differences_and_what_fixes_them(
     usd_order = polar.orders[0]
     refund = polar.add_refund(usd_order, amount=1000, status="pending")
     await post(relay, Webhook("refund.created", copy.deepcopy(refund)).body())
-    await drain(relay)
+    await drained(relay)
     forged_msg = next(m for m in await store.list_messages() if forged_id in m.body.decode())
     big_msg = next(m for m in await store.list_messages() if big["id"] in m.body.decode())
 
@@ -214,7 +195,7 @@ async def test_ledger_shows_exactly_the_differences_and_what_fixes_them(
     await post(relay, Webhook("refund.updated", copy.deepcopy(refund)).body())
     summary = await Reconciler(store, config, api, clock).run(since, None)
     assert summary.enqueued == 2
-    await drain(relay)
+    await drained(relay)
     ledger = await read_ledger(store, config, now=clock.now())
     assert shape(ledger) == {
         ("unknown_to_polar", "not_found", "USD", -4410, str(forged_msg.id)),
@@ -267,7 +248,7 @@ async def test_a_dead_or_discarded_purchase_names_its_message_and_fix(
     world = PolarWorld(polar)
     order = world.purchase({"orderId": "ord_dead", **IDS}, net=1234, currency="usd")
     await post_webhooks(relay, world.webhooks)
-    await drain(relay)
+    await drained(relay)
     [message] = await store.list_messages(status=MessageStatus.DEAD)
     await Reconciler(store, config, relay.app[POLAR_API], FakeClock(time.time())).run(None, None)
     ledger = await read_ledger(store, config, now=time.time())
@@ -299,7 +280,7 @@ async def test_without_a_token_the_ledger_shows_the_relays_side_and_says_why(
     assert config.polar_api.token is None
     relay = await aiohttp_client(create_app(config, poll_interval_s=0.05))
     await post(relay, order_paid())
-    await drain(relay)
+    await drained(relay)
     ledger = await read_ledger(relay.app[STORE], config, now=time.time())
     assert ledger.note == NO_TOKEN_NOTE
     assert "orders:read" in NO_TOKEN_NOTE
@@ -380,18 +361,20 @@ def late_evening() -> tuple[float, list[PolarEntry], list[MessageRecord]]:
     return at, entries, messages
 
 
-def ledger_in(tz: ZoneInfo) -> Ledger:
+def ledger_in(tz: ZoneInfo, *, polar_known: bool = True) -> Ledger:
+    """The late-evening ledger in `tz`, built a day after its window; without `polar_known`,
+    built at once and as without a snapshot: Polar's side unknown."""
     at, entries, messages = late_evening()
     coverage = SnapshotCoverage(at - 86400, None, at + 2 * 86400, tuple(PolarKind))
     return build(
-        entries=entries,
+        entries=entries if polar_known else [],
         messages=messages,
-        coverage=coverage,
+        coverage=coverage if polar_known else None,
         destinations={"faurya"},
         tz=tz,
         since=at - 86400,
         until=at + 2 * 86400,
-        now=at + 3 * 86400,
+        now=at + 3 * 86400 if polar_known else at,
         settle_s=HOUR_S,
     )
 
@@ -460,18 +443,7 @@ def test_json_and_csv_parse_back_to_the_same_ledger() -> None:
         for x in data["differences"]
     ]
     # Polar's side unknown (no snapshot): empty cells in CSV, null in JSON.
-    at, _entries, messages = late_evening()
-    blind = build(
-        entries=[],
-        messages=messages,
-        coverage=None,
-        destinations={"faurya"},
-        tz=TZ_BERLIN,
-        since=at - 86400,
-        until=at + 2 * 86400,
-        now=at,
-        settle_s=HOUR_S,
-    )
+    blind = ledger_in(TZ_BERLIN, polar_known=False)
     blind_rows = {
         r["currency"]: r for r in csv.DictReader(io.StringIO(ledger_report.render(blind, "csv")))
     }
@@ -493,7 +465,7 @@ async def test_relay_ledger_command_prints_json_and_csv_that_parse_back(
     world.purchase({"orderId": "ord_a", **IDS}, net=4410, currency="usd")
     world.purchase({"orderId": "ord_b", **IDS}, net=700, currency="jpy", lost=True)
     await post_webhooks(relay, world.webhooks)
-    await drain(relay)
+    await drained(relay)
     store = relay.app[STORE]
     await Reconciler(store, config, relay.app[POLAR_API], FakeClock(time.time()), dry_run=True).run(
         None, None
@@ -552,7 +524,7 @@ async def test_the_snapshot_keeps_only_what_the_routes_read_and_notices_a_route_
     order = world.purchase({"orderId": "ord_kept", **IDS}, net=4410, currency="usd")
     assert order["customer"]["email"]
     await post_webhooks(relay, world.webhooks)
-    await drain(relay)
+    await drained(relay)
     clock = FakeClock(time.time() + 1)
     await Reconciler(store, config, relay.app[POLAR_API], clock, dry_run=True).run(None, None)
     [kept] = await store.polar_snapshot()

@@ -6,12 +6,10 @@ import copy
 import datetime
 import json
 import re
-import tomllib
 from typing import Any
 
 import pytest
 
-from relay.config import parse
 from relay.errors import MappingError
 from relay.mapping import (
     MapResult,
@@ -26,7 +24,8 @@ from relay.mapping import (
     redact,
 )
 from relay.models import EventStatus, OutboundDraft
-from tests.helpers import REPO, env, fixture_body, order_paid
+from tests import helpers
+from tests.helpers import fixture_body, order_paid
 
 EVENT: dict[str, Any] = {
     "type": "order.paid",
@@ -634,10 +633,9 @@ def test_fan_out_is_all_or_nothing() -> None:
 # ---------------------------------------------------------------- the shipped relay.toml
 
 
-@pytest.fixture(scope="module")
-def shipped_routes() -> tuple[Route, ...]:
-    raw = tomllib.loads((REPO / "relay.toml").read_text(encoding="utf-8"))
-    return parse(raw, env()).routes
+@pytest.fixture(scope="module", name="shipped_routes")
+def shipped_routes_once() -> tuple[Route, ...]:
+    return helpers.shipped_routes()
 
 
 def fixture_event(name: str) -> dict[str, Any]:

@@ -2,7 +2,9 @@
 
 `relay pause`, `relay resume`, `relay outbox retry` and `relay replay` run as real `relay`
 processes against the database of relays served in this test process with a 30 s poll
-interval: each change must take effect well under a second after the command exits. On SQLite
+interval: each change must take effect within a few seconds of the command's exit (in
+practice well under one; the deadline is wide for a loaded machine, and still far below the
+poll). On SQLite
 the serving relay sees the other process's commit (PRAGMA data_version); on PostgreSQL every
 replica gets a NOTIFY.
 """
@@ -29,7 +31,7 @@ from tests.helpers import (
 )
 
 POLL_S = 30.0  # the workers' own poll: far longer than any deadline below
-DEADLINE_S = 0.5  # from the command's exit to the effect
+DEADLINE_S = 5.0  # from the command's exit to the effect: far below POLL_S
 
 
 async def operator(*args: str) -> None:
@@ -96,7 +98,7 @@ async def test_sqlite_retry_from_another_process_is_sent_at_once(
     aiohttp_client: AiohttpClient, config: Config, faurya: FakeFaurya, db_path: Path
 ) -> None:
     """A relay on SQLite sends a message revived by `relay outbox retry` (another process)
-    within half a second, though its workers poll every 30 s."""
+    at once (within DEADLINE_S), though its workers poll every 30 s."""
     relay = await aiohttp_client(create_app(config, poll_interval_s=POLL_S))
 
     async def dead_count() -> int:
@@ -109,7 +111,7 @@ async def test_sqlite_pause_and_resume_from_another_process_act_at_once(
     aiohttp_client: AiohttpClient, config: Config, faurya: FakeFaurya, db_path: Path
 ) -> None:
     """`relay pause` and `relay resume` (another process) take effect on a relay on SQLite
-    within half a second, though its workers poll every 30 s."""
+    at once (within DEADLINE_S), though its workers poll every 30 s."""
     relay = await aiohttp_client(create_app(config, poll_interval_s=POLL_S))
     await paused_then_resumed([relay], faurya, str(db_path))
 
@@ -120,8 +122,8 @@ async def test_sqlite_pause_and_resume_from_another_process_act_at_once(
 async def test_postgres_retry_and_pause_reach_every_replica_at_once(
     aiohttp_client: AiohttpClient, config: Config, faurya: FakeFaurya, pg_url: str
 ) -> None:
-    """Two relays on one PostgreSQL outbox: a retry from another process is sent within half
-    a second, and pause and resume reach both replicas within half a second (NOTIFY)."""
+    """Two relays on one PostgreSQL outbox: a retry from another process is sent at once,
+    and pause and resume reach both replicas at once (NOTIFY), within DEADLINE_S."""
     relays = [
         await aiohttp_client(create_app(config, db_path=pg_url, poll_interval_s=POLL_S))
         for _ in range(2)

@@ -22,7 +22,6 @@ from relay.app import METRICS, STORE, create_app
 from relay.config import Config, parse
 from relay.errors import ConfigError
 from relay.models import MessageRecord, MessageStatus
-from tests import conftest
 from tests.helpers import (
     REPO,
     Client,
@@ -37,9 +36,6 @@ from tests.helpers import (
     sign_headers,
 )
 from tests.polar_fake import TOKEN, FakePolar
-
-# Fixtures that moved to tests/conftest.py, still importable from here by name.
-clock, logs, polar = conftest.clock, conftest.logs, conftest.polar
 
 pytestmark = pytest.mark.usefixtures("logs")  # every test captures its log events
 

@@ -47,14 +47,12 @@ from tests.helpers import (
 )
 from tests.polar_fake import FakePolar, with_polar_api
 
-# Fixtures that moved to tests/conftest.py, still importable from here by name.
-polar = conftest.polar
-
 
 @pytest.fixture
 def config(faurya: FakeFaurya, db_path: Path, polar: FakePolar) -> Config:
-    """The shipped config, delivering to the fake Faurya, reading the fake Polar API."""
-    return with_polar_api(shipped_config(faurya.url, db_path), polar)
+    """The shipped config, delivering to the fake Faurya (in-process: see conftest's
+    `config`), reading the fake Polar API."""
+    return with_polar_api(conftest.in_process_delivery(shipped_config(faurya.url, db_path)), polar)
 
 
 @pytest.fixture
@@ -331,7 +329,7 @@ async def test_a_webhook_after_reconciliation_is_a_duplicate(
         record = await store.get_message(message.id)
         return record is not None and record.status is MessageStatus.DELIVERED
 
-    await wait_until(delivered, timeout_s=5)
+    await wait_until(delivered)
     assert message.webhook_id == f"reconcile:order.paid:{order['id']}"
     assert len(faurya.received) == 1
 
@@ -364,7 +362,7 @@ async def test_the_relay_reconciles_periodically(
         async def ran() -> bool:
             return reconcile_metric(relay, "relay_reconcile_runs_total", outcome="ok") >= 1
 
-        await wait_until(ran, timeout_s=5)
+        await wait_until(ran)
         received = await faurya.wait_for(2)
 
     assert reconcile_metric(relay, "relay_reconcile_enqueued_total") == 2
@@ -390,7 +388,7 @@ async def test_a_failed_periodic_run_is_counted_and_changes_nothing(
         async def failed() -> bool:
             return reconcile_metric(relay, "relay_reconcile_runs_total", outcome="failed") >= 1
 
-        await wait_until(failed, timeout_s=5)
+        await wait_until(failed)
 
     [failure, *_] = [e for e in logs if e["event"] == "reconcile_failed"]
     assert "503" in failure["error"]

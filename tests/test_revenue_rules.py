@@ -24,7 +24,7 @@ from relay.mapping import (
     map_event,
 )
 from relay.models import EventStatus
-from tests.helpers import REPO, env, fixture_body
+from tests.helpers import REPO, env, fixture_body, shipped_routes
 
 ORDER: dict[str, Any] = json.loads(fixture_body("order.paid.subscription_create.json"))
 
@@ -136,11 +136,6 @@ def test_a_condition_can_read_the_routes_lookups() -> None:
 
 
 # ---------------------------------------------------------------- the shipped routes
-
-
-def shipped_routes() -> tuple[Route, ...]:
-    raw = tomllib.loads((REPO / "relay.toml").read_text())
-    return parse(raw, env()).routes
 
 
 @pytest.mark.parametrize(

@@ -20,20 +20,16 @@ from typing import Any
 
 import pytest
 from prometheus_client import CollectorRegistry
-from pytest_aiohttp import AiohttpClient, AiohttpServer
+from pytest_aiohttp import AiohttpClient
 
 from relay import currency
-from relay.app import METRICS, POLAR_API, STORE, WORKERS, create_app
+from relay.app import METRICS, POLAR_API, STORE, create_app
 from relay.config import CheckoutConfig, Config, parse
 from relay.models import MessageStatus
 from relay.reconcile import Reconciler
-from tests import conftest
-from tests.helpers import REPO, Client, FakeClock, env, sign_headers, wait_until
+from tests.helpers import REPO, Client, FakeClock, drained, env, sign_headers
 from tests.polar_fake import FakePolar, with_polar_api
 from tests.polar_world import FauryaBook, PolarWorld
-
-# Fixtures that moved to tests/conftest.py, still importable from here by name.
-polar = conftest.polar
 
 PRODUCT = "5f0e6c1e-8a4b-4c7e-9a53-2f6d1b0c7e11"
 SHOP = "http://shop.example"
@@ -49,14 +45,6 @@ SHIPPED = [
     ("config/relay.minimal.toml", "net"),
     ("config/relay.total-amount.toml", "total"),
 ]
-
-
-@pytest.fixture
-async def book(aiohttp_server: AiohttpServer) -> FauryaBook:
-    book = FauryaBook()
-    server = await aiohttp_server(book.app())
-    book.url = str(server.make_url("")).rstrip("/")
-    return book
 
 
 def load_shipped(name: str, book: FauryaBook, polar: FakePolar, db_path: Path) -> Config:
@@ -82,18 +70,6 @@ async def deliver(relay: Client, world: PolarWorld) -> int:
             assert resp.status == 202, await resp.text()
             posted += 1
     return posted
-
-
-async def drain(relay: Client) -> None:
-    """Deliver until nothing is pending or in flight."""
-    store = relay.app[STORE]
-
-    async def idle() -> bool:
-        await relay.app[WORKERS].run_until_idle()
-        counts = (await store.stats("faurya")).counts
-        return not counts[MessageStatus.PENDING] and not counts[MessageStatus.INFLIGHT]
-
-    await wait_until(idle, timeout_s=20)
 
 
 @pytest.fixture
@@ -163,11 +139,11 @@ async def test_faurya_revenue_equals_polar_ledger(
     play(world, checkout.answer["metadata"])
 
     await deliver(relay, world)
-    await drain(relay)
+    await drained(relay)
     store = relay.app[STORE]
     reconciler = Reconciler(store, config, relay.app[POLAR_API], FakeClock(time.time()))
     first = await reconciler.run(time.time() - config.reconcile.lookback_s, None)
-    await drain(relay)
+    await drained(relay)
 
     assert first.skipped == []
     assert book.dropped == []
@@ -192,7 +168,7 @@ async def test_the_isk_order_is_counted_in_polars_units(
     world = PolarWorld(polar)
     world.purchase({"orderId": "ord_isk", **IDS}, net=990000, currency="isk")
     await deliver(relay, world)
-    await drain(relay)
+    await drained(relay)
 
     assert book.ledger() == {"ISK": 990000}
     registry: CollectorRegistry = relay.app[METRICS].registry

@@ -143,6 +143,7 @@ async def test_an_event_and_its_messages_commit_together(
     assert len(result.message_ids) == 2
     assert result.duplicate_keys == ()
     assert {DEST, OTHER} in committed
+    assert set().union(*committed) == {DEST, OTHER}  # no other destination is woken
     async with operator_store(store_location, clock) as other:
         [event] = await other.list_events(EventFilter())
         assert (event.id, event.source, event.webhook_id, event.event_type) == (
@@ -326,6 +327,7 @@ async def test_a_failing_webhook_in_a_batch_fails_alone_and_leaves_nothing(store
     assert (await store.enqueue(draft("wh_3", message("order-3")))).outcome is (
         IngestOutcome.ACCEPTED
     )
+    assert [(b.size, b.ok) for b in batches][3:] == [(1, True)]
 
 
 # ------------------------------------------------------------------ claims
@@ -394,6 +396,8 @@ async def test_concurrent_claims_never_share_a_message(
     claimed = [m.id for batch in claims for m in batch]
     assert len(claimed) == len(set(claimed)) == 40
     assert sorted(claimed) == sorted(ids)
+    taken = [batch for batch in claims if batch]
+    assert len({batch[0].lease_token for batch in taken}) == len(taken)  # one token a claim
     assert (await store.stats(DEST)).counts[MessageStatus.INFLIGHT] == 40
 
 
@@ -579,7 +583,10 @@ async def test_retry_messages_revives_dead_ones_with_a_fresh_budget(
     assert (revived.id, revived.attempt, revived.retry_from_at) == (dead_id, 1, T0 + 600)
     assert inflight.id == inflight_id
 
+    signalled: list[set[str]] = []
+    store.on_commit = signalled.append
     assert await store.retry_messages(all_dead=True) == 1
+    assert signalled == [set()]  # the serving store's own workers are woken to look again
     assert (await record(store, other_dead_id)).status is MessageStatus.PENDING
     assert await store.list_messages(status=MessageStatus.DEAD) == []
 
@@ -953,7 +960,7 @@ async def test_a_killed_process_loses_nothing_it_committed(store_location: Locat
             await store.requeue_inflight(expired_only=not store.exclusive)
             return (await store.stats(DEST)).counts[MessageStatus.INFLIGHT] == 0
 
-        await wait_until(lease_back, timeout_s=5)
+        await wait_until(lease_back)
         rows = reversed(await store.list_messages())
         assert [(r.idempotency_key, r.body, r.status, r.attempts) for r in rows] == [
             ("order-1", b'{"n": 1}', MessageStatus.PENDING, 1),
