@@ -4,8 +4,9 @@ from __future__ import annotations
 
 import dataclasses
 import time
-from collections.abc import AsyncIterator, Callable, Iterator
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 import structlog
@@ -13,7 +14,7 @@ from aiohttp import web
 from aiohttp.test_utils import TestClient, TestServer
 from pytest_aiohttp import AiohttpClient, AiohttpServer
 
-from relay.app import STORE, WORKERS, create_app
+from relay.app import STORE, WORKERS, create_admin_app, create_app
 from relay.config import Config
 from relay.store import Store
 from relay.workers import Workers
@@ -146,6 +147,20 @@ async def relay_processes(db_path: Path) -> AsyncIterator[RelayProcesses]:
 
 
 MakeRelay = Callable[..., "AsyncIterator[TestClient[web.Request, web.Application]]"]
+MakeAdmin = Callable[..., Awaitable[Client]]
+
+
+@pytest.fixture
+def make_admin(aiohttp_client: AiohttpClient, config: Config) -> MakeAdmin:
+    """Makes a relay's admin listener (console, API, /metrics) with these `admin` settings,
+    e.g. `await make_admin(token=Secret(...), read_token=Secret(...))`."""
+
+    async def make(**admin: Any) -> Client:
+        relay_config = dataclasses.replace(config, admin=dataclasses.replace(config.admin, **admin))
+        main = await aiohttp_client(create_app(relay_config, poll_interval_s=0.05))
+        return await aiohttp_client(create_admin_app(main.app))
+
+    return make
 
 
 @pytest.fixture

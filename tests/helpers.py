@@ -122,6 +122,19 @@ class Received:
 Responder = Callable[[web.Request, int], Awaitable[web.StreamResponse]]
 
 
+def refusing(refused: set[str]) -> Responder:
+    """A FakeFaurya script: 422 "unknown site" for a body whose providerPaymentId is in
+    `refused` when it arrives (the set may change meanwhile), 200 for the others."""
+
+    async def script(request: web.Request, n: int) -> web.StreamResponse:
+        body = await request.json()
+        if body.get("providerPaymentId") in refused:
+            return web.json_response({"error": "unknown site"}, status=422)
+        return web.json_response({"ok": True})
+
+    return script
+
+
 @dataclass
 class FakeFaurya:
     """A real HTTP server that records revenue calls. `script` answers the n-th call (0-based);

@@ -47,6 +47,7 @@ from tests.helpers import (
     FakeClock,
     FakeFaurya,
     order_paid,
+    refusing,
     sign_headers,
     wait_until,
 )
@@ -126,13 +127,7 @@ def make_relay(aiohttp_client: AiohttpClient, config: Config, faurya: FakeFaurya
         main = await aiohttp_client(create_app(relay_config, poll_interval_s=0.05))
         relay = Relay(main, await aiohttp_client(create_admin_app(main.app)), faurya)
 
-        async def script(request: web.Request, n: int) -> web.StreamResponse:
-            body = await request.json()
-            if body.get("providerPaymentId") in relay.refused:
-                return web.json_response({"error": "unknown site"}, status=422)
-            return web.json_response({"ok": True})
-
-        faurya.script = script
+        faurya.script = refusing(relay.refused)
         return relay
 
     return make
@@ -695,6 +690,24 @@ def inbound(webhook_id: str, *messages: OutboundDraft) -> InboundDraft:
     )
 
 
+async def seed_three(store: Store) -> tuple[int, int, int]:
+    """Three purchases (1000, 5000 and 300 cents): the first delivered, the other two dead
+    with HTTP 422, each with its attempt recorded. Returns their message ids."""
+    ids = []
+    for n, amount in ((1, 1000), (2, 5000), (3, 300)):
+        result = await store.enqueue(inbound(f"wh_{n}", purchase(f"ord_{n}", amount)))
+        ids += list(result.message_ids)
+    one, two, three = ids
+    # 35 s into a minute: PostgreSQL's CAST would round it into the next one.
+    attempt = AttemptRecord(T0 + 15, 422, None, 0.05, "unknown site")
+    for claimed in await store.claim("faurya", 3, 30.0):
+        if claimed.id == one:
+            assert await store.mark_delivered(claimed, 200, AttemptRecord(T0 + 15, 200, None, 0.01))
+        else:
+            assert await store.mark_dead(claimed, Dead("422", 422), "HTTP 422", attempt)
+    return one, two, three
+
+
 async def test_console_store_queries_on_both_backends(store_location: str) -> None:
     """The console's store methods answer the same on SQLite and PostgreSQL: search by each
     id, filters, keyset pages, attempts written with outcomes, revenue and money at risk,
@@ -706,20 +719,7 @@ async def test_console_store_queries_on_both_backends(store_location: str) -> No
     clock = FakeClock(T0)
     store = await open_store(store_location, clock=clock, serve=True)
     try:
-        ids = []
-        for n, amount in ((1, 1000), (2, 5000), (3, 300)):
-            result = await store.enqueue(inbound(f"wh_{n}", purchase(f"ord_{n}", amount)))
-            ids += list(result.message_ids)
-        one, two, three = ids
-        # 35 s into a minute: PostgreSQL's CAST would round it into the next one.
-        attempt = AttemptRecord(T0 + 15, 422, None, 0.05, "unknown site")
-        for claimed in await store.claim("faurya", 3, 30.0):
-            if claimed.id == one:
-                assert await store.mark_delivered(
-                    claimed, 200, AttemptRecord(T0 + 15, 200, None, 0.01)
-                )
-            else:
-                assert await store.mark_dead(claimed, Dead("422", 422), "HTTP 422", attempt)
+        one, two, three = await seed_three(store)
 
         async def found(**kw: Any) -> list[int]:
             items = await store.console_messages(ListFilters(**kw), None, 10)
@@ -799,20 +799,7 @@ async def test_console_audit_jobs_and_retention_on_both_backends(store_location:
     clock = FakeClock(T0)
     store = await open_store(store_location, clock=clock, serve=True)
     try:
-        ids = []
-        for n, amount in ((1, 1000), (2, 5000), (3, 300)):
-            result = await store.enqueue(inbound(f"wh_{n}", purchase(f"ord_{n}", amount)))
-            ids += list(result.message_ids)
-        one, two, three = ids
-        # 35 s into a minute: PostgreSQL's CAST would round it into the next one.
-        attempt = AttemptRecord(T0 + 15, 422, None, 0.05, "unknown site")
-        for claimed in await store.claim("faurya", 3, 30.0):
-            if claimed.id == one:
-                assert await store.mark_delivered(
-                    claimed, 200, AttemptRecord(T0 + 15, 200, None, 0.01)
-                )
-            else:
-                assert await store.mark_dead(claimed, Dead("422", 422), "HTTP 422", attempt)
+        one, two, three = await seed_three(store)
 
         audit_id = await store.add_audit("admin", "retry", str(two), None, 1)
         [entry] = await store.audit_entries(10, None)

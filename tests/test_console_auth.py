@@ -6,39 +6,25 @@ and the open mode of a loopback listener without a token. Plus the config rules 
 
 from __future__ import annotations
 
-import dataclasses
 import re
-from collections.abc import Awaitable, Callable
 from typing import Any
 
 import pytest
 import structlog
 from aiohttp import web
 from aiohttp.test_utils import TestClient
-from pytest_aiohttp import AiohttpClient
 
-from relay.app import create_admin_app, create_app
-from relay.config import AdminConfig, Config, Secret
+from relay.config import AdminConfig, Secret
 from relay.console.auth import COOKIE, LOGIN_FAILURES_PER_WINDOW, ConsoleAuth, LoginRefused
 from relay.console.service import Role
 from relay.errors import ConfigError
+from tests.conftest import MakeAdmin
 from tests.helpers import FakeClock, FakeFaurya, shipped_config
 
 Client = TestClient[web.Request, web.Application]
 ADMIN_TOKEN = "adm_auth_test_token_2f6d"
 READ_TOKEN = "read_auth_test_token_c81e"
 CSRF_RE = re.compile(r'name="csrf" value="([^"]+)"')
-MakeAdmin = Callable[..., Awaitable[Client]]
-
-
-@pytest.fixture
-def make_admin(aiohttp_client: AiohttpClient, config: Config) -> MakeAdmin:
-    async def make(**admin: Any) -> Client:
-        relay_config = dataclasses.replace(config, admin=dataclasses.replace(config.admin, **admin))
-        main = await aiohttp_client(create_app(relay_config, poll_interval_s=0.05))
-        return await aiohttp_client(create_admin_app(main.app))
-
-    return make
 
 
 @pytest.fixture

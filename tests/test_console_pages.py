@@ -44,6 +44,7 @@ from tests.helpers import (
     FakeClock,
     FakeFaurya,
     order_paid,
+    refusing,
     sign_headers,
     wait_until,
 )
@@ -133,13 +134,7 @@ async def make_console(
         console_admin = await aiohttp_client(create_admin_app(main.app))
         console = Console(main, console_admin, faurya)
 
-        async def script(request: web.Request, n: int) -> web.StreamResponse:
-            body = await request.json()
-            if body.get("providerPaymentId") in console.refused:
-                return web.json_response({"error": "unknown site"}, status=422)
-            return web.json_response({"ok": True})
-
-        faurya.script = script
+        faurya.script = refusing(console.refused)
         return console
 
     return make

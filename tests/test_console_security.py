@@ -11,37 +11,25 @@ from __future__ import annotations
 
 import dataclasses
 import re
-from collections.abc import Awaitable, Callable, MutableMapping
+from collections.abc import MutableMapping
 from typing import Any
 
 import pytest
 import structlog
 from aiohttp import web
 from aiohttp.test_utils import TestClient
-from pytest_aiohttp import AiohttpClient
 
 from relay import hardening
-from relay.app import create_admin_app, create_app
 from relay.config import AdminConfig, Config, Secret
 from relay.console.auth import COOKIE, LOGIN_FAILURES_PER_WINDOW, ConsoleAuth, LoginRefused
 from relay.console.service import Role
+from tests.conftest import MakeAdmin
 from tests.helpers import FakeClock, raw_connection
 
 Client = TestClient[web.Request, web.Application]
 ADMIN_TOKEN = "adm_security_test_token_4b7e"
 READ_TOKEN = "read_security_test_token_9a13"
 CSRF_RE = re.compile(r'name="csrf" value="([^"]+)"')
-MakeAdmin = Callable[..., Awaitable[Client]]
-
-
-@pytest.fixture
-def make_admin(aiohttp_client: AiohttpClient, config: Config) -> MakeAdmin:
-    async def make(**admin: Any) -> Client:
-        relay_config = dataclasses.replace(config, admin=dataclasses.replace(config.admin, **admin))
-        main = await aiohttp_client(create_app(relay_config, poll_interval_s=0.05))
-        return await aiohttp_client(create_admin_app(main.app))
-
-    return make
 
 
 @pytest.fixture
