@@ -480,10 +480,9 @@ async def test_search_columns_are_extracted_at_mapping_time(relay: Relay) -> Non
     assert item["currency"] == item["currency"].upper()
 
 
-def test_migration_backfills_search_columns_from_stored_bodies(tmp_path: Path) -> None:
-    """A store written before the console gets its search columns filled once by the
-    migration, from each message's body."""
-    path = tmp_path / "old.db"
+def store_before_the_console(path: Path) -> sqlite3.Connection:
+    """A SQLite store at schema 5 (before the console's migration) with one inbound event
+    (id 1), open for the test to add the messages an older relay wrote."""
     db = sqlite3.connect(path)
     for version, sql in migrations():
         if version > 5:
@@ -495,6 +494,24 @@ def test_migration_backfills_search_columns_from_stored_bodies(tmp_path: Path) -
         "headers_json, body, status) VALUES (1, 'polar', 'w1', 'order.paid', 0, '{}', NULL, "
         "'routed')"
     )
+    return db
+
+
+def migrate_to_latest(path: Path) -> None:
+    """Open the store as the relay does, which runs the migrations still to run."""
+
+    async def reopen() -> None:
+        store = await Store.open(str(path))
+        await store.close()
+
+    asyncio.run(reopen())
+
+
+def test_migration_backfills_search_columns_from_stored_bodies(tmp_path: Path) -> None:
+    """A store written before the console gets its search columns filled once by the
+    migration, from each message's body."""
+    path = tmp_path / "old.db"
+    db = store_before_the_console(path)
     body = {
         "event": "purchase",
         "amount": 4410,
@@ -511,12 +528,7 @@ def test_migration_backfills_search_columns_from_stored_bodies(tmp_path: Path) -
     )
     db.commit()
     db.close()
-
-    async def reopen() -> None:
-        store = await Store.open(str(path))  # migrates
-        await store.close()
-
-    asyncio.run(reopen())
+    migrate_to_latest(path)
     with contextlib.closing(sqlite3.connect(path)) as db:
         row = db.execute(
             "SELECT order_id, payment_ref, event_kind, amount_minor, currency, attributed "
@@ -835,17 +847,7 @@ def test_migration_backfill_counts_attribution_as_the_relay_does(tmp_path: Path)
     from relay.models import BodyFacts
 
     path = tmp_path / "old.db"
-    db = sqlite3.connect(path)
-    for version, sql in migrations():
-        if version > 5:
-            break
-        db.executescript(sql)
-        db.execute(f"PRAGMA user_version = {version}")
-    db.execute(
-        "INSERT INTO inbound_events (id, source, webhook_id, event_type, received_at, "
-        "headers_json, body, status) VALUES (1, 'polar', 'w1', 'order.paid', 0, '{}', NULL, "
-        "'routed')"
-    )
+    db = store_before_the_console(path)
     attributions: list[object] = [
         {"faSessionId": "s"},
         {"faAttributionToken": "t"},
@@ -865,12 +867,7 @@ def test_migration_backfill_counts_attribution_as_the_relay_does(tmp_path: Path)
         )
     db.commit()
     db.close()
-
-    async def reopen() -> None:
-        store = await Store.open(str(path))  # migrates
-        await store.close()
-
-    asyncio.run(reopen())
+    migrate_to_latest(path)
     with contextlib.closing(sqlite3.connect(path)) as db:
         rows = db.execute("SELECT body, attributed FROM outbound_messages ORDER BY id").fetchall()
     expected = []
