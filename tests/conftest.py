@@ -59,6 +59,15 @@ def logs(_plain_logs: None, log_secrets: tuple[str, ...]) -> Iterator[LogList]:
 
 
 @pytest.fixture
+def aiohttp_client(aiohttp_server: AiohttpServer, aiohttp_client: AiohttpClient) -> AiohttpClient:
+    """pytest-aiohttp's `aiohttp_client`, set up after `aiohttp_server` so that it is torn down
+    first: the apps under test stop before the fake servers they call (Faurya, Polar). In the
+    other order, a delivery in flight at teardown waited out its 10 s timeout against a fake
+    Faurya that was already gone."""
+    return aiohttp_client
+
+
+@pytest.fixture
 async def faurya(aiohttp_server: AiohttpServer) -> FakeFaurya:
     fake = FakeFaurya()
     server: TestServer = await aiohttp_server(fake.app())
