@@ -34,7 +34,7 @@ from relay.config import Config, LedgerConfig, parse
 from relay.ledger import NO_TOKEN_NOTE, Ledger, build
 from relay.ledger_differences import Expected, Kind, PolarEntry, Why
 from relay.ledger_gauge import LedgerGauge
-from relay.ledger_report import major, to_json
+from relay.ledger_report import major, parse_bound, to_json
 from relay.ledger_source import read_ledger, settle_s
 from relay.models import (
     EventStatus,
@@ -44,6 +44,7 @@ from relay.models import (
     PolarKind,
     SnapshotCoverage,
 )
+from relay.outbox_commands import BadTime
 from relay.reconcile import Reconciler
 from relay.revenue import RevenueFacts
 from relay.store import Store
@@ -578,3 +579,14 @@ def test_polars_side_of_a_25_hour_day_counts_its_last_hour() -> None:
     assert row.day == date(2026, 10, 25)
     assert row.polar is not None
     assert (row.polar.net_minor, row.delivered.net_minor, row.difference_minor) == (4410, 4410, 0)
+
+
+@pytest.mark.parametrize(
+    ("text", "end"),
+    [("9999-12-31", True), ("9999-12-31T23:00:00", False), ("99999999999999d", False)],
+)
+def test_a_time_beyond_what_a_datetime_shows_is_a_bad_time(text: str, end: bool) -> None:
+    """`relay ledger --until 9999-12-31` (or a time no zone can show) is a one-line BadTime,
+    not an OverflowError traceback."""
+    with pytest.raises(BadTime, match=r"cannot read time|out of range"):
+        parse_bound(text, ZoneInfo("Pacific/Kiritimati"), time.time(), end=end)
