@@ -18,7 +18,7 @@ from typing import Any
 from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
 
 from relay.config import Config
-from relay.currency import polar_exponent
+from relay.currency import polar_exponent, polar_major_text
 from relay.errors import ConfigError
 from relay.ledger import Ledger, Tally, day_start
 from relay.ledger_differences import Difference
@@ -58,12 +58,7 @@ DIFFERENCE_COLUMNS = (
 
 def major(amount_minor: int, currency: str) -> str:
     """Minor units as a major-unit string by Polar's exponent ("44.10", "4410" for JPY)."""
-    exp = polar_exponent(currency)
-    if exp is None or exp == 0:
-        return str(amount_minor)
-    sign = "-" if amount_minor < 0 else ""
-    whole, frac = divmod(abs(amount_minor), 10**exp)
-    return f"{sign}{whole}.{frac:0{exp}d}"
+    return polar_major_text(amount_minor, currency)
 
 
 def tally_json(tally: Tally) -> dict[str, int]:
