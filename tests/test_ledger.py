@@ -590,3 +590,38 @@ def test_a_time_beyond_what_a_datetime_shows_is_a_bad_time(text: str, end: bool)
     not an OverflowError traceback."""
     with pytest.raises(BadTime, match=r"cannot read time|out of range"):
         parse_bound(text, ZoneInfo("Pacific/Kiritimati"), time.time(), end=end)
+
+
+def test_a_delivery_in_another_currency_is_missing_in_one_and_extra_in_the_other() -> None:
+    """Polar's 4410 USD delivered as 4410 EUR is two mismatches (+4410 USD, -4410 EUR), never a
+    subtraction across currencies; a refund delivered as a purchase is an event mismatch."""
+    at = datetime(2026, 11, 30, 12, 0, tzinfo=UTC).timestamp()
+    entries = [order_entry("o1", at, 4410, "USD"), order_entry("o2", at, 500, "USD")]
+    eur = {"event": "purchase", "amount": 4410, "currency": "eur"}
+    refund = {"event": "refund", "amount": 500, "currency": "USD"}
+    ledger = build(
+        entries=entries,
+        messages=[
+            message(1, "polar:order:o1", eur, at + 1, MessageStatus.DELIVERED),
+            message(2, "polar:order:o2", refund, at + 1, MessageStatus.DELIVERED),
+        ],
+        coverage=SnapshotCoverage(at - 60, None, at + 60, (PolarKind.ORDER,)),
+        destinations=["faurya"],
+        tz=ZoneInfo("UTC"),
+        since=at - 60,
+        until=at + 60,
+        now=at + 60,
+        settle_s=0,
+    )
+    assert sorted(
+        (d.why, d.currency, d.amount_minor, d.message_id) for d in ledger.differences
+    ) == [
+        (Why.CURRENCY, "EUR", -4410, 1),
+        (Why.CURRENCY, "USD", 4410, 1),
+        (Why.EVENT, "USD", 1000, 2),
+    ]
+    assert {d.kind for d in ledger.differences} == {Kind.MISMATCH}
+    assert {(r.currency, r.difference_minor) for r in ledger.rows} == {
+        ("EUR", -4410),
+        ("USD", 5410),
+    }
