@@ -625,3 +625,26 @@ def test_a_delivery_in_another_currency_is_missing_in_one_and_extra_in_the_other
         ("EUR", -4410),
         ("USD", 5410),
     }
+
+
+def test_the_currency_filter_finds_a_delivery_in_no_known_currency() -> None:
+    """`--currency other` (any case) shows the day of a delivery whose currency the relay
+    does not know, as `--currency usd` shows USD."""
+    at, entries, messages = late_evening()
+    odd = {"event": "purchase", "amount": 700, "currency": "XYZ"}
+    messages = [*messages, message(9, "manual:9", odd, at + 5, MessageStatus.DELIVERED)]
+    kwargs: dict[str, Any] = {
+        "entries": entries,
+        "messages": messages,
+        "coverage": None,
+        "destinations": ["faurya"],
+        "tz": ZoneInfo("UTC"),
+        "since": at - 60,
+        "until": at + 86400,
+        "now": at + 86400,
+        "settle_s": 0,
+    }
+    for code in ("other", "OTHER"):
+        rows = build(**kwargs, currency=code).rows
+        assert [(r.currency, r.received.purchase_minor) for r in rows] == [("other", 700)]
+    assert {r.currency for r in build(**kwargs, currency="usd").rows} == {"USD"}
