@@ -216,11 +216,9 @@ def compare(
         # in the other.
         amounts = [(exp.facts.currency, _signed(exp.facts)), (money.currency, -_signed(money))]
     else:
-        why = (
-            Why.EVENT
-            if (money.event == "purchase") != (exp.facts.event == "purchase")
-            else Why.AMOUNT
-        )
+        # A refund sent as a negative purchase (a "credit") moves the same money, but Faurya
+        # books it as another event: that is the event's difference, not the amount's.
+        why = Why.EVENT if money.event != exp.facts.event else Why.AMOUNT
         amounts = [(exp.facts.currency, _signed(exp.facts) - _signed(money))]
     fix = (
         f"none by the relay (a replay resends the same body): see relay outbox show "

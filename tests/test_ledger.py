@@ -648,3 +648,32 @@ def test_the_currency_filter_finds_a_delivery_in_no_known_currency() -> None:
         rows = build(**kwargs, currency=code).rows
         assert [(r.currency, r.received.purchase_minor) for r in rows] == [("other", 700)]
     assert {r.currency for r in build(**kwargs, currency="usd").rows} == {"USD"}
+
+
+def test_a_refund_delivered_as_a_negative_purchase_is_an_event_difference() -> None:
+    """Polar's refund of 500 that Faurya got as a purchase of -500 moves the same money but is
+    another event: an `event` mismatch of 0, not an `amount` one."""
+    at = datetime(2026, 11, 30, 12, 0, tzinfo=UTC).timestamp()
+    refund = PolarEntry(
+        kind=PolarKind.REFUND,
+        polar_id="r1",
+        created_at=at,
+        status="succeeded",
+        mapping=EventStatus.ROUTED,
+        expected=(Expected("faurya", "polar:refund:r1", RevenueFacts("refund", 500, "USD", True)),),
+    )
+    credit = {"event": "purchase", "amount": -500, "currency": "USD"}
+    ledger = build(
+        entries=[refund],
+        messages=[message(1, "polar:refund:r1", credit, at + 1, MessageStatus.DELIVERED)],
+        coverage=SnapshotCoverage(at - 60, None, at + 60, (PolarKind.REFUND,)),
+        destinations=["faurya"],
+        tz=ZoneInfo("UTC"),
+        since=at - 60,
+        until=at + 60,
+        now=at + 60,
+        settle_s=0,
+    )
+    assert [(d.kind, d.why, d.amount_minor) for d in ledger.differences] == [
+        (Kind.MISMATCH, Why.EVENT, 0)
+    ]
