@@ -58,6 +58,17 @@ def polar_exponent(code: str) -> int | None:
     return 0 if upper in _POLAR_ZERO_DECIMAL else 2
 
 
+def polar_major_text(amount: int, code: str, *, grouping: bool = False) -> str:
+    """A Polar amount in major units as text, by Polar's exponent: `4410, "JPY"` -> "4410",
+    `-1299, "EUR"` -> "-12.99" ("1,299.00" with `grouping`); an unknown code keeps minor
+    units. Exact at any size (no float)."""
+    digits = polar_exponent(code) or 0
+    sign = "-" if amount < 0 else ""
+    whole, frac = divmod(abs(amount), 10**digits)
+    number = f"{whole:,}" if grouping else str(whole)
+    return f"{sign}{number}.{frac:0{digits}d}" if digits else f"{sign}{number}"
+
+
 def minor_to_major(amount: int, code: str) -> Decimal:
     """A Polar amount (smallest unit, by Polar's exponent) in major units."""
     exp = polar_exponent(code)

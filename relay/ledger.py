@@ -153,6 +153,7 @@ def build(
     (every one created since `since` and any for the entries' keys); `destinations`: those
     the ledger counts (where the routes send revenue)."""
     wanted = set(destinations)
+    # Codes are upper case, but a body in no known currency is "other": match either way.
     only = currency.upper() if currency else None
     revenue = {
         (m.destination, m.idempotency_key): (m, money)
@@ -211,12 +212,12 @@ def build(
         ):
             diffs.append(unknown(message, money, entries, day_of(at, tz), settled(at)))
     if only is not None:
-        diffs = [d for d in diffs if d.currency == only]
+        diffs = [d for d in diffs if d.currency.upper() == only]
     for d in diffs:
         days[(d.day, d.currency)].difference += d.amount_minor
     rows = []
     for (day, code), tallies in sorted(days.items()):
-        if only is not None and code != only:
+        if only is not None and code.upper() != only:
             continue
         # A day in the ledger's zone is 23 or 25 hours when its clocks change, not 86400 s.
         start, end = day_start(day, tz), day_start(day + timedelta(days=1), tz)

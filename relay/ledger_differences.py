@@ -204,17 +204,22 @@ def compare(
                 **common,
             )
         ]
-    if money == exp.facts or (
-        (money.event, money.amount_minor, money.currency)
-        == (exp.facts.event, exp.facts.amount_minor, exp.facts.currency)
+    if (money.event, money.amount_minor, money.currency) == (
+        exp.facts.event,
+        exp.facts.amount_minor,
+        exp.facts.currency,
     ):
         return []
     if money.currency != exp.facts.currency:
         why = Why.CURRENCY
-    elif (money.event == "purchase") != (exp.facts.event == "purchase"):
-        why = Why.EVENT
+        # Two currencies do not subtract: Polar's amount is missing in one, Faurya's is extra
+        # in the other.
+        amounts = [(exp.facts.currency, _signed(exp.facts)), (money.currency, -_signed(money))]
     else:
-        why = Why.AMOUNT
+        # A refund sent as a negative purchase (a "credit") moves the same money, but Faurya
+        # books it as another event: that is the event's difference, not the amount's.
+        why = Why.EVENT if money.event != exp.facts.event else Why.AMOUNT
+        amounts = [(exp.facts.currency, _signed(exp.facts) - _signed(money))]
     fix = (
         f"none by the relay (a replay resends the same body): see relay outbox show "
         f"{message.id}, then correct it in Faurya by hand, or put the route back if it changed"
@@ -226,39 +231,17 @@ def compare(
         f"{_describe(entry)}: the route changed after delivery, or the body is not what "
         "Polar's object says"
     )
-    if why is Why.CURRENCY:
-        # Two currencies do not subtract: Polar's amount is missing in one, Faurya's is extra
-        # in the other.
-        return [
-            Difference(
-                kind=Kind.MISMATCH,
-                why=why,
-                currency=exp.facts.currency,
-                amount_minor=_signed(exp.facts),
-                detail=detail,
-                fix=fix,
-                **common,
-            ),
-            Difference(
-                kind=Kind.MISMATCH,
-                why=why,
-                currency=money.currency,
-                amount_minor=-_signed(money),
-                detail=detail,
-                fix=fix,
-                **common,
-            ),
-        ]
     return [
         Difference(
             kind=Kind.MISMATCH,
             why=why,
-            currency=exp.facts.currency,
-            amount_minor=_signed(exp.facts) - _signed(money),
+            currency=currency,
+            amount_minor=amount,
             detail=detail,
             fix=fix,
             **common,
         )
+        for currency, amount in amounts
     ]
 
 

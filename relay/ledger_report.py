@@ -18,14 +18,17 @@ from typing import Any
 from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
 
 from relay.config import Config
-from relay.currency import polar_exponent
+from relay.currency import polar_exponent, polar_major_text
 from relay.errors import ConfigError
 from relay.ledger import Ledger, Tally, day_start
 from relay.ledger_differences import Difference
-from relay.outbox_commands import parse_time
+from relay.outbox_commands import BadTime, parse_time
 
 FORMATS = ("table", "json", "csv")
 _DATE = re.compile(r"^\d{4}-\d{2}-\d{2}$")
+# The times a ledger can show in any zone: from the epoch to a day before datetime's end
+# (10000-01-01), so that the window's ends are dates in every offset.
+MAX_TIME = 253_402_300_800.0 - 2 * 86400
 TALLIES = ("polar", "received", "delivered", "pending", "dead", "discarded")
 TALLY_FIELDS = ("purchases", "purchase_minor", "refunds", "refund_minor", "net_minor")
 DAY_COLUMNS = (
@@ -55,12 +58,7 @@ DIFFERENCE_COLUMNS = (
 
 def major(amount_minor: int, currency: str) -> str:
     """Minor units as a major-unit string by Polar's exponent ("44.10", "4410" for JPY)."""
-    exp = polar_exponent(currency)
-    if exp is None or exp == 0:
-        return str(amount_minor)
-    sign = "-" if amount_minor < 0 else ""
-    whole, frac = divmod(abs(amount_minor), 10**exp)
-    return f"{sign}{whole}.{frac:0{exp}d}"
+    return polar_major_text(amount_minor, currency)
 
 
 def tally_json(tally: Tally) -> dict[str, int]:
@@ -142,13 +140,22 @@ def zone(name: str) -> ZoneInfo:
 def parse_bound(text: str | None, tz: ZoneInfo, now: float, *, end: bool) -> float | None:
     """A bare date is a day in the ledger's time zone: `--since` from its start, `--until`
     through its end. Anything else as the other commands read times (ISO, UTC unless an
-    offset is given; or an age such as 7d)."""
+    offset is given; or an age such as 7d). A time the ledger cannot show is a `BadTime`."""
     if text is None:
         return None
+    at: float | None
     if _DATE.match(text.strip()):
-        day = date.fromisoformat(text.strip())
-        return day_start(day + timedelta(days=1) if end else day, tz)
-    return parse_time(text, now)
+        try:
+            day = date.fromisoformat(text.strip())
+            at = day_start(day + timedelta(days=1) if end else day, tz)
+        except (ValueError, OverflowError) as exc:  # 2026-13-40, or the day after 9999-12-31
+            raise BadTime(f"cannot read time {text!r}: {exc}") from None
+    else:
+        at = parse_time(text, now)
+    # An age of a million years, or a date beyond 9999, is no time a datetime can show.
+    if at is None or not 0 <= at < MAX_TIME:
+        raise BadTime(f"{text!r} is out of range")
+    return at
 
 
 async def run(args: argparse.Namespace, config: Config) -> int:

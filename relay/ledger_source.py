@@ -11,6 +11,7 @@ sent (the two cancel out), and nothing when it never was. Nothing here asks Pola
 from __future__ import annotations
 
 import json
+from dataclasses import replace
 from typing import Any
 from zoneinfo import ZoneInfo
 
@@ -175,15 +176,9 @@ async def _entry(
         keys = [(m.destination, m.idempotency_key) for m in was.messages]
         sent = await store.find_bodies(keys)
         expected += [m for m in was.messages if (m.destination, m.idempotency_key) in sent]
-    return PolarEntry(
-        kind=record.kind,
-        polar_id=record.polar_id,
-        created_at=record.created_at,
-        status=record.status,
+    return replace(
+        base,
         mapping=mapped.status,
         expected=tuple(Expected(m.destination, m.idempotency_key, facts(m.body)) for m in expected),
         reason=mapped.reason,
-        polar_minor=amount,
-        currency=currency,
-        unmappable_event_id=base.unmappable_event_id,
     )

@@ -203,7 +203,6 @@ class Reconciler:
         self._dry_run = dry_run
         self._progress = progress
         self._source = config.reconcile.source
-        self._page: list[PolarRecord] = []
         self._first_at: float | None = None
         self._started_at = 0.0
         self._paths = snapshot_paths(config)
@@ -249,23 +248,23 @@ class Reconciler:
         await self._store.finish_polar_snapshot(coverage)
         return summary
 
-    def _keep(self, kind: PolarKind, item: dict[str, Any], created: float | None) -> None:
-        """Remember one object of this page for the snapshot: the fields the ledger needs,
-        customer PII redacted as in stored webhook bodies."""
+    def _keep(
+        self, kind: PolarKind, item: dict[str, Any], created: float | None
+    ) -> PolarRecord | None:
+        """One object of a page as the snapshot keeps it: the fields the ledger needs,
+        customer PII redacted as in stored webhook bodies (None: no id or no time)."""
         ident = item.get("id")
         if not isinstance(ident, str) or created is None:
-            return
+            return None
         self._first_at = created if self._first_at is None else min(self._first_at, created)
         data = redact({"data": project(item, self._paths)}, self._config.log.redact)["data"]
-        self._page.append(
-            PolarRecord(
-                kind=kind,
-                polar_id=ident,
-                created_at=created,
-                status=str(item.get("status")),
-                data=encode(data),
-                fetched_at=self._started_at,
-            )
+        return PolarRecord(
+            kind=kind,
+            polar_id=ident,
+            created_at=created,
+            status=str(item.get("status")),
+            data=encode(data),
+            fetched_at=self._started_at,
         )
 
     async def _walk(
@@ -282,6 +281,7 @@ class Reconciler:
         async for page in self._api.pages(path, params, scope=scope):
             summary.pages += 1
             past_cutoff = False
+            kept: list[PolarRecord] = []
             for item in page.items:
                 created = _created_at(item)
                 if until is not None and created is not None and created >= until:
@@ -290,14 +290,14 @@ class Reconciler:
                     # Newest first: everything after this is older still.
                     past_cutoff = True
                     break
-                self._keep(kind, item, created)
+                if (record := self._keep(kind, item, created)) is not None:
+                    kept.append(record)
                 event_type = polar_event_type(kind, item)
                 if event_type is not None:
                     summary.seen += 1
                     await self._one(event_type, item, summary)
             # Page by page: a 30-day window of a large shop never sits in memory whole.
-            await self._store.save_polar_records(self._page)
-            self._page = []
+            await self._store.save_polar_records(kept)
             if self._progress is not None:
                 self._progress(f"{path} page {page.page}/{page.max_page}: {summary.line()}")
             if past_cutoff:

@@ -647,6 +647,9 @@ async def test_ledger_without_a_polar_token_shows_the_relays_side(relay: Relay) 
         ("until=2026-13-40", "cannot read time"),
         ("since=99999999999999d", "out of range"),
         ("since=0001-01-01T00:00:00", "out of range"),
+        # Beyond datetime's end, as a day or as a time a zone east of UTC cannot show.
+        ("until=9999-12-31", "until: cannot read time '9999-12-31'"),
+        ("timezone=Pacific/Kiritimati&until=9999-12-31T23:00:00", "until: '9999-12-31T23"),
         ("since=2026-12-02&until=2026-12-01", "until must be after since"),
         ("currency=US%24", "currency must be a currency code"),
     ],

@@ -34,7 +34,7 @@ from relay.config import Config, LedgerConfig, parse
 from relay.ledger import NO_TOKEN_NOTE, Ledger, build
 from relay.ledger_differences import Expected, Kind, PolarEntry, Why
 from relay.ledger_gauge import LedgerGauge
-from relay.ledger_report import major, to_json
+from relay.ledger_report import major, parse_bound, to_json
 from relay.ledger_source import read_ledger, settle_s
 from relay.models import (
     EventStatus,
@@ -44,6 +44,7 @@ from relay.models import (
     PolarKind,
     SnapshotCoverage,
 )
+from relay.outbox_commands import BadTime
 from relay.reconcile import Reconciler
 from relay.revenue import RevenueFacts
 from relay.store import Store
@@ -578,3 +579,101 @@ def test_polars_side_of_a_25_hour_day_counts_its_last_hour() -> None:
     assert row.day == date(2026, 10, 25)
     assert row.polar is not None
     assert (row.polar.net_minor, row.delivered.net_minor, row.difference_minor) == (4410, 4410, 0)
+
+
+@pytest.mark.parametrize(
+    ("text", "end"),
+    [("9999-12-31", True), ("9999-12-31T23:00:00", False), ("99999999999999d", False)],
+)
+def test_a_time_beyond_what_a_datetime_shows_is_a_bad_time(text: str, end: bool) -> None:
+    """`relay ledger --until 9999-12-31` (or a time no zone can show) is a one-line BadTime,
+    not an OverflowError traceback."""
+    with pytest.raises(BadTime, match=r"cannot read time|out of range"):
+        parse_bound(text, ZoneInfo("Pacific/Kiritimati"), time.time(), end=end)
+
+
+def test_a_delivery_in_another_currency_is_missing_in_one_and_extra_in_the_other() -> None:
+    """Polar's 4410 USD delivered as 4410 EUR is two mismatches (+4410 USD, -4410 EUR), never a
+    subtraction across currencies; a refund delivered as a purchase is an event mismatch."""
+    at = datetime(2026, 11, 30, 12, 0, tzinfo=UTC).timestamp()
+    entries = [order_entry("o1", at, 4410, "USD"), order_entry("o2", at, 500, "USD")]
+    eur = {"event": "purchase", "amount": 4410, "currency": "eur"}
+    refund = {"event": "refund", "amount": 500, "currency": "USD"}
+    ledger = build(
+        entries=entries,
+        messages=[
+            message(1, "polar:order:o1", eur, at + 1, MessageStatus.DELIVERED),
+            message(2, "polar:order:o2", refund, at + 1, MessageStatus.DELIVERED),
+        ],
+        coverage=SnapshotCoverage(at - 60, None, at + 60, (PolarKind.ORDER,)),
+        destinations=["faurya"],
+        tz=ZoneInfo("UTC"),
+        since=at - 60,
+        until=at + 60,
+        now=at + 60,
+        settle_s=0,
+    )
+    assert sorted(
+        (d.why, d.currency, d.amount_minor, d.message_id) for d in ledger.differences
+    ) == [
+        (Why.CURRENCY, "EUR", -4410, 1),
+        (Why.CURRENCY, "USD", 4410, 1),
+        (Why.EVENT, "USD", 1000, 2),
+    ]
+    assert {d.kind for d in ledger.differences} == {Kind.MISMATCH}
+    assert {(r.currency, r.difference_minor) for r in ledger.rows} == {
+        ("EUR", -4410),
+        ("USD", 5410),
+    }
+
+
+def test_the_currency_filter_finds_a_delivery_in_no_known_currency() -> None:
+    """`--currency other` (any case) shows the day of a delivery whose currency the relay
+    does not know, as `--currency usd` shows USD."""
+    at, entries, messages = late_evening()
+    odd = {"event": "purchase", "amount": 700, "currency": "XYZ"}
+    messages = [*messages, message(9, "manual:9", odd, at + 5, MessageStatus.DELIVERED)]
+    kwargs: dict[str, Any] = {
+        "entries": entries,
+        "messages": messages,
+        "coverage": None,
+        "destinations": ["faurya"],
+        "tz": ZoneInfo("UTC"),
+        "since": at - 60,
+        "until": at + 86400,
+        "now": at + 86400,
+        "settle_s": 0,
+    }
+    for code in ("other", "OTHER"):
+        rows = build(**kwargs, currency=code).rows
+        assert [(r.currency, r.received.purchase_minor) for r in rows] == [("other", 700)]
+    assert {r.currency for r in build(**kwargs, currency="usd").rows} == {"USD"}
+
+
+def test_a_refund_delivered_as_a_negative_purchase_is_an_event_difference() -> None:
+    """Polar's refund of 500 that Faurya got as a purchase of -500 moves the same money but is
+    another event: an `event` mismatch of 0, not an `amount` one."""
+    at = datetime(2026, 11, 30, 12, 0, tzinfo=UTC).timestamp()
+    refund = PolarEntry(
+        kind=PolarKind.REFUND,
+        polar_id="r1",
+        created_at=at,
+        status="succeeded",
+        mapping=EventStatus.ROUTED,
+        expected=(Expected("faurya", "polar:refund:r1", RevenueFacts("refund", 500, "USD", True)),),
+    )
+    credit = {"event": "purchase", "amount": -500, "currency": "USD"}
+    ledger = build(
+        entries=[refund],
+        messages=[message(1, "polar:refund:r1", credit, at + 1, MessageStatus.DELIVERED)],
+        coverage=SnapshotCoverage(at - 60, None, at + 60, (PolarKind.REFUND,)),
+        destinations=["faurya"],
+        tz=ZoneInfo("UTC"),
+        since=at - 60,
+        until=at + 60,
+        now=at + 60,
+        settle_s=0,
+    )
+    assert [(d.kind, d.why, d.amount_minor) for d in ledger.differences] == [
+        (Kind.MISMATCH, Why.EVENT, 0)
+    ]

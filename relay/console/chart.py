@@ -58,12 +58,7 @@ def throughput_svg(minutes: Sequence[MinuteCounts], *, title: str = "Attempts pe
         f"{delivered_total} delivered and {failed_total} failed attempts "
         f"over the last {len(minutes)} minutes"
     )
-    out = [
-        f'<svg class="chart" viewBox="0 0 {WIDTH} {HEIGHT}" role="img" '
-        f'xmlns="http://www.w3.org/2000/svg" '
-        f'aria-label="{escape(title)}">',
-        f"<title>{escape(title)}</title><desc>{escape(desc)}</desc>",
-    ]
+    out = _open("chart", HEIGHT, title, desc)
     # Horizontal grid: 0, half and top, labelled on the left.
     for frac in (0.0, 0.5, 1.0):
         y = PAD_TOP + plot_h * (1 - frac)
@@ -117,6 +112,15 @@ def _minute_label(ago: int) -> str:
     return "now" if ago == 0 else f"-{ago}m"
 
 
+def _open(css_class: str, height: int, title: str, desc: str) -> list[str]:
+    """An accessible SVG's opening tag, title and description (both escaped): every chart's."""
+    return [
+        f'<svg class="{css_class}" viewBox="0 0 {WIDTH} {height}" role="img" '
+        f'xmlns="http://www.w3.org/2000/svg" aria-label="{escape(title)}">',
+        f"<title>{escape(title)}</title><desc>{escape(desc)}</desc>",
+    ]
+
+
 def _count(value: float) -> str:
     return str(int(value)) if value == int(value) else f"{value:.1f}"
 
@@ -163,11 +167,7 @@ def ledger_svg(days: Sequence[LedgerDay], *, currency: str, unit: int, title: st
         f"{len(days)} days in {currency}: Polar {_major(polar_total, unit)}, "
         f"Faurya {_major(faurya_total, unit)}"
     )
-    out = [
-        f'<svg class="chart ledger-chart" viewBox="0 0 {WIDTH} {height}" role="img" '
-        f'xmlns="http://www.w3.org/2000/svg" aria-label="{escape(title)}">',
-        f"<title>{escape(title)}</title><desc>{escape(desc)}</desc>",
-    ]
+    out = _open("chart ledger-chart", height, title, desc)
     for value in sorted({lo, 0, hi}):
         y = y_of(value)
         out.append(

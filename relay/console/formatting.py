@@ -13,7 +13,7 @@ from urllib.parse import quote
 
 import jinja2
 
-from relay.currency import exponent, polar_exponent
+from relay.currency import exponent, polar_major_text
 from relay.mapping.conditions import Condition
 
 NONE = "\u2013"  # an en dash: "no value", lighter than "None" or "n/a"
@@ -123,11 +123,8 @@ def polar_money(amount: int | None, currency: str | None, *, signed: bool = Fals
     `4410, "JPY"` -> `4,410 JPY`, `-1299, "EUR"` -> `-12.99 EUR`; `signed` adds a `+`."""
     if amount is None or not currency:
         return NONE
-    digits = polar_exponent(currency) or 0
-    sign = "-" if amount < 0 else ("+" if signed and amount > 0 else "")
-    whole, frac = divmod(abs(amount), 10**digits)
-    number = f"{whole:,}.{frac:0{digits}d}" if digits else f"{whole:,}"
-    return f"{sign}{number} {currency}"
+    plus = "+" if signed and amount > 0 else ""
+    return f"{plus}{polar_major_text(amount, currency, grouping=True)} {currency}"
 
 
 def target_links(target: str) -> list[dict[str, str | None]]:

@@ -547,7 +547,6 @@ def plain(value: Any) -> Any:
 
 
 MAX_LEDGER_PARAM = 64  # a time, a date, a zone name or a code is never longer
-MAX_LEDGER_TIME = 253_402_300_800.0  # 10000-01-01: datetime's end
 
 
 @dataclass(frozen=True, slots=True)
@@ -912,15 +911,9 @@ class ConsoleService:
         def bound(name: str, *, end: bool) -> float | None:
             value = text(name)
             try:
-                at = parse_bound(value, tz, now, end=end)
+                return parse_bound(value, tz, now, end=end)
             except BadTime as exc:
                 raise ConsoleError(f"{name}: {exc}") from None
-            except ValueError as exc:  # a date-shaped text that is no day (2026-13-40)
-                raise ConsoleError(f"{name}: cannot read time {value!r}: {exc}") from None
-            # An age of a million years is no time the ledger (or a datetime) can show.
-            if at is not None and not 0 <= at < MAX_LEDGER_TIME:
-                raise ConsoleError(f"{name}: {value!r} is out of range")
-            return at
 
         since = bound("since", end=False)
         until = bound("until", end=True)
