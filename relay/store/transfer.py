@@ -17,7 +17,8 @@ from dataclasses import dataclass
 import asyncpg
 
 from relay.errors import StorageError, StoreLocked
-from relay.store.postgres import migrate
+from relay.store import sql
+from relay.store.postgres import _numbered, migrate
 from relay.store.schema import ServeLock
 
 _TABLES = {
@@ -152,17 +153,10 @@ async def _copy_meta(source: sqlite3.Connection, target: asyncpg.Connection) -> 
         "SELECT 1 FROM sqlite_master WHERE type = 'table' AND name = 'relay_meta'"
     ).fetchone():
         return  # a file from before relay_meta
-    marks = ", ".join("?" for _ in _META_KEYS)
-    rows = source.execute(
-        f"SELECT key, value FROM relay_meta WHERE key IN ({marks}) ORDER BY key", _META_KEYS
-    ).fetchall()
-    for key, value in rows:
-        await target.execute(
-            "INSERT INTO relay_meta (key, value) VALUES ($1, $2) "
-            "ON CONFLICT (key) DO UPDATE SET value = excluded.value",
-            key,
-            value,
-        )
+    for key in _META_KEYS:
+        found = source.execute(sql.SELECT_META, (key,)).fetchone()
+        if found is not None:
+            await target.execute(_numbered(sql.UPSERT_META), key, found[0])
 
 
 async def _copy_table(
