@@ -126,6 +126,23 @@ def test_an_ipv6_client_is_limited_by_its_slash_64() -> None:
     assert auth.check_login("192.0.2.7", "tok").actor == "admin"
 
 
+def test_a_read_token_sign_in_does_not_reset_the_guesses_at_the_admin_token() -> None:
+    """Only the admin token's sign-in clears a client's failures: a read-token holder who
+    signs in between guesses still gets 429 after five wrong tokens, so the read token is no
+    way to guess the admin token without limit."""
+    auth = ConsoleAuth(
+        AdminConfig(listen="127.0.0.1:9090", token=Secret(ADMIN_TOKEN), read_token=Secret("r"))
+    )
+    for n in range(LOGIN_FAILURES_PER_WINDOW):
+        with pytest.raises(LoginRefused):
+            auth.check_login("192.0.2.9", f"guess-{n}")
+        if n < LOGIN_FAILURES_PER_WINDOW - 1:
+            assert auth.check_login("192.0.2.9", "r").role is Role.READ
+    with pytest.raises(LoginRefused) as refused:
+        auth.check_login("192.0.2.9", "r")
+    assert refused.value.retry_after_s is not None
+
+
 def test_signing_out_revokes_the_session_everywhere() -> None:
     """A revoked session's cookie is refused by this process until it would have expired,
     and the list of revoked ids forgets those past their expiry."""

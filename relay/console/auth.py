@@ -246,7 +246,10 @@ class ConsoleAuth:
             self.failed(address)
             log.warning("console_login_failed", address=address, reason="wrong_token", via="form")
             raise LoginRefused("that token is not this relay's admin or read token")
-        self._failures.pop(client_key(address), None)
+        if caller.can_act:
+            # Only the top token clears the count: a read token's sign-in between guesses
+            # would otherwise let its holder guess admin.token without limit.
+            self._failures.pop(client_key(address), None)
         log.info("console_login", address=address, actor=caller.actor)
         return caller
 
