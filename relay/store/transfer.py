@@ -149,9 +149,7 @@ async def copy_sqlite_to_postgres(sqlite_path: str, url: str) -> TransferResult:
 
 
 async def _copy_meta(source: sqlite3.Connection, target: asyncpg.Connection) -> None:
-    if not source.execute(
-        "SELECT 1 FROM sqlite_master WHERE type = 'table' AND name = 'relay_meta'"
-    ).fetchone():
+    if not _columns_of(source, "relay_meta"):
         return  # a file from before relay_meta
     for key in _META_KEYS:
         found = source.execute(sql.SELECT_META, (key,)).fetchone()
@@ -164,7 +162,7 @@ async def _copy_table(
 ) -> None:
     # A file written by an older relay lacks the newer columns (it is opened read-only, so
     # not migrated): those stay NULL in PostgreSQL.
-    present = {str(r[1]) for r in source.execute(f"PRAGMA table_info({table})")}
+    present = _columns_of(source, table)
     columns = tuple(c for c in columns if c in present)
     if not columns:
         return  # a table an older relay did not have
@@ -172,3 +170,9 @@ async def _copy_table(
     cursor = source.execute(f"SELECT {names} FROM {table} ORDER BY 1")
     while rows := cursor.fetchmany(_BATCH_ROWS):
         await target.copy_records_to_table(table, records=rows, columns=list(columns))
+
+
+def _columns_of(source: sqlite3.Connection, table: str) -> set[str]:
+    """The columns `table` has in the SQLite file; none when an older relay had no such
+    table."""
+    return {str(r[1]) for r in source.execute(f"PRAGMA table_info({table})")}
