@@ -5,8 +5,8 @@ console's history (attempts, audit, each destination's last success and error) a
 ledger's snapshot of Polar with its coverage, into an empty PostgreSQL outbox in one
 transaction (all or nothing), turns inflight messages back into pending ones (their process is
 gone), and moves the id sequences past the copied ids. It refuses while a relay serves the
-SQLite file (its serve lock is held) and when the target already holds events, so it can
-neither race a live relay nor merge two histories.
+SQLite file (its serve lock is held) and when the target already holds rows of any copied
+table, so it can neither race a live relay nor merge two histories.
 """
 
 from __future__ import annotations
@@ -119,8 +119,14 @@ async def copy_sqlite_to_postgres(sqlite_path: str, url: str) -> TransferResult:
         raise StorageError(f"cannot reach PostgreSQL: {type(exc).__name__}") from None
     try:
         await migrate(target)
-        if await target.fetchval("SELECT count(*) FROM inbound_events"):
-            raise StorageError("the PostgreSQL outbox is not empty: refusing to merge histories")
+        # Any copied table, not only the events: a PostgreSQL relay may have stored a Polar
+        # snapshot or an audit row before its first event, and the copy's ids and keys would
+        # then collide with them.
+        for table in _TABLES:
+            if await target.fetchval(f"SELECT EXISTS (SELECT 1 FROM {table})"):
+                raise StorageError(
+                    "the PostgreSQL outbox is not empty: refusing to merge histories"
+                )
         async with target.transaction():
             for table, columns in _TABLES.items():
                 await _copy_table(source, target, table, columns)
