@@ -56,3 +56,18 @@ async def test_an_aiohttp_server_error_is_one_json_line(
     assert str(error["event"]).startswith("Error handling request")
     assert error["level"] == "error"
     assert "RuntimeError: boom" in str(error["exception"])
+
+
+def test_a_field_with_undecodable_bytes_is_still_one_json_line(tmp_path: Path) -> None:
+    """A value holding surrogates (aiohttp's form of a header's non-UTF-8 bytes, as in an
+    access log's User-Agent) is written escaped, not dropped with a "Logging error"
+    traceback on stderr."""
+    path = tmp_path / "log"
+    with path.open("w") as stream:
+        logs.configure("info", "json", stream)
+        logs.get_logger("relay.test").info("odd_agent", user_agent="Polar\udcff")
+        logging.getLogger("aiohttp.access").info('"POST / HTTP/1.1" 202 "Polar\udcff"')
+
+    first, second = json_lines(path)
+    assert (first["event"], first["user_agent"]) == ("odd_agent", "Polar\udcff")
+    assert second["event"] == '"POST / HTTP/1.1" 202 "Polar\udcff"'
