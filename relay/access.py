@@ -112,12 +112,17 @@ def allowed(ip: str | None, allowlist: Sequence[Network]) -> bool:
     return address is not None and _within(address, allowlist)
 
 
+def equal_text(offered: str, expected: str) -> bool:
+    """Constant-time equality of two header or form values; any text (a cookie or field can
+    carry non-ASCII, and aiohttp hands undecodable bytes over as surrogates)."""
+    return hmac.compare_digest(
+        offered.encode("utf-8", "surrogateescape"), expected.encode("utf-8", "surrogateescape")
+    )
+
+
 def bearer_ok(authorization: str | None, token: str) -> bool:
     """Constant-time check of `Authorization: Bearer <token>` (the scheme in any case)."""
     scheme, _, offered = (authorization or "").partition(" ")
     if scheme.lower() != "bearer" or not offered:
         return False
-    # surrogateescape: aiohttp hands a header's undecodable bytes over as surrogates.
-    return hmac.compare_digest(
-        offered.encode("utf-8", "surrogateescape"), token.encode("utf-8", "surrogateescape")
-    )
+    return equal_text(offered, token)

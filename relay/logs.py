@@ -12,6 +12,7 @@ gets nothing but JSON lines.
 
 from __future__ import annotations
 
+import json
 import logging
 import sys
 import threading
@@ -135,7 +136,12 @@ class _SafeLoggerFactory:
 
 def _json_line(event: Any, **_: Any) -> str:
     # orjson: a log line per webhook and per delivery is on the hot path (see relay/codec.py).
-    return orjson.dumps(event, default=str, option=orjson.OPT_NON_STR_KEYS).decode()
+    try:
+        return orjson.dumps(event, default=str, option=orjson.OPT_NON_STR_KEYS).decode()
+    except TypeError:
+        # Surrogates (a header's non-UTF-8 bytes, as aiohttp hands them over), which orjson
+        # refuses: the standard library escapes them.
+        return json.dumps(event, default=str)
 
 
 def get_logger(name: str) -> FilteringBoundLogger:

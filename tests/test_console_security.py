@@ -21,7 +21,13 @@ from aiohttp.test_utils import TestClient
 
 from relay import hardening
 from relay.config import AdminConfig, Config, Secret
-from relay.console.auth import COOKIE, LOGIN_FAILURES_PER_WINDOW, ConsoleAuth, LoginRefused
+from relay.console.auth import (
+    COOKIE,
+    LOGIN_FAILURES_PER_WINDOW,
+    MAX_TRACKED_CLIENTS,
+    ConsoleAuth,
+    LoginRefused,
+)
 from relay.console.service import Role
 from tests.conftest import MakeAdmin
 from tests.helpers import FakeClock, raw_connection
@@ -124,6 +130,37 @@ def test_an_ipv6_client_is_limited_by_its_slash_64() -> None:
     assert refused.value.retry_after_s is not None
     assert auth.check_login("2001:db8:0:2::1", "tok").actor == "admin"
     assert auth.check_login("192.0.2.7", "tok").actor == "admin"
+
+
+def test_a_read_token_sign_in_does_not_reset_the_guesses_at_the_admin_token() -> None:
+    """Only the admin token's sign-in clears a client's failures: a read-token holder who
+    signs in between guesses still gets 429 after five wrong tokens, so the read token is no
+    way to guess the admin token without limit."""
+    auth = ConsoleAuth(
+        AdminConfig(listen="127.0.0.1:9090", token=Secret(ADMIN_TOKEN), read_token=Secret("r"))
+    )
+    for n in range(LOGIN_FAILURES_PER_WINDOW):
+        with pytest.raises(LoginRefused):
+            auth.check_login("192.0.2.9", f"guess-{n}")
+        if n < LOGIN_FAILURES_PER_WINDOW - 1:
+            assert auth.check_login("192.0.2.9", "r").role is Role.READ
+    with pytest.raises(LoginRefused) as refused:
+        auth.check_login("192.0.2.9", "r")
+    assert refused.value.retry_after_s is not None
+
+
+def test_the_failed_token_count_keeps_a_bounded_number_of_clients() -> None:
+    """Failures from more than MAX_TRACKED_CLIENTS addresses do not grow the count without
+    bound: the clients whose last failure is oldest are forgotten first, and one that just
+    went over the limit stays limited."""
+    auth = ConsoleAuth(AdminConfig(listen="127.0.0.1:9090", token=Secret(ADMIN_TOKEN)))
+    for n in range(MAX_TRACKED_CLIENTS):
+        auth.failed(f"10.{n >> 16}.{(n >> 8) & 255}.{n & 255}")
+    for _ in range(LOGIN_FAILURES_PER_WINDOW):
+        auth.failed("192.0.2.1")
+    assert len(auth._failures) <= MAX_TRACKED_CLIENTS
+    assert "10.0.0.0" not in auth._failures  # the oldest went first
+    assert auth.limited("192.0.2.1") is not None
 
 
 def test_signing_out_revokes_the_session_everywhere() -> None:

@@ -10,6 +10,7 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import json
+import logging
 import sqlite3
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable
@@ -156,6 +157,45 @@ async def test_signed_order_paid_is_accepted_and_stored(
     [entry] = logged(logs, "webhook_accepted")
     assert entry["event_id"] == event["id"]
     assert entry["message_ids"] == [message["id"]]
+
+
+async def test_a_signed_webhook_with_an_undecodable_stored_header_is_accepted(
+    make_relay: MakeRelay, faurya: FakeFaurya, db_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A header the relay keeps but no signature covers (User-Agent) with a byte that is not
+    UTF-8 does not cost a verified webhook: it is committed and answered 202, the header kept
+    escaped, instead of a 500 from the JSON encoder."""
+    # The access log line would carry the surrogate into pytest's log capture, which xdist
+    # cannot send between processes.
+    monkeypatch.setattr(logging.getLogger("aiohttp.access"), "disabled", True)
+    relay = await make_relay(shipped_config(faurya.url, db_path))
+    body = order_paid("5a6b7c8d-0000-4000-8000-0000000000ff")
+    signed = sign_headers(body, LEGACY_SECRET, msg_id="msg_odd_agent")
+    head = "".join(
+        f"{k}: {v}\r\n"
+        for k, v in signed.items()
+        if k.lower() not in ("user-agent", "content-type", "content-length")
+    )
+    request = (
+        (
+            f"POST {PATH} HTTP/1.1\r\nHost: 127.0.0.1\r\nConnection: close\r\n{head}"
+            f"Content-Type: application/json\r\nContent-Length: {len(body)}\r\n"
+        ).encode()
+        + b"User-Agent: Polar\xff\r\n\r\n"
+        + body
+    )
+    assert relay.server.port is not None
+
+    async with helpers.raw_connection(relay.server.port) as (reader, writer):
+        writer.write(request)
+        await writer.drain()
+        status_line = await reader.readline()
+
+    assert status_line.startswith(b"HTTP/1.1 202"), status_line
+    [event] = events_in(db_path)
+    assert event["webhook_id"] == "msg_odd_agent"
+    assert json.loads(event["headers_json"])["user-agent"] == "Polar\udcff"
+    assert rows(db_path) == (1, 1)
 
 
 async def test_refund_is_enriched_from_the_recorded_purchase(

@@ -654,6 +654,30 @@ async def test_migrate_refuses_a_postgresql_outbox_that_is_not_empty(
     assert await pg_rows(pg_url, "SELECT count(*) FROM inbound_events") == [(6,)]
 
 
+async def test_migrate_refuses_a_postgresql_outbox_with_only_a_polar_snapshot(
+    pg_url: str, tmp_path: Path
+) -> None:
+    """A PostgreSQL outbox without events but with rows of a copied table (a PostgreSQL
+    relay's reconcile stored Polar's snapshot and enqueued nothing) is not empty either: the
+    copy is refused in one line, not ended by the driver's duplicate-key traceback, and the
+    snapshot stays."""
+    outbox = await build_sqlite_outbox(tmp_path / "relay.db")
+    async with opened(pg_url, FakeClock(T0), serve=False) as store:
+        await store.save_polar_records(SNAPSHOT)
+        await store.finish_polar_snapshot(SnapshotCoverage(T0 - 86_400, None, T0, ALL_KINDS))
+
+    refused = await relay_cli(
+        "migrate", "--from-sqlite", str(outbox.path), "--db", pg_url, cwd=tmp_path
+    )
+
+    assert (refused.code, refused.out) == (1, "")
+    assert refused.err == (
+        "relay: error: the PostgreSQL outbox is not empty: refusing to merge histories\n"
+    )
+    assert await pg_rows(pg_url, "SELECT count(*) FROM inbound_events") == [(0,)]
+    assert await pg_rows(pg_url, "SELECT count(*) FROM polar_snapshot") == [(len(SNAPSHOT),)]
+
+
 async def test_migrate_from_sqlite_needs_a_postgresql_target(tmp_path: Path) -> None:
     """--from-sqlite with a SQLite --db is a usage error (exit 2) that names the fix."""
     outbox = await build_sqlite_outbox(tmp_path / "relay.db")

@@ -34,7 +34,7 @@ from urllib.parse import urlsplit
 
 from aiohttp import web
 
-from relay.access import bearer_ok, is_loopback_host
+from relay.access import bearer_ok, equal_text, is_loopback_host
 from relay.config import AdminConfig
 from relay.console.service import Caller, ConsoleService, Role
 from relay.errors import RelayError
@@ -60,14 +60,6 @@ READ_ONLY_POSTS = frozenset({"/api/v1/dry-run", "/routes", "/login", "/logout"})
 LOCAL = Caller("local", Role.ACT)
 CALLER = web.RequestKey("console_caller", Caller)  # the Caller of this request, when known
 _SAFE_METHODS = frozenset({"GET", "HEAD", "OPTIONS"})
-
-
-def equal_text(offered: str, expected: str) -> bool:
-    """Constant-time equality of two header or form values; any text (a cookie or field can
-    carry non-ASCII, and aiohttp hands undecodable bytes over as surrogates)."""
-    return hmac.compare_digest(
-        offered.encode("utf-8", "surrogateescape"), expected.encode("utf-8", "surrogateescape")
-    )
 
 
 def client_key(address: str) -> str:
@@ -246,7 +238,10 @@ class ConsoleAuth:
             self.failed(address)
             log.warning("console_login_failed", address=address, reason="wrong_token", via="form")
             raise LoginRefused("that token is not this relay's admin or read token")
-        self._failures.pop(client_key(address), None)
+        if caller.can_act:
+            # Only the top token clears the count: a read token's sign-in between guesses
+            # would otherwise let its holder guess admin.token without limit.
+            self._failures.pop(client_key(address), None)
         log.info("console_login", address=address, actor=caller.actor)
         return caller
 

@@ -5,8 +5,8 @@ console's history (attempts, audit, each destination's last success and error) a
 ledger's snapshot of Polar with its coverage, into an empty PostgreSQL outbox in one
 transaction (all or nothing), turns inflight messages back into pending ones (their process is
 gone), and moves the id sequences past the copied ids. It refuses while a relay serves the
-SQLite file (its serve lock is held) and when the target already holds events, so it can
-neither race a live relay nor merge two histories.
+SQLite file (its serve lock is held) and when the target already holds rows of any copied
+table, so it can neither race a live relay nor merge two histories.
 """
 
 from __future__ import annotations
@@ -17,7 +17,8 @@ from dataclasses import dataclass
 import asyncpg
 
 from relay.errors import StorageError, StoreLocked
-from relay.store.postgres import migrate
+from relay.store import sql
+from relay.store.postgres import _numbered, migrate
 from relay.store.schema import ServeLock
 
 _TABLES = {
@@ -118,8 +119,14 @@ async def copy_sqlite_to_postgres(sqlite_path: str, url: str) -> TransferResult:
         raise StorageError(f"cannot reach PostgreSQL: {type(exc).__name__}") from None
     try:
         await migrate(target)
-        if await target.fetchval("SELECT count(*) FROM inbound_events"):
-            raise StorageError("the PostgreSQL outbox is not empty: refusing to merge histories")
+        # Any copied table, not only the events: a PostgreSQL relay may have stored a Polar
+        # snapshot or an audit row before its first event, and the copy's ids and keys would
+        # then collide with them.
+        for table in _TABLES:
+            if await target.fetchval(f"SELECT EXISTS (SELECT 1 FROM {table})"):
+                raise StorageError(
+                    "the PostgreSQL outbox is not empty: refusing to merge histories"
+                )
         async with target.transaction():
             for table, columns in _TABLES.items():
                 await _copy_table(source, target, table, columns)
@@ -148,21 +155,12 @@ async def copy_sqlite_to_postgres(sqlite_path: str, url: str) -> TransferResult:
 
 
 async def _copy_meta(source: sqlite3.Connection, target: asyncpg.Connection) -> None:
-    if not source.execute(
-        "SELECT 1 FROM sqlite_master WHERE type = 'table' AND name = 'relay_meta'"
-    ).fetchone():
+    if not _columns_of(source, "relay_meta"):
         return  # a file from before relay_meta
-    marks = ", ".join("?" for _ in _META_KEYS)
-    rows = source.execute(
-        f"SELECT key, value FROM relay_meta WHERE key IN ({marks}) ORDER BY key", _META_KEYS
-    ).fetchall()
-    for key, value in rows:
-        await target.execute(
-            "INSERT INTO relay_meta (key, value) VALUES ($1, $2) "
-            "ON CONFLICT (key) DO UPDATE SET value = excluded.value",
-            key,
-            value,
-        )
+    for key in _META_KEYS:
+        found = source.execute(sql.SELECT_META, (key,)).fetchone()
+        if found is not None:
+            await target.execute(_numbered(sql.UPSERT_META), key, found[0])
 
 
 async def _copy_table(
@@ -170,7 +168,7 @@ async def _copy_table(
 ) -> None:
     # A file written by an older relay lacks the newer columns (it is opened read-only, so
     # not migrated): those stay NULL in PostgreSQL.
-    present = {str(r[1]) for r in source.execute(f"PRAGMA table_info({table})")}
+    present = _columns_of(source, table)
     columns = tuple(c for c in columns if c in present)
     if not columns:
         return  # a table an older relay did not have
@@ -178,3 +176,9 @@ async def _copy_table(
     cursor = source.execute(f"SELECT {names} FROM {table} ORDER BY 1")
     while rows := cursor.fetchmany(_BATCH_ROWS):
         await target.copy_records_to_table(table, records=rows, columns=list(columns))
+
+
+def _columns_of(source: sqlite3.Connection, table: str) -> set[str]:
+    """The columns `table` has in the SQLite file; none when an older relay had no such
+    table."""
+    return {str(r[1]) for r in source.execute(f"PRAGMA table_info({table})")}

@@ -5,6 +5,7 @@ ways of running a transaction (the group-commit engine, an operator's direct wri
 
 from __future__ import annotations
 
+import json
 import secrets
 from collections.abc import Iterable, Sequence
 from typing import Any, TypeVar
@@ -47,7 +48,7 @@ async def insert_drafts(
             d.webhook_id,
             d.event_type,
             d.received_at,
-            orjson.dumps(d.headers, option=orjson.OPT_SORT_KEYS).decode(),
+            _headers_json(d.headers),
             d.body,
             d.status.value,
             d.reason,
@@ -129,6 +130,17 @@ async def insert_messages(
         )
         new_messages.update({(row[1], row[2]): int(row[0]) for row in returned})
     return new_messages
+
+
+def _headers_json(headers: dict[str, str]) -> str:
+    """An event's stored headers as compact JSON, keys sorted."""
+    try:
+        return orjson.dumps(headers, option=orjson.OPT_SORT_KEYS).decode()
+    except TypeError:
+        # A value with bytes that are not UTF-8 (aiohttp hands them over as surrogates, and
+        # User-Agent is stored but not signed): orjson refuses it, the standard library
+        # escapes it. Refusing would answer a verified webhook 503 on every retry.
+        return json.dumps(headers, sort_keys=True, separators=(",", ":"))
 
 
 async def fill_facts(db: Connection, filled: Sequence[tuple[int, BodyFacts]]) -> None:
