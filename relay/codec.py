@@ -35,4 +35,10 @@ def dumps(value: Any, fast: bool = True) -> bytes:
             return orjson.dumps(value)
         except TypeError:  # nesting or integers beyond what orjson writes
             pass
-    return json.dumps(value, separators=(",", ":"), ensure_ascii=False).encode()
+    text = json.dumps(value, separators=(",", ":"), ensure_ascii=False)
+    try:
+        return text.encode()
+    except UnicodeEncodeError:
+        # A lone surrogate (JSON may escape one: "\udcff") has no UTF-8 form: escape
+        # everything instead, so whatever `loads` read can be written back.
+        return json.dumps(value, separators=(",", ":"), ensure_ascii=True).encode()

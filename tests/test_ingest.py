@@ -198,6 +198,26 @@ async def test_a_signed_webhook_with_an_undecodable_stored_header_is_accepted(
     assert rows(db_path) == (1, 1)
 
 
+async def test_a_signed_body_with_an_escaped_lone_surrogate_is_accepted(
+    make_relay: MakeRelay, faurya: FakeFaurya, db_path: Path
+) -> None:
+    """JSON may escape a lone surrogate ("\\udcff"), which has no UTF-8 form: a signed webhook
+    carrying one in a field the mapping does not read is committed and answered 202, its
+    redacted copy stored escaped, not refused as malformed (which Polar would not retry)."""
+    relay = await make_relay(shipped_config(faurya.url, db_path))
+    body = order_paid("5a6b7c8d-0000-4000-8000-0000000000fe", note="odd \udcff")
+    assert b"\\udcff" in body
+    headers = sign_headers(body, LEGACY_SECRET, msg_id="msg_surrogate")
+
+    status, answer = await post(relay, body, headers)
+
+    assert (status, answer["status"], answer["messages"]) == (202, "accepted", 1)
+    [event] = events_in(db_path)
+    stored = json.loads(bytes(event["body"]))
+    assert stored["data"]["metadata"]["note"] == "odd \udcff"
+    assert rows(db_path) == (1, 1)
+
+
 async def test_refund_is_enriched_from_the_recorded_purchase(
     relay: Client, db_path: Path, logs: LogList
 ) -> None:
