@@ -592,6 +592,24 @@ def test_a_time_beyond_what_a_datetime_shows_is_a_bad_time(text: str, end: bool)
         parse_bound(text, ZoneInfo("Pacific/Kiritimati"), time.time(), end=end)
 
 
+def within_a_minute(
+    at: float, entries: list[PolarEntry], messages: list[MessageRecord], kind: PolarKind
+) -> Ledger:
+    """The ledger of the minute around `at` (UTC, nothing left to settle), Polar's `kind`
+    objects read over it."""
+    return build(
+        entries=entries,
+        messages=messages,
+        coverage=SnapshotCoverage(at - 60, None, at + 60, (kind,)),
+        destinations=["faurya"],
+        tz=ZoneInfo("UTC"),
+        since=at - 60,
+        until=at + 60,
+        now=at + 60,
+        settle_s=0,
+    )
+
+
 def test_a_delivery_in_another_currency_is_missing_in_one_and_extra_in_the_other() -> None:
     """Polar's 4410 USD delivered as 4410 EUR is two mismatches (+4410 USD, -4410 EUR), never a
     subtraction across currencies; a refund delivered as a purchase is an event mismatch."""
@@ -599,19 +617,14 @@ def test_a_delivery_in_another_currency_is_missing_in_one_and_extra_in_the_other
     entries = [order_entry("o1", at, 4410, "USD"), order_entry("o2", at, 500, "USD")]
     eur = {"event": "purchase", "amount": 4410, "currency": "eur"}
     refund = {"event": "refund", "amount": 500, "currency": "USD"}
-    ledger = build(
-        entries=entries,
-        messages=[
+    ledger = within_a_minute(
+        at,
+        entries,
+        [
             message(1, "polar:order:o1", eur, at + 1, MessageStatus.DELIVERED),
             message(2, "polar:order:o2", refund, at + 1, MessageStatus.DELIVERED),
         ],
-        coverage=SnapshotCoverage(at - 60, None, at + 60, (PolarKind.ORDER,)),
-        destinations=["faurya"],
-        tz=ZoneInfo("UTC"),
-        since=at - 60,
-        until=at + 60,
-        now=at + 60,
-        settle_s=0,
+        PolarKind.ORDER,
     )
     assert sorted(
         (d.why, d.currency, d.amount_minor, d.message_id) for d in ledger.differences
@@ -663,16 +676,11 @@ def test_a_refund_delivered_as_a_negative_purchase_is_an_event_difference() -> N
         expected=(Expected("faurya", "polar:refund:r1", RevenueFacts("refund", 500, "USD", True)),),
     )
     credit = {"event": "purchase", "amount": -500, "currency": "USD"}
-    ledger = build(
-        entries=[refund],
-        messages=[message(1, "polar:refund:r1", credit, at + 1, MessageStatus.DELIVERED)],
-        coverage=SnapshotCoverage(at - 60, None, at + 60, (PolarKind.REFUND,)),
-        destinations=["faurya"],
-        tz=ZoneInfo("UTC"),
-        since=at - 60,
-        until=at + 60,
-        now=at + 60,
-        settle_s=0,
+    ledger = within_a_minute(
+        at,
+        [refund],
+        [message(1, "polar:refund:r1", credit, at + 1, MessageStatus.DELIVERED)],
+        PolarKind.REFUND,
     )
     assert [(d.kind, d.why, d.amount_minor) for d in ledger.differences] == [
         (Kind.MISMATCH, Why.EVENT, 0)
