@@ -12,19 +12,23 @@ SQLite writer thread is counted):
 - store, ingest: `Store.enqueue` of the mapped drafts (64 at once, group commit, fsync);
 - store, delivery: `claim` 64 at a time and `mark_delivered` each with its attempt row;
 - HTTP client POST: the delivery Sender (relay/delivery.py) against bench/faurya.py, 16 at a
-  time; and the inline handler's client call (`json=`, a default session) for comparison.
+  time; and the inline handler's client call (`json=`, a default session) for comparison;
+- the two baselines as whole servers, as bench/run.py measures them (a closed loop at c=64,
+  the server's CPU from /proc): the trivial handler and the inline handler.
 
-Prints one JSON object, ms of CPU per webhook for each piece. docs/performance.md uses it to
-say which targets no arrangement of these pieces can meet.
+Prints one JSON object: ms of CPU per webhook for each piece, and the floors: the trivial
+server plus the pieces ingest cannot skip (`ingest_floor`), plus the delivery's
+(`relay_floor`), each against its target's baseline. docs/performance.md uses it to say
+which targets no arrangement of these pieces can meet.
 """
 
 from __future__ import annotations
 
 import argparse
 import asyncio
+import functools
 import json
 import os
-import sys
 import tempfile
 import time
 from collections.abc import Awaitable, Callable
@@ -33,7 +37,8 @@ from typing import Any
 
 import aiohttp
 
-from bench.common import SECRET, Service, make_payloads
+from bench.common import SECRET, ServiceGroup, make_payloads
+from bench.orchestration import QUICK, Bench
 from relay import codec
 from relay.config import load
 from relay.delivery import Redactor, Sender, client_session
@@ -44,6 +49,9 @@ from relay.store import open_store
 from relay.verify import Verifier
 
 ROOT = Path(__file__).resolve().parent.parent
+# What ingest cannot skip beyond serving the request, and what a delivery cannot skip.
+INGEST_PIECES = ("verify", "parse_and_redact", "map", "store_ingest")
+DELIVERY_PIECES = ("store_delivery", "client_post_relay")
 
 
 def cpu_ms_per(count: int, started: float) -> float:
@@ -160,6 +168,26 @@ class _Clock:
         return time.monotonic()
 
 
+def baselines(bench: Bench) -> dict[str, float]:
+    """CPU per accepted webhook of the trivial and the inline server (closed loop, c=64)."""
+    out = {}
+    for kind in ("trivial", "inline"):
+        run = bench.closed_once(functools.partial(bench.start_baseline, kind), 64, 2000)
+        out[f"{kind}_server"] = round(run["server_cpu_s"] * 1000 / max(run["accepted"], 1), 4)
+    return out
+
+
+def floors(ms: dict[str, float]) -> dict[str, float]:
+    ingest = ms["trivial_server"] + sum(ms[k] for k in INGEST_PIECES)
+    relay = ingest + sum(ms[k] for k in DELIVERY_PIECES)
+    return {
+        "ingest_floor": round(ingest, 4),
+        "ingest_floor_over_trivial": round(ingest / ms["trivial_server"], 2),
+        "relay_floor": round(relay, 4),
+        "relay_floor_over_inline": round(relay / ms["inline_server"], 2),
+    }
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--webhooks", type=int, default=4000)
@@ -170,16 +198,25 @@ def main() -> None:
         import uvloop
 
         run = uvloop.run
+    group = ServiceGroup()
     with tempfile.TemporaryDirectory(prefix="relay-floor-") as workdir:
-        faurya = Service("faurya", [sys.executable, "-m", "bench.faurya"], Path(workdir)).start()
         try:
-            line = faurya.wait_json_line(
-                lambda r: r.get("event") == "listening", stderr=False, timeout_s=20
-            )
-            result = run(measure(args.webhooks, f"http://127.0.0.1:{line['port']}"))
+            bench = Bench(QUICK, Path(workdir), group)
+            bench.start_faurya()
+            ms = run(measure(args.webhooks, bench.faurya_url))
+            ms.update(baselines(bench))
         finally:
-            faurya.stop()
-    print(json.dumps({"loop": args.loop, "webhooks": args.webhooks, "cpu_ms_per_webhook": result}))
+            group.close()
+    print(
+        json.dumps(
+            {
+                "loop": args.loop,
+                "webhooks": args.webhooks,
+                "cpu_ms_per_webhook": ms,
+                **floors(ms),
+            }
+        )
+    )
 
 
 if __name__ == "__main__":
