@@ -19,7 +19,7 @@ import socket
 from collections.abc import Callable
 from urllib.parse import parse_qsl, urlencode
 
-from relay.console.service import Caller, ConsoleError, Job, ListFilters
+from relay.console.service import Caller, ConsoleError, Job, ListFilters, open_store
 from relay.logs import get_logger
 from relay.models import Clock, MessageFilter, MessageStatus
 from relay.store import Store
@@ -54,10 +54,7 @@ class Jobs:
 
     @property
     def store(self) -> Store:
-        store = self._store()
-        if store is None:
-            raise ConsoleError("the store is not open yet; retry in a moment", 503)
-        return store
+        return open_store(self._store)
 
     async def start(self, caller: Caller, filters: ListFilters) -> Job:
         store = self.store

@@ -58,6 +58,14 @@ class NotFound(ConsoleError):
         super().__init__(message, 404)
 
 
+def open_store(store: Callable[[], Store | None]) -> Store:
+    """The relay's store, or a 503 while it is not open yet (start-up, shutdown)."""
+    found = store()
+    if found is None:
+        raise ConsoleError("the store is not open yet; retry in a moment", 503)
+    return found
+
+
 class Role(StrEnum):
     """What a caller may do: `act` (admin.token, or local without a token) or `read`."""
 
@@ -592,10 +600,7 @@ class ConsoleService:
 
     @property
     def store(self) -> Store:
-        store = self._store()
-        if store is None:
-            raise ConsoleError("the store is not open yet; retry in a moment", 503)
-        return store
+        return open_store(self._store)
 
     # ------------------------------------------------------------------ reads
 
