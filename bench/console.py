@@ -1,4 +1,4 @@
-"""The console's speed (issue 18), in one command:
+"""The console's speed (docs/console.md: every page and API call within 100 ms, p95):
 
     .venv/bin/python bench/console.py             # 1,000,000 messages, about 5 minutes
     .venv/bin/python bench/console.py --quick     # 100,000 messages, no ack comparison
@@ -221,7 +221,7 @@ def _raise_on_sigterm(signum: int, frame: object) -> None:
 
 def main() -> int:
     signal.signal(signal.SIGTERM, _raise_on_sigterm)
-    parser = argparse.ArgumentParser(description="Faurya Relay console benchmark (issue 18)")
+    parser = argparse.ArgumentParser(description="Faurya Relay console benchmark")
     parser.add_argument("--quick", action="store_true", help="100,000 messages, no ack runs")
     parser.add_argument("--messages", type=int, default=None)
     parser.add_argument("--requests", type=int, default=100, help="per route (default 100)")

@@ -1,4 +1,4 @@
--- The operator console (issue 18).
+-- The operator console (docs/console.md).
 -- 1. Search and revenue read fields of a message's body without parsing JSON per row: the
 --    mapping extracts them once at ingest into these columns (null where the body has none).
 --    Rows written before this migration are backfilled below, parsed once, here.
