@@ -320,8 +320,8 @@ class ConsoleQueries(Queries):
 
     async def console_at_risk(self, pending_before: float) -> list[tuple[str, str, int, int]]:
         """("dead" | "pending", currency, amount, count) of purchases not delivered: dead, or
-        pending (inflight) since before `pending_before`. The dead ones are summed from the
-        revenue index alone (status, delivered_at, event_kind, currency, amount)."""
+        pending (inflight) since before `pending_before`. The dead ones are found on the
+        (status, amount_minor, id) index (the revenue index holds delivered messages only)."""
         dead = await self._fetch(
             "SELECT currency, SUM(amount_minor), COUNT(*) FROM outbound_messages "
             "WHERE status = 'dead' AND event_kind = 'purchase' AND amount_minor IS NOT NULL "
@@ -542,9 +542,14 @@ def _search_sql(q: str, limit: int | None = None) -> tuple[str, list[Any]]:
         "SELECT id FROM outbound_messages WHERE order_id = ?",
         "SELECT id FROM outbound_messages WHERE payment_ref = ?",
         "SELECT id FROM outbound_messages WHERE refund_id = ?",
-        "SELECT id FROM outbound_messages WHERE idempotency_key = ?",
+        # Keys and webhook ids are unique per destination and per source: found on those
+        # unique indexes, each destination (source) stored named (a second index on the bare
+        # column would cost every insert a write: docs/performance.md).
+        "SELECT id FROM outbound_messages WHERE idempotency_key = ? "
+        f"AND destination IN ({sql.STORED_DESTINATIONS})",
         "SELECT id FROM outbound_messages WHERE event_id IN "
-        "(SELECT id FROM inbound_events WHERE webhook_id = ?)",
+        "(SELECT id FROM inbound_events WHERE webhook_id = ? "
+        f"AND source IN ({sql.STORED_SOURCES}))",
     ]
     params: list[Any] = [q] * len(terms)
     if q.isascii() and q.isdigit() and len(q) < 19:  # not "²", which int() refuses
