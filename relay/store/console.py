@@ -320,17 +320,18 @@ class ConsoleQueries(Queries):
 
     async def console_at_risk(self, pending_before: float) -> list[tuple[str, str, int, int]]:
         """("dead" | "pending", currency, amount, count) of purchases not delivered: dead, or
-        pending (inflight) since before `pending_before`. The dead ones are found on the
-        (status, amount_minor, id) index (the revenue index holds delivered messages only)."""
+        pending (inflight) since before `pending_before`, summed from the (status, kind,
+        currency, amount, id) index of the messages not delivered alone."""
         dead = await self._fetch(
             "SELECT currency, SUM(amount_minor), COUNT(*) FROM outbound_messages "
-            "WHERE status = 'dead' AND event_kind = 'purchase' AND amount_minor IS NOT NULL "
-            "GROUP BY currency"
+            f"WHERE status = 'dead' AND {sql.NOT_DELIVERED} AND event_kind = 'purchase' "
+            "AND amount_minor IS NOT NULL GROUP BY currency"
         )
         waiting = await self._fetch(
             "SELECT currency, SUM(amount_minor), COUNT(*) FROM outbound_messages "
-            "WHERE status IN ('pending', 'inflight') AND created_at < ? "
-            "AND event_kind = 'purchase' AND amount_minor IS NOT NULL GROUP BY currency",
+            f"WHERE status IN ('pending', 'inflight') AND {sql.NOT_DELIVERED} "
+            "AND created_at < ? AND event_kind = 'purchase' AND amount_minor IS NOT NULL "
+            "GROUP BY currency",
             (pending_before,),
         )
         return [
@@ -582,6 +583,8 @@ def _console_where(f: ListFilters, found: Sequence[int] | None = None) -> sql.Wh
         .equals("e.event_type", f.event_type)
         .between("m.created_at", f.since, f.until)
     )
+    if f.statuses and MessageStatus.DELIVERED not in f.statuses:
+        where.raw(f"m.{sql.NOT_DELIVERED}")  # the amount index holds these (sql.py)
     if f.status_class is not None:
         where.raw(_STATUS_CLASS_SQL[f.status_class.value])
     if found is not None:

@@ -221,6 +221,10 @@ def _each_value(table: str, column: str) -> str:
     )
 
 
+# The condition of the partial (status, kind, currency, amount, id) index: a query on
+# statuses other than delivered repeats it, or SQLite will not use that index.
+NOT_DELIVERED = "status != 'delivered'"
+
 # The destinations with messages, and the sources with events, from the unique indexes: the
 # search finds an idempotency key (webhook id) on them by naming each, a handful of seeks.
 STORED_DESTINATIONS = _each_value("outbound_messages", "destination")

@@ -13,3 +13,8 @@ DROP INDEX outbound_messages_delivered;
 CREATE INDEX outbound_messages_revenue ON outbound_messages
     (status, delivered_at, event_kind, currency, amount_minor, attributed)
     WHERE delivered_at IS NOT NULL;
+
+DROP INDEX outbound_messages_status_amount;
+CREATE INDEX outbound_messages_status_amount ON outbound_messages
+    (status, event_kind, currency, amount_minor, id)
+    WHERE status != 'delivered';
