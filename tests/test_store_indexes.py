@@ -1,7 +1,8 @@
-"""The insert path's indexes (issue 19, migration 0008): the indexes that repeated a unique one
-are gone and the search finds keys and webhook ids on the unique ones, under every destination
-and source; the refund, revenue and amount indexes hold only the rows their queries read; and
-a store written before the migration answers the console's search and sums the same after it.
+"""The insert path's indexes (migration 0008, docs/performance.md): the indexes that repeated
+a unique one are gone and the search finds keys and webhook ids on the unique ones, under every
+destination and source; the refund, revenue and amount indexes hold only the rows their queries
+read; and a store written before the migration answers the console's search and sums the same
+after it.
 """
 
 from __future__ import annotations

@@ -1,7 +1,7 @@
--- The insert path's indexes (issue 19): every index on the outbox is written by every insert,
--- and every index whose key holds `status` twice more (claim, then ack). With 1M delivered
--- rows the ingest ran at 83% of its empty-database rate. docs/performance.md ("The insert
--- path's indexes") has the audit: which query reads each index, and what it costs.
+-- The insert path's indexes: every index on the outbox is written by every insert, and every
+-- index whose key holds `status` twice more (claim, then ack). With 1M delivered rows the
+-- ingest ran at 83% of its empty-database rate. docs/performance.md ("The insert path's
+-- indexes") has the audit: which query reads each index, and what it costs.
 
 -- 1. Two indexes that repeat a unique one. The search names each destination (source) stored
 --    and finds a key (webhook id) on UNIQUE(destination, idempotency_key) (UNIQUE(source,
