@@ -320,17 +320,18 @@ class ConsoleQueries(Queries):
 
     async def console_at_risk(self, pending_before: float) -> list[tuple[str, str, int, int]]:
         """("dead" | "pending", currency, amount, count) of purchases not delivered: dead, or
-        pending (inflight) since before `pending_before`. The dead ones are summed from the
-        revenue index alone (status, delivered_at, event_kind, currency, amount)."""
+        pending (inflight) since before `pending_before`, summed from the (status, kind,
+        currency, amount, id) index of the messages not delivered alone."""
         dead = await self._fetch(
             "SELECT currency, SUM(amount_minor), COUNT(*) FROM outbound_messages "
-            "WHERE status = 'dead' AND event_kind = 'purchase' AND amount_minor IS NOT NULL "
-            "GROUP BY currency"
+            f"WHERE status = 'dead' AND {sql.NOT_DELIVERED} AND event_kind = 'purchase' "
+            "AND amount_minor IS NOT NULL GROUP BY currency"
         )
         waiting = await self._fetch(
             "SELECT currency, SUM(amount_minor), COUNT(*) FROM outbound_messages "
-            "WHERE status IN ('pending', 'inflight') AND created_at < ? "
-            "AND event_kind = 'purchase' AND amount_minor IS NOT NULL GROUP BY currency",
+            f"WHERE status IN ('pending', 'inflight') AND {sql.NOT_DELIVERED} "
+            "AND created_at < ? AND event_kind = 'purchase' AND amount_minor IS NOT NULL "
+            "GROUP BY currency",
             (pending_before,),
         )
         return [
@@ -542,9 +543,14 @@ def _search_sql(q: str, limit: int | None = None) -> tuple[str, list[Any]]:
         "SELECT id FROM outbound_messages WHERE order_id = ?",
         "SELECT id FROM outbound_messages WHERE payment_ref = ?",
         "SELECT id FROM outbound_messages WHERE refund_id = ?",
-        "SELECT id FROM outbound_messages WHERE idempotency_key = ?",
+        # Keys and webhook ids are unique per destination and per source: found on those
+        # unique indexes, each destination (source) stored named (a second index on the bare
+        # column would cost every insert a write: docs/performance.md).
+        "SELECT id FROM outbound_messages WHERE idempotency_key = ? "
+        f"AND destination IN ({sql.STORED_DESTINATIONS})",
         "SELECT id FROM outbound_messages WHERE event_id IN "
-        "(SELECT id FROM inbound_events WHERE webhook_id = ?)",
+        "(SELECT id FROM inbound_events WHERE webhook_id = ? "
+        f"AND source IN ({sql.STORED_SOURCES}))",
     ]
     params: list[Any] = [q] * len(terms)
     if q.isascii() and q.isdigit() and len(q) < 19:  # not "²", which int() refuses
@@ -577,6 +583,8 @@ def _console_where(f: ListFilters, found: Sequence[int] | None = None) -> sql.Wh
         .equals("e.event_type", f.event_type)
         .between("m.created_at", f.since, f.until)
     )
+    if f.statuses and MessageStatus.DELIVERED not in f.statuses:
+        where.raw(f"m.{sql.NOT_DELIVERED}")  # the amount index holds these (sql.py)
     if f.status_class is not None:
         where.raw(_STATUS_CLASS_SQL[f.status_class.value])
     if found is not None:

@@ -209,6 +209,26 @@ OLDEST_UNDELIVERED = (
 )
 GET_MESSAGE = f"SELECT {MESSAGE_COLUMNS} {_MESSAGES} WHERE m.id = ?"
 DESTINATIONS = "SELECT DISTINCT destination FROM outbound_messages"
+
+
+def _each_value(table: str, column: str) -> str:
+    """Every distinct value of `column`, the leading column of an index of `table`, one index
+    seek per value (a loose index scan: DISTINCT reads every entry of a million-row index)."""
+    return (
+        f"WITH RECURSIVE found (v) AS (SELECT MIN({column}) FROM {table} UNION ALL "
+        f"SELECT (SELECT MIN({column}) FROM {table} WHERE {column} > found.v) "
+        "FROM found WHERE found.v IS NOT NULL) SELECT v FROM found WHERE v IS NOT NULL"
+    )
+
+
+# The condition of the partial (status, kind, currency, amount, id) index: a query on
+# statuses other than delivered repeats it, or SQLite will not use that index.
+NOT_DELIVERED = "status != 'delivered'"
+
+# The destinations with messages, and the sources with events, from the unique indexes: the
+# search finds an idempotency key (webhook id) on them by naming each, a handful of seeks.
+STORED_DESTINATIONS = _each_value("outbound_messages", "destination")
+STORED_SOURCES = _each_value("inbound_events", "source")
 PAUSED_OVERRIDES = "SELECT destination, paused FROM destination_state"
 SET_PAUSED = (
     "INSERT INTO destination_state (destination, paused, updated_at) VALUES (?, ?, ?) "
