@@ -11,7 +11,7 @@ import sys
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol, TypeVar
 
 import pytest
 import structlog
@@ -20,9 +20,10 @@ from aiohttp.test_utils import TestClient, TestServer
 from pytest_aiohttp import AiohttpClient, AiohttpServer
 
 from relay.app import STORE, WORKERS, create_admin_app, create_app
-from relay.config import Config
+from relay.config import Config, Secret
 from relay.store import Store, open_store
 from relay.workers import Workers
+from tests.admin_helpers import ADMIN_TOKEN, READ_TOKEN, AdminRelay
 from tests.helpers import (
     REPO,
     Client,
@@ -31,9 +32,10 @@ from tests.helpers import (
     LogList,
     RelayProcesses,
     StartRelay,
+    refusing,
     shipped_config,
 )
-from tests.polar_fake import FakePolar, serve
+from tests.polar_fake import FakePolar, serve, with_polar_api
 from tests.polar_world import FauryaBook
 
 
@@ -203,19 +205,54 @@ async def relay_processes(db_path: Path) -> AsyncIterator[RelayProcesses]:
 
 MakeRelay = Callable[..., "AsyncIterator[TestClient[web.Request, web.Application]]"]
 MakeAdmin = Callable[..., Awaitable[Client]]
+R = TypeVar("R", bound=AdminRelay)
+
+
+class MakeAdminRelay(Protocol):
+    """The `make_admin_relay` fixture: `await make_admin_relay(Console, token=Secret(...))`."""
+
+    async def __call__(
+        self, kind: type[R], db: str | None = None, polar: FakePolar | None = None, **admin: Any
+    ) -> R: ...
 
 
 @pytest.fixture
-def make_admin(aiohttp_client: AiohttpClient, config: Config) -> MakeAdmin:
+def make_admin_relay(
+    aiohttp_client: AiohttpClient, config: Config, faurya: FakeFaurya
+) -> MakeAdminRelay:
+    """Makes a relay in process (on database `db` if given, reading `polar`'s API if given)
+    and its admin listener (console, API, /metrics) with these `admin` settings, as a `kind`
+    (an AdminRelay); Faurya answers 422 to the Polar order ids in its `refused`."""
+
+    async def make(
+        kind: type[R], db: str | None = None, polar: FakePolar | None = None, **admin: Any
+    ) -> R:
+        relay_config = dataclasses.replace(config, admin=dataclasses.replace(config.admin, **admin))
+        if polar is not None:
+            relay_config = with_polar_api(relay_config, polar)
+        main = await aiohttp_client(create_app(relay_config, db_path=db, poll_interval_s=0.05))
+        relay = kind(main, await aiohttp_client(create_admin_app(main.app)), faurya)
+        faurya.script = refusing(relay.refused)
+        return relay
+
+    return make
+
+
+@pytest.fixture
+def make_admin(make_admin_relay: MakeAdminRelay) -> MakeAdmin:
     """Makes a relay's admin listener (console, API, /metrics) with these `admin` settings,
     e.g. `await make_admin(token=Secret(...), read_token=Secret(...))`."""
 
     async def make(**admin: Any) -> Client:
-        relay_config = dataclasses.replace(config, admin=dataclasses.replace(config.admin, **admin))
-        main = await aiohttp_client(create_app(relay_config, poll_interval_s=0.05))
-        return await aiohttp_client(create_admin_app(main.app))
+        return (await make_admin_relay(AdminRelay, **admin)).admin
 
     return make
+
+
+@pytest.fixture
+async def admin(make_admin: MakeAdmin) -> Client:
+    """A loopback admin listener with both tokens: everything needs a token or a session."""
+    return await make_admin(token=Secret(ADMIN_TOKEN), read_token=Secret(READ_TOKEN))
 
 
 @pytest.fixture

@@ -6,35 +6,18 @@ and the open mode of a loopback listener without a token. Plus the config rules 
 
 from __future__ import annotations
 
-import re
 from typing import Any
 
 import pytest
 import structlog
-from aiohttp import web
-from aiohttp.test_utils import TestClient
 
 from relay.config import AdminConfig, Secret
 from relay.console.auth import COOKIE, LOGIN_FAILURES_PER_WINDOW, ConsoleAuth, LoginRefused
 from relay.console.service import Role
 from relay.errors import ConfigError
+from tests.admin_helpers import ADMIN_TOKEN, READ_TOKEN, bearer, csrf_of, sign_in
 from tests.conftest import MakeAdmin
-from tests.helpers import FakeClock, FakeFaurya, shipped_config
-
-Client = TestClient[web.Request, web.Application]
-ADMIN_TOKEN = "adm_auth_test_token_2f6d"
-READ_TOKEN = "read_auth_test_token_c81e"
-CSRF_RE = re.compile(r'name="csrf" value="([^"]+)"')
-
-
-@pytest.fixture
-async def admin(make_admin: MakeAdmin) -> Client:
-    """A loopback admin listener with both tokens: everything needs a token or a session."""
-    return await make_admin(token=Secret(ADMIN_TOKEN), read_token=Secret(READ_TOKEN))
-
-
-def bearer(token: str) -> dict[str, str]:
-    return {"Authorization": f"Bearer {token}"}
+from tests.helpers import Client, FakeClock, FakeFaurya, shipped_config
 
 
 async def error_of(resp: Any) -> str:
@@ -170,18 +153,6 @@ async def test_configured_hosts_are_accepted(make_admin: MakeAdmin) -> None:
         "/api/v1/summary", headers={"Host": "relay.internal:9091", **bearer(ADMIN_TOKEN)}
     )
     assert resp.status == 421
-
-
-async def sign_in(admin: Client, token: str) -> None:
-    resp = await admin.post("/login", data={"token": token, "next": "/"}, allow_redirects=False)
-    assert resp.status == 303, await resp.text()
-
-
-async def csrf_of(admin: Client) -> str:
-    html = await (await admin.get("/")).text()
-    found = CSRF_RE.search(html)
-    assert found, html
-    return found.group(1)
 
 
 async def test_session_cookie_is_signed_httponly_strict_and_expiring(admin: Client) -> None:
