@@ -16,6 +16,7 @@ import signal
 import sys
 from collections.abc import AsyncIterator
 from contextlib import AbstractAsyncContextManager as AsyncContextManager
+from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
@@ -23,6 +24,7 @@ import pytest
 from relay.console.service import ListFilters
 from relay.errors import StorageUnavailable
 from relay.models import (
+    ClaimedMessage,
     Dead,
     EnqueueResult,
     EventFilter,
@@ -557,18 +559,45 @@ async def test_requeue_expired_only_touches_leases_that_ran_out(
 # ------------------------------------------------------------------ operator commands
 
 
+@dataclass(frozen=True)
+class OperatorScene:
+    """Message ids of an outbox an operator acts on: two dead (HTTP 400), one delivered, one
+    inflight (its claim kept), and one pending when asked for."""
+
+    dead: int
+    other_dead: int
+    delivered: int
+    inflight: ClaimedMessage
+    pending: int | None
+
+
+async def operator_scene(store: Store, *, pending: bool = False) -> OperatorScene:
+    settled = ["dead", "other-dead", "delivered", "inflight"]
+    seeded = [*settled, "pending"] if pending else settled
+    ids = dict(zip(seeded, await seed(store, *seeded), strict=True))
+    claimed = {m.idempotency_key: m for m in await store.claim(DEST, len(settled), LEASE_S)}
+    assert sorted(claimed) == sorted(settled)
+    for key in ("dead", "other-dead"):
+        assert await store.mark_dead(claimed[key], Dead("client_error", 400), "HTTP 400")
+    assert await store.mark_delivered(claimed["delivered"], 200)
+    return OperatorScene(
+        ids["dead"], ids["other-dead"], ids["delivered"], claimed["inflight"], ids.get("pending")
+    )
+
+
 async def test_retry_messages_revives_dead_ones_with_a_fresh_budget(
     store: Store, store_location: Location, clock: FakeClock
 ) -> None:
     """Operator retry (from a non-serving store) makes dead messages pending with attempts 0
     and due now, leaves delivered and inflight ones alone; all_dead revives every dead one."""
-    dead_id, delivered_id, inflight_id, other_dead_id = await seed(
-        store, "dead", "delivered", "inflight", "other-dead"
+    scene = await operator_scene(store)
+    dead_id, other_dead_id, delivered_id, inflight = (
+        scene.dead,
+        scene.other_dead,
+        scene.delivered,
+        scene.inflight,
     )
-    dead, delivered, inflight, other_dead = await store.claim(DEST, 4, LEASE_S)
-    assert await store.mark_dead(dead, Dead("client_error", 400), "HTTP 400")
-    assert await store.mark_dead(other_dead, Dead("client_error", 400), "HTTP 400")
-    assert await store.mark_delivered(delivered, 200)
+    inflight_id = inflight.id
     clock.advance(600)
     untouched = [await record(store, i) for i in (delivered_id, inflight_id, other_dead_id)]
 
@@ -631,13 +660,15 @@ async def test_discard_gives_up_on_dead_messages_only_keeps_them_and_never_sends
     """An operator (non-serving store) discards dead messages: they become `discarded` with
     the reason and the time, stay listed and counted (no longer as dead), and neither replay,
     retry nor a claim ever sends them; pending, delivered and inflight ones are left alone."""
-    dead_id, other_dead_id, delivered_id, inflight_id, pending_id = await seed(
-        store, "dead", "other-dead", "delivered", "inflight", "pending"
+    scene = await operator_scene(store, pending=True)
+    dead_id, other_dead_id, delivered_id, inflight_id = (
+        scene.dead,
+        scene.other_dead,
+        scene.delivered,
+        scene.inflight.id,
     )
-    dead, other_dead, delivered, _inflight = await store.claim(DEST, 4, LEASE_S)
-    assert await store.mark_dead(dead, Dead("client_error", 400), "HTTP 400")
-    assert await store.mark_dead(other_dead, Dead("client_error", 400), "HTTP 400")
-    assert await store.mark_delivered(delivered, 200)
+    assert scene.pending is not None
+    pending_id = scene.pending
     clock.advance(60)
     untouched = [await record(store, i) for i in (other_dead_id, delivered_id, inflight_id)]
 
