@@ -62,11 +62,22 @@ Location = tuple[str, str]  # (backend, what open_store takes)
 
 
 @pytest.fixture(params=["sqlite", "postgres"])
-def store_location(request: pytest.FixtureRequest, tmp_path: Path) -> Location:
-    """("sqlite", a file in tmp_path) or ("postgres", the URL of a fresh database)."""
+def empty_location(request: pytest.FixtureRequest, tmp_path: Path) -> Location:
+    """("sqlite", a file in tmp_path) or ("postgres", the URL of a fresh database): nothing
+    there yet, so the store creates and migrates it."""
     if request.param == "sqlite":
         return ("sqlite", str(tmp_path / "relay.db"))
     return ("postgres", str(request.getfixturevalue("pg_url")))
+
+
+@pytest.fixture(params=["sqlite", "postgres"])
+def store_location(request: pytest.FixtureRequest) -> Location:
+    """("sqlite", a file in tmp_path) or ("postgres", the URL of a database of its own), both
+    migrated already and without rows: creating and migrating one is
+    test_a_new_outbox_opens_at_the_latest_schema_and_reopens_unchanged's."""
+    if request.param == "sqlite":
+        return ("sqlite", str(request.getfixturevalue("migrated_db_path")))
+    return ("postgres", str(request.getfixturevalue("migrated_pg_url")))
 
 
 @pytest.fixture
@@ -111,17 +122,17 @@ def latest_schema(location: Location) -> int:
 
 
 async def test_a_new_outbox_opens_at_the_latest_schema_and_reopens_unchanged(
-    store_location: Location, clock: FakeClock
+    empty_location: Location, clock: FakeClock
 ) -> None:
     """An empty database is migrated to its backend's latest schema; reopening (serving or
     not) applies nothing again and keeps every row."""
-    async with opened(store_location, clock, serve=True) as store:
-        assert await store.schema_version() == latest_schema(store_location)
+    async with opened(empty_location, clock, serve=True) as store:
+        assert await store.schema_version() == latest_schema(empty_location)
         [message_id] = await seed(store, "k1")
 
     for serve in (True, False):
-        async with opened(store_location, clock, serve=serve) as reopened:
-            assert await reopened.schema_version() == latest_schema(store_location)
+        async with opened(empty_location, clock, serve=serve) as reopened:
+            assert await reopened.schema_version() == latest_schema(empty_location)
             assert (await record(reopened, message_id)).idempotency_key == "k1"
             assert await reopened.event_count() == 1
 
