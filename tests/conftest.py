@@ -2,11 +2,16 @@
 
 from __future__ import annotations
 
+import asyncio
+import compileall
 import dataclasses
+import os
+import shutil
+import sys
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol, TypeVar
 
 import pytest
 import structlog
@@ -15,20 +20,34 @@ from aiohttp.test_utils import TestClient, TestServer
 from pytest_aiohttp import AiohttpClient, AiohttpServer
 
 from relay.app import STORE, WORKERS, create_admin_app, create_app
-from relay.config import Config
-from relay.store import Store
+from relay.config import Config, Secret
+from relay.store import Store, open_store
 from relay.workers import Workers
+from tests.admin_helpers import ADMIN_TOKEN, READ_TOKEN, AdminRelay
 from tests.helpers import (
+    REPO,
     Client,
     FakeClock,
     FakeFaurya,
     LogList,
     RelayProcesses,
     StartRelay,
+    refusing,
     shipped_config,
 )
-from tests.polar_fake import FakePolar, serve
+from tests.polar_fake import FakePolar, serve, with_polar_api
 from tests.polar_world import FauryaBook
+
+
+def pytest_configure(config: pytest.Config) -> None:
+    """Bytecode for relay/ and tests/, even where PYTHONDONTWRITEBYTECODE is set (this
+    machine, the Dockerfile's builder): the suite starts ~300 Python processes (`relay ...`,
+    delivery children) that would each compile relay/ from source (~0.1 s of CPU each), and
+    each xdist worker would rewrite and compile every test module (~2.5 s). The files go to
+    __pycache__ (ignored by git); Python checks them against the source's mtime."""
+    sys.dont_write_bytecode = False  # this process's test modules (pytest's rewritten ones)
+    if not hasattr(config, "workerinput"):  # once, in the controller, before the workers
+        compileall.compile_dir(REPO / "relay", quiet=1)
 
 
 @pytest.fixture(autouse=True)
@@ -92,23 +111,52 @@ async def book(aiohttp_server: AiohttpServer) -> FauryaBook:
 
 @pytest.fixture
 def db_path(tmp_path: Path) -> Path:
+    """Where the test's SQLite database goes; nothing is there yet."""
     return tmp_path / "relay.db"
 
 
-@pytest.fixture
-def config(faurya: FakeFaurya, db_path: Path) -> Config:
-    """The shipped relay.toml pointed at the fake Faurya, delivering in-process: an app test
-    would otherwise start a delivery child (a Python process, ~0.25 s of CPU) for behaviour
-    that does not depend on where the HTTP call is made. The child is tested where it is the
-    subject: test_delivery.py (which asks for `shipped_delivery_config`), test_delivery_process.py,
-    and every test that runs `relay serve` on the shipped relay.toml."""
-    return in_process_delivery(shipped_config(faurya.url, db_path))
+@pytest.fixture(scope="session")
+def migrated_template(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A database the relay created and migrated, once per worker: opening a new file runs
+    every migration, one synced transaction each (~15 ms), which hundreds of app tests would
+    otherwise repeat. Creating and migrating a file is tested where it is the subject
+    (test_store.py, test_store_contract.py, test_hardening.py)."""
+    path = tmp_path_factory.mktemp("migrated") / "relay.db"
+
+    async def create() -> None:
+        await (await open_store(str(path))).close()
+
+    asyncio.run(create())
+    return path
 
 
 @pytest.fixture
-def shipped_delivery_config(faurya: FakeFaurya, db_path: Path) -> Config:
-    """The shipped relay.toml as it is, its delivery child included."""
-    return shipped_config(faurya.url, db_path)
+def migrated_db_path(db_path: Path, migrated_template: Path) -> Path:
+    """`db_path` holding a copy of `migrated_template`, private as the relay makes it."""
+    return copy_migrated(migrated_template, db_path)
+
+
+def copy_migrated(template: Path, path: Path) -> Path:
+    """Copy a closed, migrated database (`migrated_template`) to `path`, mode 0600."""
+    shutil.copyfile(template, path)
+    os.chmod(path, 0o600)  # the mode the relay gives a database it creates
+    return path
+
+
+@pytest.fixture
+def config(faurya: FakeFaurya, migrated_db_path: Path) -> Config:
+    """The shipped relay.toml pointed at the fake Faurya and at a migrated database, delivering
+    in-process: an app test would otherwise start a delivery child (a Python process, ~0.25 s
+    of CPU) for behaviour that does not depend on where the HTTP call is made. The child is
+    tested where it is the subject: test_delivery.py (which asks for `shipped_delivery_config`),
+    test_delivery_process.py, and every test that runs `relay serve` on the shipped relay.toml."""
+    return in_process_delivery(shipped_config(faurya.url, migrated_db_path))
+
+
+@pytest.fixture
+def shipped_delivery_config(faurya: FakeFaurya, migrated_db_path: Path) -> Config:
+    """The shipped relay.toml as it is, its delivery child included, on a migrated database."""
+    return shipped_config(faurya.url, migrated_db_path)
 
 
 def in_process_delivery(config: Config) -> Config:
@@ -157,19 +205,54 @@ async def relay_processes(db_path: Path) -> AsyncIterator[RelayProcesses]:
 
 MakeRelay = Callable[..., "AsyncIterator[TestClient[web.Request, web.Application]]"]
 MakeAdmin = Callable[..., Awaitable[Client]]
+R = TypeVar("R", bound=AdminRelay)
+
+
+class MakeAdminRelay(Protocol):
+    """The `make_admin_relay` fixture: `await make_admin_relay(Console, token=Secret(...))`."""
+
+    async def __call__(
+        self, kind: type[R], db: str | None = None, polar: FakePolar | None = None, **admin: Any
+    ) -> R: ...
 
 
 @pytest.fixture
-def make_admin(aiohttp_client: AiohttpClient, config: Config) -> MakeAdmin:
+def make_admin_relay(
+    aiohttp_client: AiohttpClient, config: Config, faurya: FakeFaurya
+) -> MakeAdminRelay:
+    """Makes a relay in process (on database `db` if given, reading `polar`'s API if given)
+    and its admin listener (console, API, /metrics) with these `admin` settings, as a `kind`
+    (an AdminRelay); Faurya answers 422 to the Polar order ids in its `refused`."""
+
+    async def make(
+        kind: type[R], db: str | None = None, polar: FakePolar | None = None, **admin: Any
+    ) -> R:
+        relay_config = dataclasses.replace(config, admin=dataclasses.replace(config.admin, **admin))
+        if polar is not None:
+            relay_config = with_polar_api(relay_config, polar)
+        main = await aiohttp_client(create_app(relay_config, db_path=db, poll_interval_s=0.05))
+        relay = kind(main, await aiohttp_client(create_admin_app(main.app)), faurya)
+        faurya.script = refusing(relay.refused)
+        return relay
+
+    return make
+
+
+@pytest.fixture
+def make_admin(make_admin_relay: MakeAdminRelay) -> MakeAdmin:
     """Makes a relay's admin listener (console, API, /metrics) with these `admin` settings,
     e.g. `await make_admin(token=Secret(...), read_token=Secret(...))`."""
 
     async def make(**admin: Any) -> Client:
-        relay_config = dataclasses.replace(config, admin=dataclasses.replace(config.admin, **admin))
-        main = await aiohttp_client(create_app(relay_config, poll_interval_s=0.05))
-        return await aiohttp_client(create_admin_app(main.app))
+        return (await make_admin_relay(AdminRelay, **admin)).admin
 
     return make
+
+
+@pytest.fixture
+async def admin(make_admin: MakeAdmin) -> Client:
+    """A loopback admin listener with both tokens: everything needs a token or a session."""
+    return await make_admin(token=Secret(ADMIN_TOKEN), read_token=Secret(READ_TOKEN))
 
 
 @pytest.fixture

@@ -18,10 +18,10 @@ from typing import TYPE_CHECKING
 import pytest
 
 from relay.models import MessageStatus
+from tests.admin_helpers import ADMIN_TOKEN
 from tests.polar_fake import serve as serve_polar
 from tests.test_browser_checkout import CHROMEDRIVER, CHROMIUM, FLAGS, MISSING
 from tests.test_console_pages import (  # noqa: F401 - make_console is a fixture used here
-    ADMIN_TOKEN,
     Console,
     MakeConsole,
     make_console,

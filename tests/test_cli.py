@@ -218,6 +218,16 @@ class Seeded:
     pending: int
     body: dict[str, object]
 
+    def with_dead(self, first: MessageStatus, second: MessageStatus) -> dict[int, MessageStatus]:
+        """Every message's status once the two dead ones became `first` and `second`: the
+        delivered and the pending one are left as they were."""
+        return {
+            self.dead[0]: first,
+            self.dead[1]: second,
+            self.delivered: MessageStatus.DELIVERED,
+            self.pending: MessageStatus.PENDING,
+        }
+
 
 def _draft(order: str, body: bytes) -> InboundDraft:
     return InboundDraft(
@@ -349,12 +359,7 @@ async def test_outbox_discard_needs_a_reason_and_gives_up_on_dead_messages_only(
     assert result.err.splitlines() == [
         f"relay: not discarded (not dead): {seeded.delivered}; only dead messages can be discarded"
     ]
-    assert await statuses(db_path) == {
-        seeded.dead[0]: MessageStatus.DISCARDED,
-        seeded.dead[1]: MessageStatus.DEAD,
-        seeded.delivered: MessageStatus.DELIVERED,
-        seeded.pending: MessageStatus.PENDING,
-    }
+    assert await statuses(db_path) == seeded.with_dead(MessageStatus.DISCARDED, MessageStatus.DEAD)
     shown = json.loads(
         (await relay("outbox", "show", str(seeded.dead[0]), "--db", str(db_path))).out
     )
@@ -389,12 +394,7 @@ async def test_outbox_retry_one_makes_it_pending(seeded: Seeded, db_path: Path) 
 
     assert result.code == 0, result.err
     assert result.out == "1 message(s) scheduled for delivery now\n"
-    assert await statuses(db_path) == {
-        seeded.dead[0]: MessageStatus.PENDING,
-        seeded.dead[1]: MessageStatus.DEAD,
-        seeded.delivered: MessageStatus.DELIVERED,
-        seeded.pending: MessageStatus.PENDING,
-    }
+    assert await statuses(db_path) == seeded.with_dead(MessageStatus.PENDING, MessageStatus.DEAD)
     store = await Store.open(str(db_path))
     try:
         record = await store.get_message(seeded.dead[0])
@@ -412,12 +412,7 @@ async def test_outbox_retry_all_dead(seeded: Seeded, db_path: Path) -> None:
 
     assert result.code == 0, result.err
     assert result.out == "2 message(s) scheduled for delivery now\n"
-    assert await statuses(db_path) == {
-        seeded.dead[0]: MessageStatus.PENDING,
-        seeded.dead[1]: MessageStatus.PENDING,
-        seeded.delivered: MessageStatus.DELIVERED,
-        seeded.pending: MessageStatus.PENDING,
-    }
+    assert await statuses(db_path) == seeded.with_dead(MessageStatus.PENDING, MessageStatus.PENDING)
 
 
 async def test_outbox_retry_without_ids_is_a_usage_error(seeded: Seeded, db_path: Path) -> None:

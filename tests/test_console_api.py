@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import dataclasses
+import functools
 import json
 import sqlite3
 from collections.abc import Awaitable, Callable
@@ -21,13 +21,10 @@ from typing import Any, cast
 import pytest
 import structlog
 from aiohttp import web
-from aiohttp.test_utils import TestClient
-from pytest_aiohttp import AiohttpClient, AiohttpServer
+from pytest_aiohttp import AiohttpServer
 
-from relay.app import REJECTED, STORE, create_admin_app, create_app
-from relay.config import Config, Secret
-from relay.console.auth import SERVICE
-from relay.console.service import ConsoleService
+from relay.app import REJECTED, STORE
+from relay.config import Secret
 from relay.models import (
     AttemptRecord,
     BodyFacts,
@@ -40,47 +37,32 @@ from relay.models import (
 )
 from relay.store import Store, migrations
 from relay.store.outbox import Outbox
+from tests.admin_helpers import ADMIN_TOKEN, READ_TOKEN, AdminRelay
+from tests.conftest import MakeAdminRelay
 from tests.helpers import (
     LEGACY_SECRET,
     STANDARD_SECRET,
     WRITE_KEY,
     FakeClock,
-    FakeFaurya,
     order_paid,
-    refusing,
     sign_headers,
     wait_until,
 )
-from tests.polar_fake import FakePolar, with_polar_api
 from tests.polar_fake import serve as serve_polar
 from tests.test_console_pages import seed_ledger
 
-Client = TestClient[web.Request, web.Application]
-ADMIN_TOKEN = "adm_api_test_token_93be"
-READ_TOKEN = "read_api_test_token_0d41"
 SECRETS = (ADMIN_TOKEN, READ_TOKEN, WRITE_KEY, LEGACY_SECRET, STANDARD_SECRET)
 
 
 @dataclass
-class Relay:
-    main: Client
-    admin: Client
-    faurya: FakeFaurya
-    refused: set[str] = field(default_factory=set)  # Polar order ids Faurya answers 422 to
-    headers: dict[str, str] = field(default_factory=dict)
+class Relay(AdminRelay):
+    """A relay and its admin listener, with the API's JSON answers checked for secrets."""
 
-    @property
-    def service(self) -> ConsoleService:
-        return self.admin.app[SERVICE]
+    headers: dict[str, str] = field(default_factory=dict)
 
     @property
     def store(self) -> Store:
         return self.main.app[STORE]
-
-    async def send(self, polar_id: str, order_id: str, **metadata: Any) -> None:
-        body = order_paid(polar_id, orderId=order_id, **metadata)
-        resp = await self.main.post("/webhooks/polar", data=body, headers=sign_headers(body))
-        assert resp.status == 202, await resp.text()
 
     async def get(self, path: str, status: int = 200, **kwargs: Any) -> Any:
         resp = await self.admin.get(path, headers=self.headers, **kwargs)
@@ -119,18 +101,8 @@ MakeRelay = Callable[..., Awaitable[Relay]]
 
 
 @pytest.fixture
-def make_relay(aiohttp_client: AiohttpClient, config: Config, faurya: FakeFaurya) -> MakeRelay:
-    async def make(polar: FakePolar | None = None, **admin: Any) -> Relay:
-        relay_config = dataclasses.replace(config, admin=dataclasses.replace(config.admin, **admin))
-        if polar is not None:
-            relay_config = with_polar_api(relay_config, polar)
-        main = await aiohttp_client(create_app(relay_config, poll_interval_s=0.05))
-        relay = Relay(main, await aiohttp_client(create_admin_app(main.app)), faurya)
-
-        faurya.script = refusing(relay.refused)
-        return relay
-
-    return make
+def make_relay(make_admin_relay: MakeAdminRelay) -> MakeRelay:
+    return functools.partial(make_admin_relay, Relay)
 
 
 @pytest.fixture

@@ -6,35 +6,18 @@ and the open mode of a loopback listener without a token. Plus the config rules 
 
 from __future__ import annotations
 
-import re
 from typing import Any
 
 import pytest
 import structlog
-from aiohttp import web
-from aiohttp.test_utils import TestClient
 
 from relay.config import AdminConfig, Secret
 from relay.console.auth import COOKIE, LOGIN_FAILURES_PER_WINDOW, ConsoleAuth, LoginRefused
 from relay.console.service import Role
 from relay.errors import ConfigError
+from tests.admin_helpers import ADMIN_TOKEN, READ_TOKEN, bearer, csrf_of, sign_in
 from tests.conftest import MakeAdmin
-from tests.helpers import FakeClock, FakeFaurya, shipped_config
-
-Client = TestClient[web.Request, web.Application]
-ADMIN_TOKEN = "adm_auth_test_token_2f6d"
-READ_TOKEN = "read_auth_test_token_c81e"
-CSRF_RE = re.compile(r'name="csrf" value="([^"]+)"')
-
-
-@pytest.fixture
-async def admin(make_admin: MakeAdmin) -> Client:
-    """A loopback admin listener with both tokens: everything needs a token or a session."""
-    return await make_admin(token=Secret(ADMIN_TOKEN), read_token=Secret(READ_TOKEN))
-
-
-def bearer(token: str) -> dict[str, str]:
-    return {"Authorization": f"Bearer {token}"}
+from tests.helpers import Client, FakeClock, FakeFaurya, shipped_config
 
 
 async def error_of(resp: Any) -> str:
@@ -172,18 +155,6 @@ async def test_configured_hosts_are_accepted(make_admin: MakeAdmin) -> None:
     assert resp.status == 421
 
 
-async def sign_in(admin: Client, token: str) -> None:
-    resp = await admin.post("/login", data={"token": token, "next": "/"}, allow_redirects=False)
-    assert resp.status == 303, await resp.text()
-
-
-async def csrf_of(admin: Client) -> str:
-    html = await (await admin.get("/")).text()
-    found = CSRF_RE.search(html)
-    assert found, html
-    return found.group(1)
-
-
 async def test_session_cookie_is_signed_httponly_strict_and_expiring(admin: Client) -> None:
     """A login sets an HttpOnly, SameSite=Strict cookie with a 12 h lifetime, not Secure over
     plain HTTP; its value is not the token."""
@@ -313,34 +284,39 @@ async def test_a_read_token_alone_closes_the_console(make_admin: MakeAdmin) -> N
     assert resp.status == 403
 
 
-def test_read_token_must_differ_from_the_admin_token(faurya: FakeFaurya, tmp_path: Any) -> None:
-    """admin.read_token equal to admin.token is a config error (one reads, one acts); the
-    read token is masked like every secret."""
-    with pytest.raises(ConfigError, match=r"read_token: must differ from admin\.token"):
-        shipped_config(
-            faurya.url,
-            tmp_path / "r.db",
-            RELAY_ADMIN_TOKEN="same-token",
-            RELAY_ADMIN_READ_TOKEN="same-token",
-        )
+@pytest.mark.parametrize(
+    ("variables", "problem"),
+    [
+        # One token reads, the other acts: the same value for both is a mistake.
+        (
+            {"RELAY_ADMIN_TOKEN": "same-token", "RELAY_ADMIN_READ_TOKEN": "same-token"},
+            r"read_token: must differ from admin\.token",
+        ),
+        # A read token alone does not open a non-loopback listener.
+        (
+            {"RELAY_ADMIN_LISTEN": "0.0.0.0:9090", "RELAY_ADMIN_READ_TOKEN": "t2"},
+            r"admin\.token",
+        ),
+    ],
+    ids=["read_token_equal_to_token", "non_loopback_without_token"],
+)
+def test_admin_token_settings_that_are_config_errors(
+    faurya: FakeFaurya, tmp_path: Any, variables: dict[str, str], problem: str
+) -> None:
+    """admin.read_token equal to admin.token, and a non-loopback listener with a read token
+    but no admin.token, are config errors naming the key."""
+    with pytest.raises(ConfigError, match=problem):
+        shipped_config(faurya.url, tmp_path / "r.db", **variables)
+
+
+def test_the_read_token_is_masked(faurya: FakeFaurya, tmp_path: Any) -> None:
+    """A read token that differs from the admin token is taken, and masked like every
+    secret."""
     config = shipped_config(
         faurya.url, tmp_path / "r.db", RELAY_ADMIN_TOKEN="t1", RELAY_ADMIN_READ_TOKEN="t2"
     )
     assert config.admin.read_token == Secret("t2")
     assert "t2" not in repr(config.admin)
-
-
-def test_a_non_loopback_listener_still_needs_the_admin_token(
-    faurya: FakeFaurya, tmp_path: Any
-) -> None:
-    """A read token alone does not open a non-loopback listener: admin.token is required."""
-    with pytest.raises(ConfigError, match=r"admin\.token"):
-        shipped_config(
-            faurya.url,
-            tmp_path / "r.db",
-            RELAY_ADMIN_LISTEN="0.0.0.0:9090",
-            RELAY_ADMIN_READ_TOKEN="t2",
-        )
 
 
 def test_an_unknown_key_with_a_newline_is_named_on_one_line(

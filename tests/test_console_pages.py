@@ -8,23 +8,21 @@ audit page. Plus the pure parts: the SVG chart and the value formatting.
 from __future__ import annotations
 
 import asyncio
-import dataclasses
+import functools
 import re
 import time
 import xml.etree.ElementTree as ET
 from collections.abc import Awaitable, Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any
 
 import pytest
 import structlog
-from aiohttp import web
-from aiohttp.test_utils import TestClient
-from pytest_aiohttp import AiohttpClient, AiohttpServer
+from pytest_aiohttp import AiohttpServer
 
-from relay.app import CONFIG, POLAR_API, STORE, create_admin_app, create_app
-from relay.config import Config, Secret
-from relay.console.auth import COOKIE, SERVICE
+from relay.app import CONFIG, POLAR_API, STORE
+from relay.config import Secret
+from relay.console.auth import COOKIE
 from relay.console.chart import ledger_svg, nice_ceiling, throughput_svg
 from relay.console.formatting import (
     describe_condition,
@@ -37,18 +35,18 @@ from relay.console.service import ListFilters, MessageItem
 from relay.mapping.conditions import compile_condition
 from relay.models import MessageStatus
 from relay.reconcile import Reconciler
-from tests.conftest import store_of
+from tests.admin_helpers import ADMIN_TOKEN, CSRF_RE, READ_TOKEN, AdminRelay, csrf_of
+from tests.conftest import MakeAdminRelay, store_of
 from tests.helpers import (
     LEGACY_SECRET,
     WRITE_KEY,
+    Client,
     FakeClock,
-    FakeFaurya,
     order_paid,
-    refusing,
     sign_headers,
     wait_until,
 )
-from tests.polar_fake import FakePolar, with_polar_api
+from tests.polar_fake import FakePolar
 from tests.polar_fake import serve as serve_polar
 from tests.polar_world import PolarWorld
 
@@ -62,30 +60,9 @@ class Minute:
     failed: int
 
 
-Client = TestClient[web.Request, web.Application]
-ADMIN_TOKEN = "adm_console_test_token_51f0"
-READ_TOKEN = "read_console_test_token_7c2a"
-CSRF_RE = re.compile(r'name="csrf" value="([^"]+)"')
-
-
 @dataclass
-class Console:
-    """A relay in process (its public app) and its admin listener, both on loopback ports."""
-
-    main: Client
-    admin: Client
-    faurya: FakeFaurya
-    refused: set[str] = field(default_factory=set)  # Polar order ids Faurya answers 422 to
-
-    @property
-    def service(self) -> Any:
-        return self.admin.app[SERVICE]
-
-    async def send(self, polar_id: str, order_id: str, **metadata: Any) -> None:
-        """A signed order.paid through the public port, as Polar sends it."""
-        body = order_paid(polar_id, orderId=order_id, **metadata)
-        resp = await self.main.post("/webhooks/polar", data=body, headers=sign_headers(body))
-        assert resp.status == 202, await resp.text()
+class Console(AdminRelay):
+    """A relay and its admin listener, driven through the console's pages and forms."""
 
     async def message(self, order_id: str) -> MessageItem:
         page = await self.service.list_messages(ListFilters(q=order_id))
@@ -105,11 +82,7 @@ class Console:
         return resp.status, await resp.text()
 
     async def csrf(self, path: str = "/") -> str:
-        status, html = await self.page(path)
-        assert status == 200, html
-        found = CSRF_RE.search(html)
-        assert found, html
-        return found.group(1)
+        return await csrf_of(self.admin, path)
 
     async def post(self, path: str, data: dict[str, str]) -> tuple[int, str, str | None]:
         resp = await self.admin.post(path, data=data, allow_redirects=False)
@@ -120,24 +93,10 @@ MakeConsole = Callable[..., Awaitable[Console]]
 
 
 @pytest.fixture
-async def make_console(
-    aiohttp_client: AiohttpClient, config: Config, faurya: FakeFaurya
-) -> MakeConsole:
-    """Start a relay with the given admin settings; Faurya answers 422 (permanent: dead at
-    once) to the Polar order ids in `console.refused`, 200 to the rest."""
-
-    async def make(db: str | None = None, polar: FakePolar | None = None, **admin: Any) -> Console:
-        relay_config = dataclasses.replace(config, admin=dataclasses.replace(config.admin, **admin))
-        if polar is not None:
-            relay_config = with_polar_api(relay_config, polar)
-        main = await aiohttp_client(create_app(relay_config, db_path=db, poll_interval_s=0.05))
-        console_admin = await aiohttp_client(create_admin_app(main.app))
-        console = Console(main, console_admin, faurya)
-
-        faurya.script = refusing(console.refused)
-        return console
-
-    return make
+def make_console(make_admin_relay: MakeAdminRelay) -> MakeConsole:
+    """Start a relay with the given admin settings (and `db`, `polar`): see
+    `make_admin_relay`."""
+    return functools.partial(make_admin_relay, Console)
 
 
 @pytest.fixture

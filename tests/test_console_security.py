@@ -10,14 +10,11 @@ security headers, and malformed input that used to end in a 500 and a traceback.
 from __future__ import annotations
 
 import dataclasses
-import re
 from collections.abc import MutableMapping
 from typing import Any
 
 import pytest
 import structlog
-from aiohttp import web
-from aiohttp.test_utils import TestClient
 
 from relay import hardening
 from relay.config import AdminConfig, Config, Secret
@@ -29,40 +26,15 @@ from relay.console.auth import (
     LoginRefused,
 )
 from relay.console.service import Role
+from tests.admin_helpers import ADMIN_TOKEN, READ_TOKEN, bearer, csrf_of, sign_in
 from tests.conftest import MakeAdmin
-from tests.helpers import FakeClock, raw_connection
-
-Client = TestClient[web.Request, web.Application]
-ADMIN_TOKEN = "adm_security_test_token_4b7e"
-READ_TOKEN = "read_security_test_token_9a13"
-CSRF_RE = re.compile(r'name="csrf" value="([^"]+)"')
-
-
-@pytest.fixture
-async def admin(make_admin: MakeAdmin) -> Client:
-    """A loopback admin listener with both tokens."""
-    return await make_admin(token=Secret(ADMIN_TOKEN), read_token=Secret(READ_TOKEN))
+from tests.helpers import Client, FakeClock, raw_connection
 
 
 @pytest.fixture
 async def open_admin(make_admin: MakeAdmin) -> Client:
     """A loopback admin listener without tokens: the open console."""
     return await make_admin(token=None, read_token=None)
-
-
-def bearer(token: str) -> dict[str, str]:
-    return {"Authorization": f"Bearer {token}"}
-
-
-async def sign_in(admin: Client, token: str = ADMIN_TOKEN) -> None:
-    resp = await admin.post("/login", data={"token": token, "next": "/"}, allow_redirects=False)
-    assert resp.status == 303, await resp.text()
-
-
-async def csrf_of(admin: Client) -> str:
-    found = CSRF_RE.search(await (await admin.get("/")).text())
-    assert found
-    return found.group(1)
 
 
 async def audit_actions(admin: Client, **headers: str) -> list[str]:

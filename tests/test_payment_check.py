@@ -59,8 +59,9 @@ def raw_config(faurya: FakeFaurya, db_path: Path, polar: FakePolar, token: str) 
 
 
 @pytest.fixture
-def config(faurya: FakeFaurya, db_path: Path, polar: FakePolar) -> Config:
-    return parse(raw_config(faurya, db_path, polar, polar.token), env(FAURYA_URL=faurya.url))
+def config(faurya: FakeFaurya, migrated_db_path: Path, polar: FakePolar) -> Config:
+    raw = raw_config(faurya, migrated_db_path, polar, polar.token)
+    return parse(raw, env(FAURYA_URL=faurya.url))
 
 
 @pytest.fixture

@@ -49,10 +49,11 @@ from tests.polar_fake import FakePolar, with_polar_api
 
 
 @pytest.fixture
-def config(faurya: FakeFaurya, db_path: Path, polar: FakePolar) -> Config:
-    """The shipped config, delivering to the fake Faurya (in-process: see conftest's
-    `config`), reading the fake Polar API."""
-    return with_polar_api(conftest.in_process_delivery(shipped_config(faurya.url, db_path)), polar)
+def config(faurya: FakeFaurya, migrated_db_path: Path, polar: FakePolar) -> Config:
+    """The shipped config on a migrated database, delivering to the fake Faurya (in-process:
+    see conftest's `config`), reading the fake Polar API."""
+    shipped = shipped_config(faurya.url, migrated_db_path)
+    return with_polar_api(conftest.in_process_delivery(shipped), polar)
 
 
 @pytest.fixture

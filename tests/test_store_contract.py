@@ -16,6 +16,7 @@ import signal
 import sys
 from collections.abc import AsyncIterator
 from contextlib import AbstractAsyncContextManager as AsyncContextManager
+from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
@@ -23,6 +24,7 @@ import pytest
 from relay.console.service import ListFilters
 from relay.errors import StorageUnavailable
 from relay.models import (
+    ClaimedMessage,
     Dead,
     EnqueueResult,
     EventFilter,
@@ -60,11 +62,22 @@ Location = tuple[str, str]  # (backend, what open_store takes)
 
 
 @pytest.fixture(params=["sqlite", "postgres"])
-def store_location(request: pytest.FixtureRequest, tmp_path: Path) -> Location:
-    """("sqlite", a file in tmp_path) or ("postgres", the URL of a fresh database)."""
+def empty_location(request: pytest.FixtureRequest, tmp_path: Path) -> Location:
+    """("sqlite", a file in tmp_path) or ("postgres", the URL of a fresh database): nothing
+    there yet, so the store creates and migrates it."""
     if request.param == "sqlite":
         return ("sqlite", str(tmp_path / "relay.db"))
     return ("postgres", str(request.getfixturevalue("pg_url")))
+
+
+@pytest.fixture(params=["sqlite", "postgres"])
+def store_location(request: pytest.FixtureRequest) -> Location:
+    """("sqlite", a file in tmp_path) or ("postgres", the URL of a database of its own), both
+    migrated already and without rows: creating and migrating one is
+    test_a_new_outbox_opens_at_the_latest_schema_and_reopens_unchanged's."""
+    if request.param == "sqlite":
+        return ("sqlite", str(request.getfixturevalue("migrated_db_path")))
+    return ("postgres", str(request.getfixturevalue("migrated_pg_url")))
 
 
 @pytest.fixture
@@ -109,17 +122,17 @@ def latest_schema(location: Location) -> int:
 
 
 async def test_a_new_outbox_opens_at_the_latest_schema_and_reopens_unchanged(
-    store_location: Location, clock: FakeClock
+    empty_location: Location, clock: FakeClock
 ) -> None:
     """An empty database is migrated to its backend's latest schema; reopening (serving or
     not) applies nothing again and keeps every row."""
-    async with opened(store_location, clock, serve=True) as store:
-        assert await store.schema_version() == latest_schema(store_location)
+    async with opened(empty_location, clock, serve=True) as store:
+        assert await store.schema_version() == latest_schema(empty_location)
         [message_id] = await seed(store, "k1")
 
     for serve in (True, False):
-        async with opened(store_location, clock, serve=serve) as reopened:
-            assert await reopened.schema_version() == latest_schema(store_location)
+        async with opened(empty_location, clock, serve=serve) as reopened:
+            assert await reopened.schema_version() == latest_schema(empty_location)
             assert (await record(reopened, message_id)).idempotency_key == "k1"
             assert await reopened.event_count() == 1
 
@@ -557,18 +570,45 @@ async def test_requeue_expired_only_touches_leases_that_ran_out(
 # ------------------------------------------------------------------ operator commands
 
 
+@dataclass(frozen=True)
+class OperatorScene:
+    """Message ids of an outbox an operator acts on: two dead (HTTP 400), one delivered, one
+    inflight (its claim kept), and one pending when asked for."""
+
+    dead: int
+    other_dead: int
+    delivered: int
+    inflight: ClaimedMessage
+    pending: int | None
+
+
+async def operator_scene(store: Store, *, pending: bool = False) -> OperatorScene:
+    settled = ["dead", "other-dead", "delivered", "inflight"]
+    seeded = [*settled, "pending"] if pending else settled
+    ids = dict(zip(seeded, await seed(store, *seeded), strict=True))
+    claimed = {m.idempotency_key: m for m in await store.claim(DEST, len(settled), LEASE_S)}
+    assert sorted(claimed) == sorted(settled)
+    for key in ("dead", "other-dead"):
+        assert await store.mark_dead(claimed[key], Dead("client_error", 400), "HTTP 400")
+    assert await store.mark_delivered(claimed["delivered"], 200)
+    return OperatorScene(
+        ids["dead"], ids["other-dead"], ids["delivered"], claimed["inflight"], ids.get("pending")
+    )
+
+
 async def test_retry_messages_revives_dead_ones_with_a_fresh_budget(
     store: Store, store_location: Location, clock: FakeClock
 ) -> None:
     """Operator retry (from a non-serving store) makes dead messages pending with attempts 0
     and due now, leaves delivered and inflight ones alone; all_dead revives every dead one."""
-    dead_id, delivered_id, inflight_id, other_dead_id = await seed(
-        store, "dead", "delivered", "inflight", "other-dead"
+    scene = await operator_scene(store)
+    dead_id, other_dead_id, delivered_id, inflight = (
+        scene.dead,
+        scene.other_dead,
+        scene.delivered,
+        scene.inflight,
     )
-    dead, delivered, inflight, other_dead = await store.claim(DEST, 4, LEASE_S)
-    assert await store.mark_dead(dead, Dead("client_error", 400), "HTTP 400")
-    assert await store.mark_dead(other_dead, Dead("client_error", 400), "HTTP 400")
-    assert await store.mark_delivered(delivered, 200)
+    inflight_id = inflight.id
     clock.advance(600)
     untouched = [await record(store, i) for i in (delivered_id, inflight_id, other_dead_id)]
 
@@ -631,13 +671,15 @@ async def test_discard_gives_up_on_dead_messages_only_keeps_them_and_never_sends
     """An operator (non-serving store) discards dead messages: they become `discarded` with
     the reason and the time, stay listed and counted (no longer as dead), and neither replay,
     retry nor a claim ever sends them; pending, delivered and inflight ones are left alone."""
-    dead_id, other_dead_id, delivered_id, inflight_id, pending_id = await seed(
-        store, "dead", "other-dead", "delivered", "inflight", "pending"
+    scene = await operator_scene(store, pending=True)
+    dead_id, other_dead_id, delivered_id, inflight_id = (
+        scene.dead,
+        scene.other_dead,
+        scene.delivered,
+        scene.inflight.id,
     )
-    dead, other_dead, delivered, _inflight = await store.claim(DEST, 4, LEASE_S)
-    assert await store.mark_dead(dead, Dead("client_error", 400), "HTTP 400")
-    assert await store.mark_dead(other_dead, Dead("client_error", 400), "HTTP 400")
-    assert await store.mark_delivered(delivered, 200)
+    assert scene.pending is not None
+    pending_id = scene.pending
     clock.advance(60)
     untouched = [await record(store, i) for i in (other_dead_id, delivered_id, inflight_id)]
 
