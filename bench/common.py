@@ -139,6 +139,11 @@ def cpu_seconds(pid: int) -> float:
     return total
 
 
+def cpu_ms_per_accepted(load: dict[str, Any]) -> float:
+    """The server's CPU ms per accepted webhook in one bench.load result (`--watch-pid`)."""
+    return float(load["server_cpu_s"]) * 1000 / max(int(load["accepted"]), 1)
+
+
 def memory_kb(pid: int) -> dict[str, int]:
     """VmRSS (resident now) and VmHWM (peak resident) in KiB, from /proc/<pid>/status, summed
     over the process and its descendants."""

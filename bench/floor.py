@@ -37,13 +37,13 @@ from typing import Any
 
 import aiohttp
 
-from bench.common import SECRET, ServiceGroup, make_payloads
+from bench.common import SECRET, ServiceGroup, cpu_ms_per_accepted, make_payloads
 from bench.orchestration import QUICK, Bench
 from relay import codec
 from relay.config import load
 from relay.delivery import Redactor, Sender, client_session
 from relay.mapping import map_event, redact
-from relay.models import AttemptRecord, EventStatus, InboundDraft
+from relay.models import AttemptRecord, EventStatus, InboundDraft, SystemClock
 from relay.runtime import settle
 from relay.store import open_store
 from relay.verify import Verifier
@@ -78,7 +78,7 @@ async def measure(count: int, faurya_url: str) -> dict[str, float]:
     config = load(ROOT / "relay.toml", env)
     source = next(iter(config.sources.values()))
     routes = [r for r in config.routes if r.source == source.name and r.takes("order.paid")]
-    verifier = Verifier(source.secrets, source.tolerance_s, _Clock())
+    verifier = Verifier(source.secrets, source.tolerance_s, SystemClock())
     payloads = make_payloads(count, f"floor-{time.time_ns()}")
     settle()
     out: dict[str, float] = {}
@@ -160,20 +160,12 @@ async def measure(count: int, faurya_url: str) -> dict[str, float]:
     return out
 
 
-class _Clock:
-    def now(self) -> float:
-        return time.time()
-
-    def monotonic(self) -> float:
-        return time.monotonic()
-
-
 def baselines(bench: Bench) -> dict[str, float]:
     """CPU per accepted webhook of the trivial and the inline server (closed loop, c=64)."""
     out = {}
     for kind in ("trivial", "inline"):
         run = bench.closed_once(functools.partial(bench.start_baseline, kind), 64, 2000)
-        out[f"{kind}_server"] = round(run["server_cpu_s"] * 1000 / max(run["accepted"], 1), 4)
+        out[f"{kind}_server"] = round(cpu_ms_per_accepted(run), 4)
     return out
 
 

@@ -17,26 +17,20 @@ import json
 import shutil
 import tempfile
 import time
-from collections.abc import Callable
 from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
 from bench import prepopulate
-from bench.common import ServiceGroup
+from bench.common import ServiceGroup, cpu_ms_per_accepted
 from bench.orchestration import FULL, REPORT_CONCURRENCY, Bench
 
 
 def _summary(result: dict[str, Any]) -> dict[str, float]:
     return {
         "per_s": round(result["accepted_per_s"], 1),
-        "cpu_ms": round(1000 * result["server_cpu_s"] / max(result["accepted"], 1), 4),
+        "cpu_ms": round(cpu_ms_per_accepted(result), 4),
     }
-
-
-def _with_path(env: Callable[[], dict[str, str]], src: str) -> Callable[[], dict[str, str]]:
-    """The relay's environment with `src` first on PYTHONPATH: its code, not this one's."""
-    return lambda: {**env(), "PYTHONPATH": src}
 
 
 def main() -> int:
@@ -54,7 +48,7 @@ def main() -> int:
         for name, src in (("a", args.a), ("b", args.b)):
             (workdir / name).mkdir()
             bench = Bench(settings, workdir / name, group)
-            bench.relay_env = _with_path(bench.relay_env, str(Path(src).resolve()))  # type: ignore[method-assign]
+            bench.relay_src = Path(src)
             benches[name] = bench
         benches["a"].start_faurya()
         benches["b"].faurya_url = benches["a"].faurya_url

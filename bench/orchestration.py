@@ -90,6 +90,9 @@ class Bench:
         self.group = group
         self.acct = Accounting(group, settings.retries, settings.quiet_budget_s)
         self.faurya_url = ""
+        # Another checkout whose relay code the relay subprocesses run (first on PYTHONPATH),
+        # with this checkout's bench code: A/B pairs of two versions of the relay.
+        self.relay_src: Path | None = None
         self._n = 0
         # The shipped relay.toml, as is, and a copy that starts with deliveries paused. With
         # --faurya-concurrency both get that `destinations.faurya.concurrency` instead.
@@ -135,12 +138,15 @@ class Bench:
         self.faurya_url = f"http://{LOOPBACK}:{line['port']}"
 
     def relay_env(self) -> dict[str, str]:
-        return process_env(
+        env = process_env(
             POLAR_WEBHOOK_SECRET=SECRET,
             FAURYA_URL=self.faurya_url,
             FAURYA_SITE_ID=SITE_ID,
             FAURYA_WRITE_KEY=WRITE_KEY,
         )
+        if self.relay_src is not None:
+            env["PYTHONPATH"] = str(self.relay_src.resolve())
+        return env
 
     def start_baseline(self, kind: str) -> tuple[Service, str]:
         service = self.group.add(

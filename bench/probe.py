@@ -27,7 +27,7 @@ import tempfile
 from dataclasses import replace
 from pathlib import Path
 
-from bench.common import ServiceGroup
+from bench.common import ServiceGroup, cpu_ms_per_accepted
 from bench.orchestration import ACK_RATE, QUICK, Bench
 
 
@@ -44,8 +44,7 @@ def main() -> int:
     try:
         bench = Bench(settings, workdir, group)
         if args.relay_src:
-            relay_env, src = bench.relay_env, str(Path(args.relay_src).resolve())
-            bench.relay_env = lambda: {**relay_env(), "PYTHONPATH": src}  # type: ignore[method-assign]
+            bench.relay_src = Path(args.relay_src)
         bench.start_faurya()
         if args.ack_seconds:
             return _report(_ack(bench, args.ack_seconds), args.out)
@@ -75,7 +74,7 @@ def _ack(bench: Bench, seconds: float) -> dict[str, float]:
         "ack_p99_ms": latency["p99"],
         "ack_max_ms": latency["max"],
         "accepted_per_s": result["accepted_per_s"],
-        "cpu_ms": result["server_cpu_s"] / max(result["accepted"], 1) * 1000,
+        "cpu_ms": cpu_ms_per_accepted(result),
     }
 
 

@@ -18,6 +18,7 @@ from pathlib import Path
 from typing import Any
 
 from bench.accounting import NOISE_LIMIT, Accounting
+from bench.common import cpu_ms_per_accepted
 from bench.orchestration import (
     ACK_RATE,
     CONCURRENCIES,
@@ -191,7 +192,7 @@ def build_table(r: dict[str, Any]) -> tuple[list[Row], dict[str, bool]]:
     # CPU per webhook: the baselines from the closed loop at c=REPORT_CONCURRENCY, the relay's
     # ingest from the same closed loop with deliveries paused and its delivery from the drain
     # that follows it (the same round), so that the two halves are counted apart.
-    a, b = (s["closed"][k]["server_cpu_s"] / s["closed"][k]["accepted"] * 1000 for s in servers[:2])
+    a, b = (cpu_ms_per_accepted(s["closed"][k]) for s in servers[:2])
     x_ingest = drain["ingest_cpu_s"] / max(drain["ingest"]["accepted"], 1) * 1000
     x_delivery = drain["drain_cpu_s"] / max(drain["delivered"], 1) * 1000
     add(
