@@ -24,8 +24,8 @@ from relay.models import (
     MessageStatus,
     OutboundDraft,
 )
-from relay.store import Store, migrations
-from relay.store.console import _console_where, _search_sql
+from relay.store import Store, migrations, sql
+from relay.store.console import AT_RISK_DEAD, _console_where, _search_sql
 from tests.helpers import FakeClock
 from tests.store_helpers import LEASE_S, T0, draft
 
@@ -155,6 +155,14 @@ def test_the_console_queries_read_indexes_not_the_whole_table(tmp_path: Path) ->
             str(r[3])
             for r in db.execute(f"EXPLAIN QUERY PLAN {statements[2][0]}", statements[2][1])
         )
+        # Retention's "delivered before" and the dead purchases' sum read the partial indexes
+        # that replaced (status, delivered_at) and (status, amount_minor, id).
+        retention = " ".join(
+            str(r[3]) for r in db.execute(f"EXPLAIN QUERY PLAN {sql.PRUNE[1]}", (T0, 1000))
+        )
+        assert "outbound_messages_revenue (status=? AND delivered_at<?)" in retention
+        at_risk = " ".join(str(r[3]) for r in db.execute(f"EXPLAIN QUERY PLAN {AT_RISK_DEAD}"))
+        assert "COVERING INDEX outbound_messages_status_amount" in at_risk
 
 
 def store_at(path: Path, version: int) -> sqlite3.Connection:

@@ -112,7 +112,7 @@ class AdminQueries(Queries):
     # ------------------------------------------------------------ pause, retention, reprocess
 
     async def destinations(self) -> list[str]:
-        return [r[0] for r in await self._fetch(sql.DESTINATIONS)]
+        return [r[0] for r in await self._fetch(sql.STORED_DESTINATIONS)]
 
     async def paused_overrides(self) -> dict[str, bool]:
         """Pause states set by `relay pause|resume`; they override the config's `paused`."""

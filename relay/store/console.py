@@ -41,6 +41,14 @@ MAX_ROW_ID = 2**63 - 1
 CLOCK_SLACK_S = 300.0
 
 
+# The dead purchases' sum, from the partial (status, kind, currency, amount, id) index alone.
+AT_RISK_DEAD = (
+    "SELECT currency, SUM(amount_minor), COUNT(*) FROM outbound_messages "
+    f"WHERE status = 'dead' AND {sql.NOT_DELIVERED} AND event_kind = 'purchase' "
+    "AND amount_minor IS NOT NULL GROUP BY currency"
+)
+
+
 class ConsoleQueries(Queries):
     """The console's queries; `Outbox` provides what `Queries` declares."""
 
@@ -322,11 +330,7 @@ class ConsoleQueries(Queries):
         """("dead" | "pending", currency, amount, count) of purchases not delivered: dead, or
         pending (inflight) since before `pending_before`, summed from the (status, kind,
         currency, amount, id) index of the messages not delivered alone."""
-        dead = await self._fetch(
-            "SELECT currency, SUM(amount_minor), COUNT(*) FROM outbound_messages "
-            f"WHERE status = 'dead' AND {sql.NOT_DELIVERED} AND event_kind = 'purchase' "
-            "AND amount_minor IS NOT NULL GROUP BY currency"
-        )
+        dead = await self._fetch(AT_RISK_DEAD)
         waiting = await self._fetch(
             "SELECT currency, SUM(amount_minor), COUNT(*) FROM outbound_messages "
             f"WHERE status IN ('pending', 'inflight') AND {sql.NOT_DELIVERED} "

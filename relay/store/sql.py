@@ -208,7 +208,6 @@ OLDEST_UNDELIVERED = (
     "AND status IN ('pending', 'inflight')"
 )
 GET_MESSAGE = f"SELECT {MESSAGE_COLUMNS} {_MESSAGES} WHERE m.id = ?"
-DESTINATIONS = "SELECT DISTINCT destination FROM outbound_messages"
 
 
 def _each_value(table: str, column: str) -> str:
