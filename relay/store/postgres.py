@@ -47,7 +47,7 @@ _PLACEHOLDER = re.compile(r"\?")
 _COUNT = re.compile(r"(\d+)$")
 
 
-def _numbered(sql: str) -> str:
+def numbered(sql: str) -> str:
     """ "?" placeholders (the store's SQL) to asyncpg's $1, $2, ... (none sit in literals)."""
     counter = iter(range(1, 100_000))
     return _PLACEHOLDER.sub(lambda _: f"${next(counter)}", sql)
@@ -91,7 +91,7 @@ class PgDb:
             )
         conn = await self._live(starting)
         try:
-            status = await conn.execute(_numbered(sql), *parameters)
+            status = await conn.execute(numbered(sql), *parameters)
         finally:
             if starting:
                 self._in_transaction = True
@@ -102,7 +102,7 @@ class PgDb:
 
     async def execute_fetchall(self, sql: str, parameters: Sequence[Any] = ()) -> list[Any]:
         conn = await self._live(False)
-        return list(await conn.fetch(_numbered(sql), *parameters))
+        return list(await conn.fetch(numbered(sql), *parameters))
 
     async def close(self) -> None:
         await self._conn.close()

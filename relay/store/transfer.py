@@ -18,7 +18,7 @@ import asyncpg
 
 from relay.errors import StorageError, StoreLocked
 from relay.store import sql
-from relay.store.postgres import _numbered, migrate
+from relay.store.postgres import migrate, numbered
 from relay.store.schema import ServeLock
 
 _TABLES = {
@@ -160,7 +160,7 @@ async def _copy_meta(source: sqlite3.Connection, target: asyncpg.Connection) -> 
     for key in _META_KEYS:
         found = source.execute(sql.SELECT_META, (key,)).fetchone()
         if found is not None:
-            await target.execute(_numbered(sql.UPSERT_META), key, found[0])
+            await target.execute(numbered(sql.UPSERT_META), key, found[0])
 
 
 async def _copy_table(
